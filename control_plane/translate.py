@@ -1,0 +1,251 @@
+"""Translate the routing model into Envoy xDS resources. Pure: no I/O, no state.
+
+One cluster per model version (type EDS, endpoints from ADS), one route
+configuration with a virtual host holding, per model, in match order:
+  1. `/v2/models/<m>/versions/<v>[/...]` -> that version only;
+  2. the pin header naming a version    -> that version only;
+  3. `/v2/models/<m>[/...]`             -> weighted split, with an optional mirror.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterEdsClusterConfig,
+    ClusterLbPolicy,
+    OutlierDetection,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    AggregatedConfigSource,
+    ApiVersion,
+    ConfigSource,
+    RuntimeFractionalPercent,
+    SocketAddress,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    HeaderMatcher,
+    RetryPolicy,
+    Route,
+    RouteAction,
+    RouteActionRequestMirrorPolicy,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+    WeightedCluster,
+    WeightedClusterClusterWeight,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpFilter,
+    Rds,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
+from envoy_data_plane.google.protobuf import Any
+
+from control_plane.config import Model, RoutingConfig
+
+LISTENER_NAME = "gateway"
+ROUTE_CONFIG_NAME = "gateway-routes"
+RETRY_ON = "connect-failure,reset,refused-stream"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Envoy resources of one config, by name, per xDS resource kind."""
+
+    clusters: dict[str, Cluster]
+    endpoints: dict[str, ClusterLoadAssignment]
+    listeners: dict[str, Listener]
+    routes: dict[str, RouteConfiguration]
+
+
+def cluster_name(model: str, version: str) -> str:
+    return f"{model}/{version}"
+
+
+def _ads() -> ConfigSource:
+    return ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
+
+
+def _cluster(name: str) -> Cluster:
+    return Cluster(
+        name=name,
+        type=ClusterDiscoveryType.EDS,
+        eds_cluster_config=ClusterEdsClusterConfig(eds_config=_ads()),
+        connect_timeout=timedelta(seconds=1),
+        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        outlier_detection=OutlierDetection(
+            consecutive_5xx=5,
+            consecutive_local_origin_failure=2,
+            split_external_local_origin_errors=True,
+            interval=timedelta(seconds=1),
+            base_ejection_time=timedelta(seconds=10),
+            max_ejection_percent=100,
+        ),
+        circuit_breakers=CircuitBreakers(
+            thresholds=[
+                CircuitBreakersThresholds(
+                    max_connections=10_000,
+                    max_pending_requests=10_000,
+                    max_requests=10_000,
+                    max_retries=100,
+                )
+            ]
+        ),
+    )
+
+
+def _load_assignment(name: str, endpoints) -> ClusterLoadAssignment:
+    return ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            LocalityLbEndpoints(
+                lb_endpoints=[
+                    LbEndpoint(
+                        endpoint=Endpoint(
+                            address=Address(
+                                socket_address=SocketAddress(address=e.host, port_value=e.port)
+                            )
+                        )
+                    )
+                    for e in endpoints
+                ]
+            )
+        ],
+    )
+
+
+def _percent(value: float) -> FractionalPercent:
+    return FractionalPercent(
+        numerator=round(value * 10_000), denominator=FractionalPercentDenominatorType.MILLION
+    )
+
+
+def _action(model: Model, **target) -> RouteAction:
+    return RouteAction(
+        timeout=timedelta(seconds=model.timeout),
+        retry_policy=RetryPolicy(retry_on=RETRY_ON, num_retries=2),
+        **target,
+    )
+
+
+def _split_action(model: Model) -> RouteAction:
+    live = [(v, w) for v, w in model.traffic if w > 0]
+    if len(live) == 1:
+        action = _action(model, cluster=cluster_name(model.name, live[0][0]))
+    else:
+        action = _action(
+            model,
+            weighted_clusters=WeightedCluster(
+                clusters=[
+                    WeightedClusterClusterWeight(name=cluster_name(model.name, v), weight=w)
+                    for v, w in live
+                ]
+            ),
+        )
+    if model.shadow and model.shadow.percent > 0:
+        action.request_mirror_policies = [
+            RouteActionRequestMirrorPolicy(
+                cluster=cluster_name(model.name, model.shadow.version),
+                runtime_fraction=RuntimeFractionalPercent(
+                    default_value=_percent(model.shadow.percent)
+                ),
+            )
+        ]
+    return action
+
+
+def _model_routes(model: Model) -> list[Route]:
+    base = f"/v2/models/{model.name}"
+    routes = [
+        Route(
+            name=f"{model.name}/path/{v.name}",
+            match=RouteMatch(path_separated_prefix=f"{base}/versions/{v.name}"),
+            route=_action(model, cluster=cluster_name(model.name, v.name)),
+        )
+        for v in model.versions
+    ]
+    routes += [
+        Route(
+            name=f"{model.name}/pin/{v.name}",
+            match=RouteMatch(
+                path_separated_prefix=base,
+                headers=[
+                    HeaderMatcher(
+                        name=model.pin_header, string_match=StringMatcher(exact=v.name)
+                    )
+                ],
+            ),
+            route=_action(model, cluster=cluster_name(model.name, v.name)),
+        )
+        for v in model.versions
+    ]
+    routes.append(
+        Route(
+            name=f"{model.name}/split",
+            match=RouteMatch(path_separated_prefix=base),
+            route=_split_action(model),
+        )
+    )
+    return routes
+
+
+def _listener(config: RoutingConfig) -> Listener:
+    hcm = HttpConnectionManager(
+        stat_prefix="gateway",
+        rds=Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
+        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=Any.pack(Router()))],
+    )
+    return Listener(
+        name=LISTENER_NAME,
+        address=Address(
+            socket_address=SocketAddress(address=config.listen.host, port_value=config.listen.port)
+        ),
+        filter_chains=[
+            FilterChain(
+                filters=[
+                    Filter(name="envoy.filters.network.http_connection_manager",
+                           typed_config=Any.pack(hcm))
+                ]
+            )
+        ],
+    )
+
+
+def translate(config: RoutingConfig) -> Resources:
+    """Build every Envoy resource for a routing config."""
+    clusters: dict[str, Cluster] = {}
+    endpoints: dict[str, ClusterLoadAssignment] = {}
+    routes: list[Route] = []
+    for model in config.models:
+        for version in model.versions:
+            name = cluster_name(model.name, version.name)
+            clusters[name] = _cluster(name)
+            endpoints[name] = _load_assignment(name, version.endpoints)
+        routes += _model_routes(model)
+    route_config = RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[VirtualHost(name="models", domains=["*"], routes=routes)],
+    )
+    return Resources(
+        clusters=clusters,
+        endpoints=endpoints,
+        listeners={LISTENER_NAME: _listener(config)},
+        routes={ROUTE_CONFIG_NAME: route_config},
+    )
