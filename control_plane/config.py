@@ -77,7 +77,8 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}:{self.column}"
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        prefix = f"{where}: {self.field}" if self.field else where
+        return f"{prefix}: {self.message}"
 
 
 class ConfigError(Exception):
@@ -239,7 +240,8 @@ def _read_traffic(
     for vname, (vkey, wnode) in r.mapping(tnode, f"{where}.traffic").items():
         fieldname = f"{where}.traffic.{vname}"
         if vname not in known:
-            r.fail(vkey, fieldname, f"unknown version {vname!r} (versions: {', '.join(sorted(known))})")
+            listed = ", ".join(sorted(known))
+            r.fail(vkey, fieldname, f"unknown version {vname!r} (versions: {listed})")
         weight = r.scalar(wnode, fieldname)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
             r.fail(wnode, fieldname, f"weight must be a non-negative integer, got {weight!r}")
@@ -306,5 +308,6 @@ def load(path: str | Path) -> RoutingConfig:
     try:
         text = p.read_text()
     except OSError as exc:
-        raise ConfigError([Problem(str(p), 1, 1, "", f"cannot read file: {exc.strerror}")]) from None
+        problem = Problem(str(p), 1, 1, "", f"cannot read file: {exc.strerror}")
+        raise ConfigError([problem]) from None
     return parse(text, str(p))

@@ -58,7 +58,9 @@ class ControlPlane:
         self.applied_at = time.time()
         log.info(
             "applied config %s (%d models) in %.1f ms",
-            snapshot.version, len(config.models), (time.perf_counter() - started) * 1000,
+            snapshot.version,
+            len(config.models),
+            (time.perf_counter() - started) * 1000,
         )
         return snapshot
 
@@ -77,7 +79,8 @@ class ControlPlane:
                 "applied_at": self.applied_at,
                 "error": self.last_error,
             },
-            "snapshot": snap and {
+            "snapshot": snap
+            and {
                 "version": snap.version,
                 "types": {SHORT_NAMES[t]: ts.version for t, ts in snap.types.items()},
             },

@@ -187,9 +187,7 @@ def _model_routes(model: Model) -> list[Route]:
             match=RouteMatch(
                 path_separated_prefix=base,
                 headers=[
-                    HeaderMatcher(
-                        name=model.pin_header, string_match=StringMatcher(exact=v.name)
-                    )
+                    HeaderMatcher(name=model.pin_header, string_match=StringMatcher(exact=v.name))
                 ],
             ),
             route=_action(model, cluster=cluster_name(model.name, v.name)),
@@ -210,7 +208,9 @@ def _listener(config: RoutingConfig) -> Listener:
     hcm = HttpConnectionManager(
         stat_prefix="gateway",
         rds=Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
-        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=Any.pack(Router()))],
+        http_filters=[
+            HttpFilter(name="envoy.filters.http.router", typed_config=Any.pack(Router()))
+        ],
     )
     return Listener(
         name=LISTENER_NAME,
@@ -220,8 +220,10 @@ def _listener(config: RoutingConfig) -> Listener:
         filter_chains=[
             FilterChain(
                 filters=[
-                    Filter(name="envoy.filters.network.http_connection_manager",
-                           typed_config=Any.pack(hcm))
+                    Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=Any.pack(hcm),
+                    )
                 ]
             )
         ],

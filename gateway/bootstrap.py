@@ -76,8 +76,11 @@ def envoy_command(envoy_binary: str, bootstrap_path: str, log_level: str = "warn
     """Command line for one Envoy; hot restart is off so several can share a machine."""
     return [
         envoy_binary,
-        "-c", bootstrap_path,
+        "-c",
+        bootstrap_path,
         "--disable-hot-restart",
-        "--log-level", log_level,
-        "--drain-time-s", "1",
+        "--log-level",
+        log_level,
+        "--drain-time-s",
+        "1",
     ]
