@@ -1,0 +1,35 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODELS := examples/models
+MODEL_FILE := $(MODELS)/iris/v1/model.joblib
+
+.PHONY: venv model run test lint bench images clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+model: $(MODEL_FILE)
+
+$(MODEL_FILE): examples/train_iris.py | venv
+	$(PY) examples/train_iris.py $(MODELS)
+
+run: venv model
+	$(VENV)/bin/infergate run examples/routing.yaml --repository $(MODELS)
+
+test: venv model
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv model
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(MODELS) run .pytest_cache

