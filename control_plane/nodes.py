@@ -11,6 +11,7 @@ from control_plane.snapshot import SHORT_NAMES
 
 @dataclass
 class TypeStatus:
+    sent_count: int = 0
     sent_version: str | None = None
     acked_version: str | None = None
     nack: dict[str, Any] | None = None
@@ -37,6 +38,7 @@ class NodeStatus:
             "disconnected_at": self.disconnected_at,
             "types": {
                 name: {
+                    "sent_count": t.sent_count,
                     "sent_version": t.sent_version,
                     "acked_version": t.acked_version,
                     "nack": t.nack,

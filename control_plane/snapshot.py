@@ -60,8 +60,17 @@ class TypeSnapshot:
     resources: dict[str, bytes]
 
 
+def content_version(epoch: str, resources: dict[str, bytes]) -> str:
+    """A version naming exactly this set of resources, for this control-plane instance."""
+    digest = hashlib.sha256()
+    for name in sorted(resources):
+        digest.update(name.encode() + b"\0" + resources[name])
+    return f"{epoch}-{digest.hexdigest()[:16]}"
+
+
 @dataclass(frozen=True)
 class Snapshot:
+    epoch: str
     version: str
     types: dict[str, TypeSnapshot]
     created: float
@@ -78,16 +87,11 @@ def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
     types: dict[str, TypeSnapshot] = {}
     overall = hashlib.sha256()
     for type_url, named in by_type.items():
-        digest = hashlib.sha256()
-        encoded: dict[str, bytes] = {}
-        for name in sorted(named):
-            blob = encode_any(type_url, bytes(named[name]))
-            encoded[name] = blob
-            digest.update(name.encode() + b"\0" + blob)
-        content = digest.hexdigest()[:16]
-        overall.update(content.encode())
-        types[type_url] = TypeSnapshot(f"{epoch}-{content}", encoded)
-    return Snapshot(f"{epoch}-{overall.hexdigest()[:16]}", types, time.time())
+        encoded = {name: encode_any(type_url, bytes(msg)) for name, msg in named.items()}
+        version = content_version(epoch, encoded)
+        overall.update(version.encode())
+        types[type_url] = TypeSnapshot(version, encoded)
+    return Snapshot(epoch, f"{epoch}-{overall.hexdigest()[:16]}", types, time.time())
 
 
 class SnapshotCache:

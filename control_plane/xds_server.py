@@ -16,7 +16,6 @@ Rules kept here (Envoy's xds_protocol docs):
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from control_plane.snapshot import (
     WILDCARD_TYPES,
     Snapshot,
     SnapshotCache,
+    content_version,
     encode_field,
 )
 
@@ -134,10 +134,7 @@ class SotwStream:
             chosen = available
         else:
             chosen = {n: available[n] for n in sorted(state.names) if n in available}
-        version = typed.version
-        if extras:
-            tag = hashlib.sha256("\0".join(sorted(extras)).encode()).hexdigest()[:8]
-            version = f"{version}+{tag}"
+        version = content_version(snapshot.epoch, available) if extras else typed.version
         if type_url == ROUTE and not self._routes_ready(snapshot):
             return None
         return Desired(version, chosen, snapshot)
@@ -180,7 +177,9 @@ class SotwStream:
             state.sent = Sent(want.version, names, snapshot)
             state.force = False
             if self.node:
-                self.node.type(type_url).sent_version = want.version
+                status = self.node.type(type_url)
+                status.sent_version = want.version
+                status.sent_count += 1
             out.append(
                 encode_response(
                     want.version, list(want.resources.values()), type_url, state.last_nonce

@@ -72,8 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     addresses = StackAddresses(args.xds, args.admin, args.envoy_admin)
     try:
-        supervisor = Supervisor(Path(args.file), Path(args.repository), Path(args.workdir),
-                                addresses)
+        supervisor = Supervisor(
+            Path(args.file), Path(args.repository), Path(args.workdir), addresses
+        )
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -119,10 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schema)
 
     def xds_admin(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--xds", type=host_port, default=("127.0.0.1", 18000),
-                       help="xDS (gRPC) address (default 127.0.0.1:18000)")
-        p.add_argument("--admin", type=host_port, default=("127.0.0.1", 18001),
-                       help="control-plane admin API address (default 127.0.0.1:18001)")
+        p.add_argument(
+            "--xds",
+            type=host_port,
+            default=("127.0.0.1", 18000),
+            help="xDS (gRPC) address (default 127.0.0.1:18000)",
+        )
+        p.add_argument(
+            "--admin",
+            type=host_port,
+            default=("127.0.0.1", 18001),
+            help="control-plane admin API address (default 127.0.0.1:18001)",
+        )
 
     p = sub.add_parser("control-plane", help="run the xDS control plane for a routing file")
     p.add_argument("file")
@@ -137,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bootstrap", help="print an Envoy bootstrap that points at the control plane")
+    p = sub.add_parser(
+        "bootstrap", help="print an Envoy bootstrap that points at the control plane"
+    )
     p.add_argument("--node-id", default="envoy-1")
     p.add_argument("--xds", type=host_port, default=("127.0.0.1", 18000))
     p.add_argument("--envoy-admin", type=host_port, default=("127.0.0.1", 9901))
@@ -160,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     return args.func(args)
 
 

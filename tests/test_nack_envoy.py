@@ -1,0 +1,70 @@
+"""A resource that the real Envoy rejects: recorded as NACKed with Envoy's message,
+not resent in a loop, and the previous config keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteMatch
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher
+
+from control_plane.config import parse
+from control_plane.service import ControlPlane
+from control_plane.snapshot import build_snapshot
+from control_plane.translate import ROUTE_CONFIG_NAME, translate
+from tests.stack import Stack, count_versions
+
+
+def bad_routes_snapshot(plane: ControlPlane, text: str):
+    resources = translate(parse(text))
+    vhost = resources.routes[ROUTE_CONFIG_NAME].virtual_hosts[0]
+    vhost.routes.insert(
+        0,
+        Route(
+            match=RouteMatch(safe_regex=RegexMatcher(regex="(unclosed")),
+            route=RouteAction(cluster="iris/v2"),
+        ),
+    )
+    return build_snapshot(resources, plane.epoch)
+
+
+async def test_envoy_nack_is_recorded_not_resent_and_old_config_serves(
+    tmp_path, model_repository, envoy_binary
+):
+    stack = Stack(tmp_path, model_repository)
+    plane = ControlPlane(stack.config, ("127.0.0.1", stack.xds), ("127.0.0.1", stack.admin))
+    try:
+        await asyncio.to_thread(stack.start_models)
+        good = stack.route({"v1": 100})
+        await plane.start()
+        await asyncio.to_thread(stack.start_envoy)
+        await asyncio.to_thread(stack.wait_converged)
+
+        plane.cache.set(bad_routes_snapshot(plane, good))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rds = plane.status()["nodes"][0]["types"]["rds"]
+            if rds["nack"]:
+                break
+            await asyncio.sleep(0.05)
+        assert (
+            rds["nack"]["version"]
+            == plane.cache.snapshot.types[
+                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+            ].version
+        )
+        assert "missing )" in rds["nack"]["message"], rds["nack"]  # Envoy's own words
+        sent = rds["sent_count"]
+        await asyncio.sleep(1.5)
+        assert plane.status()["nodes"][0]["types"]["rds"]["sent_count"] == sent
+        assert await asyncio.to_thread(count_versions, stack.listen, 30) == {"v1": 30}
+
+        started = time.time()
+        stack.route({"v2": 100})
+        await asyncio.to_thread(stack.wait_converged, 10.0, started)
+        assert plane.status()["nodes"][0]["types"]["rds"]["nack"] is None
+        assert await asyncio.to_thread(count_versions, stack.listen, 30) == {"v2": 30}
+    finally:
+        await asyncio.to_thread(stack.stop)
+        await plane.stop()

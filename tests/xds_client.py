@@ -1,0 +1,78 @@
+"""A minimal ADS client over real gRPC, for protocol tests: it sends what Envoy would."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+from envoy_data_plane.google.rpc import Status
+
+from control_plane.xds_server import ADS_SERVICE
+
+
+class AdsClient:
+    def __init__(self, address: str, node_id: str = "sim-1"):
+        self.channel = grpc.aio.insecure_channel(address)
+        self.node = Node(id=node_id, cluster="sim")
+        self.requests: asyncio.Queue[DiscoveryRequest | None] = asyncio.Queue()
+        self.responses: asyncio.Queue[DiscoveryResponse] = asyncio.Queue()
+        self._sent_node = False
+        self._call = None
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> AdsClient:
+        method = self.channel.stream_stream(
+            f"/{ADS_SERVICE}/StreamAggregatedResources",
+            request_serializer=bytes,
+            response_deserializer=DiscoveryResponse.FromString,
+        )
+
+        async def outgoing():
+            while (req := await self.requests.get()) is not None:
+                yield req
+
+        self._call = method(outgoing())
+
+        async def read():
+            async for resp in self._call:
+                await self.responses.put(resp)
+
+        self._reader = asyncio.create_task(read())
+        return self
+
+    async def send(
+        self, type_url: str, names=(), version: str = "", nonce: str = "", error: str | None = None
+    ) -> None:
+        req = DiscoveryRequest(
+            type_url=type_url,
+            resource_names=list(names),
+            version_info=version,
+            response_nonce=nonce,
+        )
+        if not self._sent_node:
+            req.node = self.node
+            self._sent_node = True
+        if error is not None:
+            req.error_detail = Status(code=3, message=error)
+        await self.requests.put(req)
+
+    async def recv(self, timeout: float = 5.0) -> DiscoveryResponse:
+        return await asyncio.wait_for(self.responses.get(), timeout)
+
+    async def no_response(self, within: float = 0.5) -> bool:
+        try:
+            resp = await asyncio.wait_for(self.responses.get(), within)
+        except TimeoutError:
+            return True
+        raise AssertionError(f"unexpected response {resp.type_url} {resp.version_info}")
+
+    async def ack(self, resp: DiscoveryResponse, names=()) -> None:
+        await self.send(resp.type_url, names, resp.version_info, resp.nonce)
+
+    async def close(self) -> None:
+        await self.requests.put(None)
+        if self._reader:
+            self._reader.cancel()
+        await self.channel.close()
