@@ -26,6 +26,11 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def host_port(address: tuple[str, int]) -> str:
+    """`host:port` text of an address pair."""
+    return f"{address[0]}:{address[1]}"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free now (the OS picks it)."""
     with socket.socket() as s:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from control_plane.config import RoutingConfig, load
 from gateway.envoy_proxy import envoy_child
-from gateway.processes import Child, wait_http
+from gateway.processes import Child, host_port, wait_http
 
 log = logging.getLogger("infergate.supervisor")
 
@@ -86,9 +86,9 @@ class Supervisor:
                 "control-plane",
                 str(config_path),
                 "--xds",
-                "%s:%d" % addresses.xds,
+                host_port(addresses.xds),
                 "--admin",
-                "%s:%d" % addresses.admin,
+                host_port(addresses.admin),
             ),
             str(workdir / "control-plane.log"),
         )
@@ -104,9 +104,9 @@ class Supervisor:
         for child in self.models:
             child.start()
         self.control_plane.start()
-        wait_http("http://%s:%d/healthz" % self.addresses.admin, child=self.control_plane)
+        wait_http(f"http://{host_port(self.addresses.admin)}/healthz", child=self.control_plane)
         self.envoy.start()
-        wait_http("http://%s:%d/ready" % self.addresses.envoy_admin, child=self.envoy)
+        wait_http(f"http://{host_port(self.addresses.envoy_admin)}/ready", child=self.envoy)
 
     def stop(self) -> None:
         for child in (self.envoy, self.control_plane, *self.models):
@@ -118,10 +118,13 @@ class Supervisor:
             signal.signal(sig, lambda *_: self._stop.set())
         try:
             self.start()
+            admin, envoy_admin = self.addresses.admin, self.addresses.envoy_admin
             print(
-                f"infergate: gateway on http://{self.listen}, control plane admin on "
-                "http://%s:%d/status, Envoy admin on http://%s:%d; logs in %s; Ctrl-C stops"
-                % (*self.addresses.admin, *self.addresses.envoy_admin, self.workdir),
+                f"infergate: gateway on http://{self.listen}\n"
+                f"  control plane status: http://{host_port(admin)}/status\n"
+                f"  Envoy admin:          http://{host_port(envoy_admin)}\n"
+                f"  logs:                 {self.workdir}/\n"
+                "  Ctrl-C stops everything",
                 flush=True,
             )
             last_restart: dict[str, float] = {}

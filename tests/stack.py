@@ -1,4 +1,4 @@
-"""Test harness: real model servers, control plane and Envoy on 127.0.0.1, ports picked at run time."""
+"""Test harness: real model servers, control plane and Envoy on 127.0.0.1, free ports."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from control_plane.service import ControlPlane
 from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from control_plane.translate import ROUTE_CONFIG_NAME
-from gateway.processes import free_port
+from gateway.processes import free_port, host_port
 from tests.xds_client import AdsClient
 
 TWO_VERSIONS = """
@@ -39,7 +39,7 @@ async def plane(tmp_path: Path):
 
 @pytest.fixture
 async def client(plane):
-    c = await AdsClient("%s:%d" % plane.xds_address).start()
+    c = await AdsClient(host_port(plane.xds_address)).start()
     yield c
     await c.close()
 
