@@ -1,0 +1,122 @@
+"""Routing YAML validation: every error names file, line, field and what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from control_plane.config import ConfigError, load, parse
+from control_plane.schema import routing_schema
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "routing.yaml"
+
+BASE = """\
+models:
+  iris:
+    versions:
+      v1: {endpoints: [127.0.0.1:9001]}
+      v2: {endpoints: [127.0.0.1:9002]}
+    traffic: {v1: 90, v2: 10}
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(text, "r.yaml")
+    return [str(p) for p in info.value.problems]
+
+
+def test_example_is_valid_and_typed():
+    config = load(EXAMPLE)
+    (iris,) = config.models
+    assert [v.name for v in iris.versions] == ["v1", "v2", "v3"]
+    assert dict(iris.traffic) == {"v1": 90, "v2": 10}
+    assert iris.shadow.version == "v3" and iris.shadow.percent == 25
+    assert iris.pin_header == "x-model-version"
+    assert str(config.listen) == "127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            BASE.replace("v2: 10}", "v9: 10}"),
+            "r.yaml:6:23: models.iris.traffic.v9: unknown version 'v9'",
+        ),
+        (
+            BASE.replace("v2: 10}", "v2: -1}"),
+            "r.yaml:6:27: models.iris.traffic.v2: weight must be a non-negative integer, got -1",
+        ),
+        (
+            BASE.replace("v2: 10}", "v2: 2.5}"),
+            "r.yaml:6:27: models.iris.traffic.v2: weight must be a non-negative integer, got 2.5",
+        ),
+        (
+            BASE.replace("{v1: 90, v2: 10}", "{v1: 0, v2: 0}"),
+            "r.yaml:6:14: models.iris.traffic: all weights are zero",
+        ),
+        (
+            BASE + "    shadow: {version: v2, percent: 150}\n",
+            "r.yaml:7:36: models.iris.shadow.percent: must be a number 0-100, got 150",
+        ),
+        (
+            BASE + "    shadow: {version: v7, percent: 5}\n",
+            "r.yaml:7:23: models.iris.shadow.version: unknown version 'v7'",
+        ),
+        (
+            BASE.replace("127.0.0.1:9002", "localhost:9002"),
+            "r.yaml:5:24: models.iris.versions.v2.endpoints[0]: 'localhost:9002' is not 'ip:port'",
+        ),
+        (
+            BASE.replace("127.0.0.1:9002", "127.0.0.1:0"),
+            "r.yaml:5:24: models.iris.versions.v2.endpoints[0]: '127.0.0.1:0' needs a port",
+        ),
+        (BASE + "    colour: blue\n", "r.yaml:7:5: models.iris.colour: unknown key 'colour'"),
+        ("listen: 127.0.0.1:8080\nmodel: {}\n", "r.yaml:2:1: model: unknown key 'model'"),
+        (
+            BASE.replace("    traffic: {v1: 90, v2: 10}\n", ""),
+            "r.yaml:2:3: models.iris: has several versions, so 'traffic' must give their weights",
+        ),
+        (
+            BASE.replace("v1: {endpoints", "V1: {endpoints"),
+            "r.yaml:4:7: models.iris.versions.V1: version name 'V1' must be lowercase",
+        ),
+        (
+            "models:\n  iris:\n    versions: {v1: {endpoints: [1.2.3.4:1]}\n",
+            "r.yaml:4:1: invalid YAML",
+        ),
+        ("", "r.yaml:1:1: the file is empty"),
+    ],
+)
+def test_each_error_is_positioned_and_explained(text, expected):
+    found = problems(text)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_all_problems_are_reported_together():
+    text = BASE.replace("v2: 10}", "v2: -1}") + "    shadow: {version: v7, percent: 5}\n"
+    assert len(problems(text)) == 2
+
+
+def test_single_version_defaults_to_all_traffic():
+    config = parse("models:\n  m:\n    versions:\n      a: {endpoints: [127.0.0.1:1]}\n")
+    assert config.models[0].traffic == (("a", 100),)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_json_schema_accepts_the_example_and_rejects_unknown_keys():
+    schema = routing_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(yaml.safe_load(EXAMPLE.read_text()), schema)
+    bad = yaml.safe_load(BASE + "    colour: blue\n")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(yaml.safe_load(BASE.replace("v2: 10}", "v2: -1}")), schema)
