@@ -31,5 +31,8 @@ lint: venv
 bench: venv model
 	$(PY) -m bench
 
+images: venv
+	bash docker/build.sh
+
 clean:
 	rm -rf $(VENV) $(MODELS) run .pytest_cache

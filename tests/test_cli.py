@@ -136,3 +136,11 @@ def test_run_serves_then_ctrl_c_leaves_no_process(tmp_path, model_repository, en
     assert "infergate: stopped" in out
     time.sleep(0.2)
     assert [p for p in children if alive(p)] == []
+
+
+def test_reference_bootstrap_matches_the_generator():
+    result = infergate("bootstrap", "--node-id", "envoy-1")
+    reference = json.loads((ROOT / "envoy" / "bootstrap.example.json").read_text())
+    assert json.loads(result.stdout) == reference
+    assert reference["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert reference["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
