@@ -1,0 +1,1 @@
+"""Benchmarks for infergate: gateway overhead and config convergence. Run `python -m bench`."""
