@@ -54,10 +54,12 @@ def new_epoch() -> str:
 
 @dataclass(frozen=True)
 class TypeSnapshot:
-    """All resources of one type: version and Any-encoded bytes per name."""
+    """All resources of one type: the type's version, and per name the Any-encoded bytes
+    and the resource's own version (used by Delta xDS)."""
 
     version: str
     resources: dict[str, bytes]
+    versions: dict[str, str]
 
 
 def content_version(epoch: str, resources: dict[str, bytes]) -> str:
@@ -68,7 +70,7 @@ def content_version(epoch: str, resources: dict[str, bytes]) -> str:
     return f"{epoch}-{digest.hexdigest()[:16]}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Snapshot:
     epoch: str
     version: str
@@ -90,7 +92,11 @@ def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
         encoded = {name: encode_any(type_url, bytes(msg)) for name, msg in named.items()}
         version = content_version(epoch, encoded)
         overall.update(version.encode())
-        types[type_url] = TypeSnapshot(version, encoded)
+        versions = {
+            name: f"{epoch}-{hashlib.sha256(blob).hexdigest()[:16]}"
+            for name, blob in encoded.items()
+        }
+        types[type_url] = TypeSnapshot(version, encoded, versions)
     return Snapshot(epoch, f"{epoch}-{overall.hexdigest()[:16]}", types, time.time())
 
 

@@ -12,8 +12,10 @@ def envoy_bootstrap(
     xds: tuple[str, int],
     admin: tuple[str, int],
     cluster: str = "infergate",
+    delta: bool = False,
 ) -> dict[str, Any]:
-    """Bootstrap config: everything else (listeners, routes, clusters) comes over ADS."""
+    """Bootstrap config: everything else (listeners, routes, clusters) comes over ADS,
+    state of the world by default, incremental (Delta xDS) with `delta`."""
     ads_source = {"ads": {}, "resource_api_version": "V3"}
     return {
         "node": {"id": node_id, "cluster": cluster},
@@ -22,7 +24,7 @@ def envoy_bootstrap(
         },
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
                 "grpc_services": [{"envoy_grpc": {"cluster_name": ADS_CLUSTER}}],
                 "set_node_on_first_message_only": True,

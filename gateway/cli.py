@@ -63,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from gateway.bootstrap import envoy_bootstrap
 
-    print(json.dumps(envoy_bootstrap(args.node_id, args.xds, args.envoy_admin), indent=2))
+    bootstrap = envoy_bootstrap(args.node_id, args.xds, args.envoy_admin, delta=args.delta)
+    print(json.dumps(bootstrap, indent=2))
     return 0
 
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default="envoy-1")
     p.add_argument("--xds", type=host_port, default=("127.0.0.1", 18000))
     p.add_argument("--envoy-admin", type=host_port, default=("127.0.0.1", 9901))
+    p.add_argument("--delta", action="store_true", help="use Delta (incremental) xDS")
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("run", help="run control plane, Envoy and model servers locally")

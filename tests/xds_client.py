@@ -6,7 +6,12 @@ import asyncio
 
 import grpc
 from envoy_data_plane.envoy.config.core.v3 import Node
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+from envoy_data_plane.envoy.service.discovery.v3 import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    DiscoveryRequest,
+    DiscoveryResponse,
+)
 from envoy_data_plane.google.rpc import Status
 
 from control_plane.xds_server import ADS_SERVICE
@@ -76,3 +81,53 @@ class AdsClient:
         if self._reader:
             self._reader.cancel()
         await self.channel.close()
+
+
+class DeltaClient(AdsClient):
+    """The same, speaking incremental xDS (DeltaAggregatedResources)."""
+
+    async def start(self) -> DeltaClient:
+        method = self.channel.stream_stream(
+            f"/{ADS_SERVICE}/DeltaAggregatedResources",
+            request_serializer=bytes,
+            response_deserializer=DeltaDiscoveryResponse.FromString,
+        )
+
+        async def outgoing():
+            while (req := await self.requests.get()) is not None:
+                yield req
+
+        self._call = method(outgoing())
+
+        async def read():
+            async for resp in self._call:
+                await self.responses.put(resp)
+
+        self._reader = asyncio.create_task(read())
+        return self
+
+    async def delta(
+        self,
+        type_url: str,
+        subscribe=(),
+        unsubscribe=(),
+        nonce: str = "",
+        error: str | None = None,
+        initial: dict | None = None,
+    ) -> None:
+        req = DeltaDiscoveryRequest(
+            type_url=type_url,
+            resource_names_subscribe=list(subscribe),
+            resource_names_unsubscribe=list(unsubscribe),
+            response_nonce=nonce,
+            initial_resource_versions=initial or {},
+        )
+        if not self._sent_node:
+            req.node = self.node
+            self._sent_node = True
+        if error is not None:
+            req.error_detail = Status(code=3, message=error)
+        await self.requests.put(req)
+
+    async def ack(self, resp, names=()) -> None:
+        await self.delta(resp.type_url, nonce=resp.nonce)
