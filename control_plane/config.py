@@ -7,31 +7,29 @@ position in the file.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
-HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
-DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+from control_plane.resilience import Resilience, read_resilience
+from control_plane.yaml_reader import NAME_RE, ConfigError, Endpoint, Problem, Reader
 
-DEFAULT_LISTEN = "127.0.0.1:8080"
+__all__ = [
+    "NAME_RE",
+    "ConfigError",
+    "Endpoint",
+    "Model",
+    "Problem",
+    "RoutingConfig",
+    "load",
+    "parse",
+]
+
+HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 DEFAULT_PIN_HEADER = "x-model-version"
 DEFAULT_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +52,7 @@ class Model:
     shadow: Shadow | None = None
     pin_header: str = DEFAULT_PIN_HEADER
     timeout: float = DEFAULT_TIMEOUT
+    resilience: Resilience = field(default_factory=Resilience)
 
     def version(self, name: str) -> Version:
         return next(v for v in self.versions if v.name == name)
@@ -65,119 +64,12 @@ class RoutingConfig:
     models: tuple[Model, ...] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One validation error at a position in the file."""
-
-    path: str
-    line: int
-    column: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}:{self.column}"
-        prefix = f"{where}: {self.field}" if self.field else where
-        return f"{prefix}: {self.message}"
+MODEL_KEYS = {"versions", "traffic", "shadow", "pin_header", "timeout", "resilience"}
 
 
-class ConfigError(Exception):
-    """The file is not a valid routing config; `problems` lists every error found."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
-
-
-class _Reader:
-    """Walks a PyYAML node tree, converting values and collecting problems."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.problems: list[Problem] = []
-        self._constructor = yaml.SafeLoader("")
-
-    def fail(self, node: yaml.Node, fieldname: str, message: str) -> None:
-        mark = node.start_mark
-        self.problems.append(Problem(self.path, mark.line + 1, mark.column + 1, fieldname, message))
-
-    def scalar(self, node: yaml.Node, fieldname: str) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            self.fail(node, fieldname, "expected a single value, not a list or mapping")
-            return None
-        return self._constructor.construct_object(node)
-
-    def mapping(
-        self, node: yaml.Node, fieldname: str, allowed: set[str] | None = None
-    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        """Return {key: (key_node, value_node)}; report non-mappings, duplicates, unknown keys."""
-        if not isinstance(node, yaml.MappingNode):
-            self.fail(node, fieldname, "expected a mapping")
-            return {}
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            key = self.scalar(key_node, fieldname)
-            name = f"{fieldname}.{key}" if fieldname else str(key)
-            if not isinstance(key, str):
-                self.fail(key_node, fieldname, f"key {key!r} must be a string")
-            elif key in out:
-                self.fail(key_node, name, "duplicate key")
-            elif allowed is not None and key not in allowed:
-                expected = ", ".join(sorted(allowed))
-                self.fail(key_node, name, f"unknown key {key!r} (expected one of: {expected})")
-            else:
-                out[key] = (key_node, value_node)
-        return out
-
-    def sequence(self, node: yaml.Node, fieldname: str) -> list[yaml.Node]:
-        if not isinstance(node, yaml.SequenceNode):
-            self.fail(node, fieldname, "expected a list")
-            return []
-        return list(node.value)
-
-    def name(self, node: yaml.Node, fieldname: str, what: str) -> str | None:
-        value = self.scalar(node, fieldname)
-        if not isinstance(value, str) or not NAME_RE.match(value):
-            self.fail(
-                node,
-                fieldname,
-                f"{what} name {value!r} must be lowercase letters, digits, '-' or '_' "
-                "(at most 63, starting and ending with a letter or digit)",
-            )
-            return None
-        return value
-
-    def endpoint(self, node: yaml.Node, fieldname: str) -> Endpoint | None:
-        value = self.scalar(node, fieldname)
-        if not isinstance(value, str):
-            self.fail(node, fieldname, f"expected 'host:port', got {value!r}")
-            return None
-        host, sep, port_text = value.rpartition(":")
-        host = host.strip("[]")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            hint = " (use 127.0.0.1)" if host == "localhost" else ""
-            self.fail(node, fieldname, f"{value!r} is not 'ip:port' with an IP address{hint}")
-            return None
-        if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            self.fail(node, fieldname, f"{value!r} needs a port between 1 and 65535")
-            return None
-        return Endpoint(host, int(port_text))
-
-    def duration(self, node: yaml.Node, fieldname: str) -> float | None:
-        value = self.scalar(node, fieldname)
-        match = DURATION_RE.match(str(value)) if isinstance(value, str) else None
-        if not match or float(match.group(1)) <= 0:
-            self.fail(node, fieldname, f"{value!r} is not a positive duration like 500ms, 30s, 2m")
-            return None
-        return float(match.group(1)) * DURATION_UNITS[match.group(2)]
-
-
-MODEL_KEYS = {"versions", "traffic", "shadow", "pin_header", "timeout"}
-
-
-def _read_model(r: _Reader, name: str, name_node: yaml.Node, node: yaml.Node) -> Model | None:
+def _read_model(
+    r: Reader, name: str, name_node: yaml.Node, node: yaml.Node, defaults: Resilience
+) -> Model | None:
     where = f"models.{name}"
     keys = r.mapping(node, where, MODEL_KEYS)
     before = len(r.problems)
@@ -216,13 +108,16 @@ def _read_model(r: _Reader, name: str, name_node: yaml.Node, node: yaml.Node) ->
     timeout = DEFAULT_TIMEOUT
     if "timeout" in keys:
         timeout = r.duration(keys["timeout"][1], f"{where}.timeout") or DEFAULT_TIMEOUT
+    resilience = defaults
+    if "resilience" in keys:
+        resilience = read_resilience(r, keys["resilience"][1], f"{where}.resilience", defaults)
     if len(r.problems) > before:
         return None
-    return Model(name, tuple(versions), traffic, shadow, pin_header, timeout)
+    return Model(name, tuple(versions), traffic, shadow, pin_header, timeout, resilience)
 
 
 def _read_traffic(
-    r: _Reader,
+    r: Reader,
     where: str,
     keys: dict[str, tuple[yaml.Node, yaml.Node]],
     versions: list[Version],
@@ -254,7 +149,7 @@ def _read_traffic(
     return tuple(weights)
 
 
-def _read_shadow(r: _Reader, where: str, node: yaml.Node, known: set[str]) -> Shadow | None:
+def _read_shadow(r: Reader, where: str, node: yaml.Node, known: set[str]) -> Shadow | None:
     keys = r.mapping(node, where, {"version", "percent"})
     for required in ("version", "percent"):
         if required not in keys and isinstance(node, yaml.MappingNode):
@@ -282,8 +177,11 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
         raise ConfigError([Problem(path, line, col, "", f"invalid YAML: {problem}")]) from None
     if root is None:
         raise ConfigError([Problem(path, 1, 1, "", "the file is empty")])
-    r = _Reader(path)
-    top = r.mapping(root, "", {"listen", "models"})
+    r = Reader(path)
+    top = r.mapping(root, "", {"listen", "models", "resilience"})
+    defaults = Resilience()
+    if "resilience" in top:
+        defaults = read_resilience(r, top["resilience"][1], "resilience", defaults)
     listen = Endpoint("127.0.0.1", 8080)
     if "listen" in top:
         listen = r.endpoint(top["listen"][1], "listen") or listen
@@ -294,7 +192,7 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
     else:
         for mname, (mkey, mnode) in r.mapping(top["models"][1], "models").items():
             if r.name(mkey, f"models.{mname}", "model"):
-                model = _read_model(r, mname, mkey, mnode)
+                model = _read_model(r, mname, mkey, mnode, defaults)
                 if model:
                     models.append(model)
     if r.problems:

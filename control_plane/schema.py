@@ -6,9 +6,11 @@ must exist, not all weights zero) can only be checked by `infergate validate`.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from control_plane.config import HEADER_RE, NAME_RE
+from control_plane.resilience import LOAD_BALANCING, RETRY_CONDITIONS, Resilience
 
 _NAME = NAME_RE.pattern
 _ENDPOINT = {
@@ -17,6 +19,34 @@ _ENDPOINT = {
     "description": "ip:port of a model server (an IP address, not a host name)",
 }
 _DURATION = {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m)$"}
+
+
+def _block(instance: Any) -> dict[str, Any]:
+    """Schema of a policy dataclass, from the types of its default values."""
+    props: dict[str, Any] = {}
+    for f in fields(instance):
+        value = getattr(instance, f.name)
+        if isinstance(value, bool):
+            props[f.name] = {"type": "boolean"}
+        elif isinstance(value, int):
+            props[f.name] = {"type": "integer", "minimum": 0}
+        elif isinstance(value, float):
+            props[f.name] = _DURATION
+        elif isinstance(value, tuple):
+            props[f.name] = {"type": "array", "items": {"enum": sorted(RETRY_CONDITIONS)}}
+        else:
+            props[f.name] = {"type": "string"}
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+def _resilience() -> dict[str, Any]:
+    base = Resilience()
+    props = {
+        f.name: _block(getattr(base, f.name)) for f in fields(base) if f.name != "load_balancing"
+    }
+    props["health_check"] = {"oneOf": [props["health_check"], {"const": False}]}
+    props["load_balancing"] = {"enum": list(LOAD_BALANCING)}
+    return {"type": "object", "additionalProperties": False, "properties": props}
 
 
 def routing_schema() -> dict[str, Any]:
@@ -55,6 +85,7 @@ def routing_schema() -> dict[str, Any]:
             },
             "pin_header": {"type": "string", "pattern": HEADER_RE.pattern},
             "timeout": _DURATION,
+            "resilience": _resilience(),
         },
     }
     return {
@@ -65,6 +96,7 @@ def routing_schema() -> dict[str, Any]:
         "required": ["models"],
         "properties": {
             "listen": _ENDPOINT,
+            "resilience": _resilience(),
             "models": {
                 "type": "object",
                 "propertyNames": {"pattern": _NAME},

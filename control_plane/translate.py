@@ -19,6 +19,8 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterDiscoveryType,
     ClusterEdsClusterConfig,
     ClusterLbPolicy,
+    LoadBalancingPolicy,
+    LoadBalancingPolicyPolicy,
     OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -26,8 +28,11 @@ from envoy_data_plane.envoy.config.core.v3 import (
     AggregatedConfigSource,
     ApiVersion,
     ConfigSource,
+    HealthCheck,
+    HealthCheckHttpHealthCheck,
     RuntimeFractionalPercent,
     SocketAddress,
+    TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
@@ -39,6 +44,8 @@ from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Liste
 from envoy_data_plane.envoy.config.route.v3 import (
     HeaderMatcher,
     RetryPolicy,
+    RetryPolicyRetryBackOff,
+    RetryPolicyRetryHostPredicate,
     Route,
     RouteAction,
     RouteActionRequestMirrorPolicy,
@@ -54,15 +61,25 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpFilter,
     Rds,
 )
+from envoy_data_plane.envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3 import (  # noqa: E501
+    ClientSideWeightedRoundRobin,
+)
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
 from envoy_data_plane.google.protobuf import Any
 
 from control_plane.config import Model, RoutingConfig
+from control_plane.resilience import HealthCheck as HealthCheckPolicy
+from control_plane.resilience import Resilience, Retries
 
 LISTENER_NAME = "gateway"
 ROUTE_CONFIG_NAME = "gateway-routes"
-RETRY_ON = "connect-failure,reset,refused-stream"
+LB_POLICIES = {
+    "least_request": ClusterLbPolicy.LEAST_REQUEST,
+    "round_robin": ClusterLbPolicy.ROUND_ROBIN,
+    "random": ClusterLbPolicy.RANDOM,
+}
 
 
 @dataclass(frozen=True)
@@ -83,31 +100,72 @@ def _ads() -> ConfigSource:
     return ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 
 
-def _cluster(name: str) -> Cluster:
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
+def _lb(policy: str) -> dict:
+    if policy == "orca_weighted":
+        # Weights from the ORCA load reports that model servers attach to each response.
+        wrr = ClientSideWeightedRoundRobin(
+            blackout_period=timedelta(seconds=1), weight_update_period=timedelta(seconds=1)
+        )
+        return {
+            "load_balancing_policy": LoadBalancingPolicy(
+                policies=[
+                    LoadBalancingPolicyPolicy(
+                        typed_extension_config=TypedExtensionConfig(
+                            name="envoy.load_balancing_policies.client_side_weighted_round_robin",
+                            typed_config=Any.pack(wrr),
+                        )
+                    )
+                ]
+            )
+        }
+    return {"lb_policy": LB_POLICIES[policy]}
+
+
+def _health_checks(check: HealthCheckPolicy) -> list[HealthCheck]:
+    if not check.enabled:
+        return []
+    return [
+        HealthCheck(
+            timeout=_seconds(check.timeout),
+            interval=_seconds(check.interval),
+            unhealthy_threshold=check.unhealthy_threshold,
+            healthy_threshold=check.healthy_threshold,
+            http_health_check=HealthCheckHttpHealthCheck(path=check.path),
+        )
+    ]
+
+
+def _cluster(name: str, policy: Resilience) -> Cluster:
+    od, cb = policy.outlier_detection, policy.circuit_breakers
     return Cluster(
         name=name,
         type=ClusterDiscoveryType.EDS,
         eds_cluster_config=ClusterEdsClusterConfig(eds_config=_ads()),
         connect_timeout=timedelta(seconds=1),
-        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
         outlier_detection=OutlierDetection(
-            consecutive_5xx=5,
-            consecutive_local_origin_failure=2,
+            consecutive_5xx=od.consecutive_5xx,
+            consecutive_local_origin_failure=od.consecutive_connect_failures,
             split_external_local_origin_errors=True,
-            interval=timedelta(seconds=1),
-            base_ejection_time=timedelta(seconds=10),
-            max_ejection_percent=100,
+            interval=_seconds(od.interval),
+            base_ejection_time=_seconds(od.ejection_time),
+            max_ejection_percent=od.max_ejection_percent,
         ),
         circuit_breakers=CircuitBreakers(
             thresholds=[
                 CircuitBreakersThresholds(
-                    max_connections=10_000,
-                    max_pending_requests=10_000,
-                    max_requests=10_000,
-                    max_retries=100,
+                    max_connections=cb.max_connections,
+                    max_pending_requests=cb.max_pending_requests,
+                    max_requests=cb.max_requests,
+                    max_retries=cb.max_retries,
                 )
             ]
         ),
+        health_checks=_health_checks(policy.health_check),
+        **_lb(policy.load_balancing),
     )
 
 
@@ -137,10 +195,29 @@ def _percent(value: float) -> FractionalPercent:
     )
 
 
+def _retry_policy(retries: Retries) -> RetryPolicy:
+    return RetryPolicy(
+        retry_on=",".join(retries.conditions),
+        num_retries=retries.attempts,
+        per_try_timeout=_seconds(retries.per_try_timeout) if retries.per_try_timeout else None,
+        retry_back_off=RetryPolicyRetryBackOff(
+            base_interval=_seconds(retries.backoff), max_interval=_seconds(retries.backoff * 10)
+        ),
+        # A retry goes to another replica than the one that just failed, where there is one.
+        retry_host_predicate=[
+            RetryPolicyRetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=Any.pack(PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=3,
+    )
+
+
 def _action(model: Model, **target) -> RouteAction:
     return RouteAction(
         timeout=timedelta(seconds=model.timeout),
-        retry_policy=RetryPolicy(retry_on=RETRY_ON, num_retries=2),
+        retry_policy=_retry_policy(model.resilience.retries),
         **target,
     )
 
@@ -238,7 +315,7 @@ def translate(config: RoutingConfig) -> Resources:
     for model in config.models:
         for version in model.versions:
             name = cluster_name(model.name, version.name)
-            clusters[name] = _cluster(name)
+            clusters[name] = _cluster(name, model.resilience)
             endpoints[name] = _load_assignment(name, version.endpoints)
         routes += _model_routes(model)
     route_config = RouteConfiguration(

@@ -142,13 +142,15 @@ class LoadLoop:
 
 def routing_yaml(
     listen: int,
-    ports: dict[str, int],
+    ports: dict[str, list[int]],
     traffic: dict[str, int],
     shadow: tuple[str, float] | None = None,
     extra: str = "",
 ) -> str:
     lines = [f"listen: 127.0.0.1:{listen}", "models:", "  iris:", "    versions:"]
-    lines += [f"      {v}: {{endpoints: [127.0.0.1:{p}]}}" for v, p in ports.items()]
+    for version, replicas in ports.items():
+        endpoints = ", ".join(f"127.0.0.1:{p}" for p in replicas)
+        lines.append(f"      {version}: {{endpoints: [{endpoints}]}}")
     lines.append("    traffic: {" + ", ".join(f"{v}: {w}" for v, w in traffic.items()) + "}")
     if shadow:
         lines.append(f"    shadow: {{version: {shadow[0]}, percent: {shadow[1]}}}")
@@ -156,9 +158,10 @@ def routing_yaml(
 
 
 class Stack:
-    """Model servers for iris v1-v3, a control plane process and one Envoy."""
+    """Model servers for iris v1-v3 (`replicas` of each), a control plane process and one
+    Envoy."""
 
-    def __init__(self, workdir: Path, repository: Path, delta: bool = False):
+    def __init__(self, workdir: Path, repository: Path, delta: bool = False, replicas: int = 1):
         self.delta = delta
         self.workdir = workdir
         self.repository = repository
@@ -167,17 +170,17 @@ class Stack:
         self.xds = free_port()
         self.admin = free_port()
         self.envoy_admin = free_port()
-        self.model_ports = {v: free_port() for v in ("v1", "v2", "v3")}
-        self.models: dict[str, Child] = {}
+        replicas = replicas or {"v1": 1, "v2": 1, "v3": 1}
+        self.model_ports = {v: [free_port() for _ in range(n)] for v, n in replicas.items()}
+        self.models: dict[int, Child] = {}  # by port
         self.control_plane: Child | None = None
         self.envoy: Child | None = None
 
     # --- processes -------------------------------------------------------------------
     def start_models(self) -> None:
-        for version, port in self.model_ports.items():
-            child = Child(
-                f"model {version}",
-                cli(
+        for version, ports in self.model_ports.items():
+            for port in ports:
+                argv = cli(
                     "serve",
                     "--repository",
                     str(self.repository),
@@ -187,12 +190,11 @@ class Stack:
                     version,
                     "--port",
                     str(port),
-                ),
-                str(self.workdir / f"model-{version}.log"),
-            ).start()
-            self.models[version] = child
-        for version, port in self.model_ports.items():
-            wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=self.models[version])
+                )
+                log = str(self.workdir / f"model-{version}-{port}.log")
+                self.models[port] = Child(f"model {version}@{port}", argv, log).start()
+        for port, child in self.models.items():
+            wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=child)
 
     def start_control_plane(self) -> None:
         self.control_plane = Child(
@@ -276,9 +278,10 @@ class Stack:
 
     def model_requests(self, version: str) -> float:
         """Inference requests a model server has counted (its /metrics)."""
-        text = get_text(f"http://127.0.0.1:{self.model_ports[version]}/metrics")
         total = 0.0
-        for line in text.splitlines():
-            if line.startswith("infergate_model_requests_total{"):
-                total += float(line.rsplit(" ", 1)[1])
+        for port in self.model_ports[version]:
+            text = get_text(f"http://127.0.0.1:{port}/metrics")
+            for line in text.splitlines():
+                if line.startswith("infergate_model_requests_total{"):
+                    total += float(line.rsplit(" ", 1)[1])
         return total

@@ -120,3 +120,24 @@ def test_json_schema_accepts_the_example_and_rejects_unknown_keys():
         jsonschema.validate(bad, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(yaml.safe_load(BASE.replace("v2: 10}", "v2: -1}")), schema)
+    policy = "resilience:\n  retries: {attempts: 3, conditions: [reset]}\n  health_check: false\n"
+    jsonschema.validate(yaml.safe_load(policy + BASE), schema)
+    parse(policy + BASE)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(yaml.safe_load("resilience: {load_balancing: magic}\n" + BASE), schema)
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        ("retries: {conditions: [bogus]}", "resilience.retries.conditions: unknown retry"),
+        ("retries: {attempts: -1}", "resilience.retries.attempts: must be a non-negative"),
+        ("load_balancing: magic", "resilience.load_balancing: 'magic' is not one of"),
+        ("health_check: {interval: soon}", "resilience.health_check.interval: 'soon' is not"),
+        ("health_check: maybe", "resilience.health_check: must be a mapping, or false"),
+        ("circuit_breakers: {max_requestz: 1}", "unknown key 'max_requestz'"),
+    ],
+)
+def test_resilience_errors(block, expected):
+    found = problems(f"resilience:\n  {block}\n" + BASE)
+    assert any(expected in p and p.startswith("r.yaml:2:") for p in found), found

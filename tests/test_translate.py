@@ -5,7 +5,7 @@ from __future__ import annotations
 from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
 
 from control_plane.config import parse
-from control_plane.translate import RETRY_ON, ROUTE_CONFIG_NAME, translate
+from control_plane.translate import ROUTE_CONFIG_NAME, translate
 
 YAML = """
 listen: 127.0.0.1:8181
@@ -68,7 +68,8 @@ def test_split_leaves_out_zero_weights_and_mirrors_the_shadow_fraction():
     assert mirror.cluster == "iris/v3"
     assert mirror.runtime_fraction.default_value.numerator == 125_000  # of a million
     assert action.timeout.total_seconds() == 2
-    assert action.retry_policy.retry_on == RETRY_ON
+    assert action.retry_policy.retry_on == "connect-failure,reset,refused-stream"
+    assert action.retry_policy.num_retries == 2
 
 
 def test_a_single_live_version_is_a_plain_cluster_route_without_mirror():
@@ -78,3 +79,43 @@ def test_a_single_live_version_is_a_plain_cluster_route_without_mirror():
     action = routes(text)[-1].route
     assert action.cluster == "iris/v2" and action.weighted_clusters is None
     assert not action.request_mirror_policies
+
+
+POLICY = """
+resilience:
+  retries: {attempts: 4, conditions: [5xx, reset], per_try_timeout: 500ms, backoff: 10ms}
+  load_balancing: round_robin
+models:
+  fast:
+    versions: {a: {endpoints: [127.0.0.1:9001]}}
+    resilience:
+      health_check: {path: /healthz, interval: 3s}
+      outlier_detection: {consecutive_5xx: 7, ejection_time: 30s}
+  orca:
+    versions: {a: {endpoints: [127.0.0.1:9002]}}
+    resilience: {load_balancing: orca_weighted, health_check: false}
+"""
+
+
+def test_resilience_policy_defaults_and_overrides():
+    res = translate(parse(POLICY))
+    fast, orca = res.clusters["fast/a"], res.clusters["orca/a"]
+    assert fast.lb_policy.name == "ROUND_ROBIN"
+    (check,) = fast.health_checks
+    assert check.http_health_check.path == "/healthz" and check.interval.total_seconds() == 3
+    assert fast.outlier_detection.consecutive_5xx == 7
+    assert fast.outlier_detection.base_ejection_time.total_seconds() == 30
+    assert fast.circuit_breakers.thresholds[0].max_requests == 100_000
+    assert orca.health_checks == []
+    (policy,) = orca.load_balancing_policy.policies
+    assert "client_side_weighted_round_robin" in policy.typed_extension_config.name
+    retry = res.routes[ROUTE_CONFIG_NAME].virtual_hosts[0].routes[-1].route.retry_policy
+    assert retry.retry_on == "5xx,reset" and retry.num_retries == 4
+    assert retry.per_try_timeout.total_seconds() == 0.5
+    assert retry.retry_host_predicate[0].name == "envoy.retry_host_predicates.previous_hosts"
+
+
+def test_default_cluster_has_readiness_health_check_and_least_request():
+    cluster = translate(parse(YAML)).clusters["iris/v1"]
+    assert cluster.lb_policy.name == "LEAST_REQUEST"
+    assert cluster.health_checks[0].http_health_check.path == "/v2/health/ready"
