@@ -142,6 +142,7 @@ class GatewayStack:
     xds_port: int
     admin_port: int
     envoy_admin_port: int
+    delta: bool = False
     model_servers: list[ModelServer] = field(default_factory=list)
     control_plane: Any = None
     envoy: Any = None
@@ -217,6 +218,7 @@ class GatewayStack:
                 "envoy",
                 *("--node-id", node_id, "--xds", f"127.0.0.1:{self.xds_port}"),
                 *("--admin", f"127.0.0.1:{self.envoy_admin_port}"),
+                *(["--delta"] if self.delta else []),
             ],
             f"{self.envoy_admin_url}/ready",
         )
@@ -395,10 +397,11 @@ def gateway_stack(
     routing: str | Path,
     models: str | Path,
     image: str = DEFAULT_IMAGE,
+    delta: bool = False,
 ) -> Iterator[GatewayStack]:
     """Start model servers, control plane and Envoy in containers from a routing YAML and a
     model folder (`<models>/<model>/<version>/...`); yield the converged stack; remove
-    every container afterwards."""
+    every container afterwards. `delta` makes Envoy use Delta (incremental) xDS."""
     require_docker(image)
     source = Path(routing)
     parse(source.read_text(), str(source))  # report a bad file with its line numbers
@@ -423,6 +426,7 @@ def gateway_stack(
         xds_port=next(ports),
         admin_port=next(ports),
         envoy_admin_port=next(ports),
+        delta=delta,
     )
     try:
         try:
