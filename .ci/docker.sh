@@ -5,8 +5,8 @@
 #                              then build the images (bash docker/build.sh, cached)
 #   bash .ci/docker.sh stop    stop the dockerd that `start` started (never another one)
 #   bash .ci/docker.sh status  say whether an engine answers and who started it
-# With CI=true, failing to get an engine is an error; elsewhere `start` is the way to enable
-# the container tests, which skip without an engine.
+# `start` fails when it cannot get an engine. The container tests skip without an engine or
+# image (they fail instead when CI=true): `bash .ci/docker.sh start` enables them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +17,11 @@ SUDO=""
 
 log() { echo "[.ci/docker.sh] $*" >&2; }
 engine_answers() { timeout 10 docker info >/dev/null 2>&1; }
+unmount_netns() {
+    if mountpoint -q /var/run/docker/netns/default 2>/dev/null; then
+        $SUDO umount /var/run/docker/netns/default || true
+    fi
+}
 
 install_missing() {
     local missing=()
@@ -40,6 +45,7 @@ start_engine() {
     if [[ -f /var/run/docker.pid ]] && kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
         log "dockerd (pid $(cat /var/run/docker.pid)) runs but does not answer; waiting for it"
     else
+        unmount_netns  # left over by a daemon that was killed
         log "starting dockerd (log: $LOG)"
         $SUDO setsid dockerd --bridge=none --iptables=false >"$LOG" 2>&1 </dev/null &
         echo $! | $SUDO tee "$STATE" >/dev/null
@@ -68,9 +74,7 @@ stop_engine() {
         for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
         kill -0 "$pid" 2>/dev/null && { log "dockerd did not stop; killing it"; $SUDO kill -KILL "$pid"; }
     fi
-    if mountpoint -q /var/run/docker/netns/default 2>/dev/null; then
-        $SUDO umount /var/run/docker/netns/default || true
-    fi
+    unmount_netns
     $SUDO rm -f "$STATE"
 }
 
