@@ -1,21 +1,88 @@
-"""The control plane's admin API (aiohttp): status of the config and of every node."""
+"""The control plane's admin API (aiohttp).
+
+Reads are open (the API binds to 127.0.0.1 by default); writes need
+`Authorization: Bearer <token>` and are refused when no token is configured.
+
+- `GET /status`: config state, snapshot versions, and per node what it was sent,
+  ACKed and rejected.
+- `GET /endpoints`, `POST /endpoints`, `DELETE /endpoints`: endpoints registered at run
+  time; the body is `{"model": ..., "version": ..., "address": "ip:port"}`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import hmac
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from control_plane.config import Endpoint, parse_endpoint
+from control_plane.endpoints import UnknownVersion
 
-def make_admin_app(status: Callable[[], dict[str, Any]]) -> web.Application:
+
+class Plane(Protocol):
+    def status(self) -> dict[str, Any]: ...
+    def registered(self) -> list[dict[str, str]]: ...
+    def register(self, model: str, version: str, ep: Endpoint) -> bool: ...
+    def deregister(self, model: str, version: str, ep: Endpoint) -> bool: ...
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _parse_endpoint(body: Any) -> tuple[str, str, Endpoint]:
+    if not isinstance(body, dict) or not all(
+        isinstance(body.get(k), str) for k in ("model", "version", "address")
+    ):
+        raise ValueError('the body must be {"model": str, "version": str, "address": "ip:port"}')
+    return body["model"], body["version"], parse_endpoint(body["address"])
+
+
+def make_admin_app(plane: Plane, token: str | None) -> web.Application:
+    def authorized(request: web.Request) -> web.Response | None:
+        if not token:
+            return _error(
+                403,
+                "writes are disabled: start the control plane with an admin "
+                "token (--admin-token-file or INFERGATE_ADMIN_TOKEN)",
+            )
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _error(401, "missing or wrong bearer token")
+        return None
+
     async def get_status(_: web.Request) -> web.Response:
-        return web.json_response(status())
+        return web.json_response(plane.status())
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    async def list_endpoints(_: web.Request) -> web.Response:
+        return web.json_response({"endpoints": plane.registered()})
+
+    async def change_endpoint(request: web.Request) -> web.Response:
+        if denied := authorized(request):
+            return denied
+        try:
+            model, version, ep = _parse_endpoint(await request.json())
+        except ValueError as exc:
+            return _error(400, str(exc))
+        if request.method == "POST":
+            try:
+                changed = plane.register(model, version, ep)
+            except UnknownVersion as exc:
+                return _error(404, str(exc))
+        else:
+            changed = plane.deregister(model, version, ep)
+        return web.json_response(
+            {"model": model, "version": version, "address": str(ep), "changed": changed}
+        )
+
     app = web.Application()
     app.router.add_get("/status", get_status)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/endpoints", list_endpoints)
+    app.router.add_post("/endpoints", change_endpoint)
+    app.router.add_delete("/endpoints", change_endpoint)
     return app

@@ -14,7 +14,14 @@ from pathlib import Path
 import yaml
 
 from control_plane.resilience import Resilience, read_resilience
-from control_plane.yaml_reader import NAME_RE, ConfigError, Endpoint, Problem, Reader
+from control_plane.yaml_reader import (
+    NAME_RE,
+    ConfigError,
+    Endpoint,
+    Problem,
+    Reader,
+    parse_endpoint,
+)
 
 __all__ = [
     "NAME_RE",
@@ -25,6 +32,7 @@ __all__ = [
     "RoutingConfig",
     "load",
     "parse",
+    "parse_endpoint",
 ]
 
 HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -86,8 +94,6 @@ def _read_model(
             r.fail(vkey, vwhere, "missing required key 'endpoints'")
             continue
         enodes = r.sequence(vkeys["endpoints"][1], f"{vwhere}.endpoints")
-        if not enodes and isinstance(vkeys["endpoints"][1], yaml.SequenceNode):
-            r.fail(vkeys["endpoints"][1], f"{vwhere}.endpoints", "needs at least one endpoint")
         endpoints = [r.endpoint(e, f"{vwhere}.endpoints[{i}]") for i, e in enumerate(enodes)]
         versions.append(Version(vname, tuple(e for e in endpoints if e)))
     if isinstance(vnode, yaml.MappingNode) and not vnode.value:

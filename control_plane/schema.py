@@ -55,7 +55,7 @@ def routing_schema() -> dict[str, Any]:
         "type": "object",
         "additionalProperties": False,
         "required": ["endpoints"],
-        "properties": {"endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}},
+        "properties": {"endpoints": {"type": "array", "items": _ENDPOINT}},
     }
     model = {
         "type": "object",

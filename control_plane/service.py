@@ -1,10 +1,12 @@
-"""The control plane as one service: watch the file, build snapshots, serve ADS and admin."""
+"""The control plane as one service: watch the file, merge registered endpoints, build
+snapshots (debounced), serve ADS and the admin API."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ import grpc
 from aiohttp import web
 
 from control_plane.admin import make_admin_app
-from control_plane.config import ConfigError, RoutingConfig, load
+from control_plane.config import ConfigError, Endpoint, RoutingConfig, load
+from control_plane.endpoints import EndpointRegistry
 from control_plane.nodes import NodeRegistry
 from control_plane.snapshot import SHORT_NAMES, Snapshot, SnapshotCache, build_snapshot, new_epoch
 from control_plane.translate import translate
@@ -29,32 +32,90 @@ GRPC_OPTIONS = [
 ]
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """Server certificate and key; with `client_ca`, clients must present a certificate
+    signed by it (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        ca = self.client_ca.read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+
 class ControlPlane:
     def __init__(
         self,
         config_path: Path,
         xds_address: tuple[str, int] = ("127.0.0.1", 18000),
         admin_address: tuple[str, int] = ("127.0.0.1", 18001),
+        admin_token: str | None = None,
+        tls: TlsFiles | None = None,
+        debounce: float = 0.02,
     ):
         self.config_path = Path(config_path)
         self.xds_address = xds_address
         self.admin_address = admin_address
+        self.admin_token = admin_token
+        self.tls = tls
+        self.debounce = debounce
         self.epoch = new_epoch()
         self.cache = SnapshotCache()
         self.registry = NodeRegistry()
+        self.endpoints = EndpointRegistry()
+        self.file_config: RoutingConfig | None = None
         self.last_error: dict[str, Any] | None = None
         self.applied_at: float | None = None
-        self.watcher = ConfigWatcher(self.config_path, self.apply, self.reject)
+        self.builds = 0
+        self.watcher = ConfigWatcher(self.config_path, self.set_file_config, self.reject)
+        self._dirty = asyncio.Event()
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
-        self._watch_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
-    def apply(self, config: RoutingConfig) -> Snapshot:
-        """Translate a valid config and publish it to every stream."""
+    # --- inputs ----------------------------------------------------------------------
+    def set_file_config(self, config: RoutingConfig) -> None:
+        self.file_config = config
+        self.last_error = None
+        self._dirty.set()
+
+    def reject(self, error: ConfigError) -> None:
+        self.last_error = {
+            "at": time.time(),
+            "message": str(error),
+            "problems": [p.__dict__ for p in error.problems],
+        }
+
+    def register(self, model: str, version: str, ep: Endpoint) -> bool:
+        assert self.file_config is not None
+        changed = self.endpoints.register(self.file_config, model, version, ep)
+        self._dirty.set()
+        return changed
+
+    def deregister(self, model: str, version: str, ep: Endpoint) -> bool:
+        changed = self.endpoints.deregister(model, version, ep)
+        self._dirty.set()
+        return changed
+
+    def registered(self) -> list[dict[str, str]]:
+        return self.endpoints.as_list()
+
+    # --- output ----------------------------------------------------------------------
+    def publish(self) -> Snapshot:
+        """Translate the current inputs and hand the snapshot to every stream."""
+        assert self.file_config is not None
         started = time.perf_counter()
+        config = self.endpoints.merge(self.file_config)
         snapshot = build_snapshot(translate(config), self.epoch)
         self.cache.set(snapshot)
-        self.last_error = None
+        self.builds += 1
         self.applied_at = time.time()
         log.info(
             "applied config %s (%d models) in %.1f ms",
@@ -64,12 +125,13 @@ class ControlPlane:
         )
         return snapshot
 
-    def reject(self, error: ConfigError) -> None:
-        self.last_error = {
-            "at": time.time(),
-            "message": str(error),
-            "problems": [p.__dict__ for p in error.problems],
-        }
+    async def _publisher(self) -> None:
+        """Coalesce bursts of changes: wait a short debounce, then build from the newest."""
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.debounce)
+            self._dirty.clear()
+            self.publish()
 
     def status(self) -> dict[str, Any]:
         snap = self.cache.snapshot
@@ -77,6 +139,7 @@ class ControlPlane:
             "config": {
                 "path": str(self.config_path),
                 "applied_at": self.applied_at,
+                "snapshots_built": self.builds,
                 "error": self.last_error,
             },
             "snapshot": snap
@@ -84,28 +147,43 @@ class ControlPlane:
                 "version": snap.version,
                 "types": {SHORT_NAMES[t]: ts.version for t, ts in snap.types.items()},
             },
+            "registered_endpoints": self.endpoints.as_list(),
             "nodes": self.registry.as_list(),
         }
 
+    # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         """Load the file (raising ConfigError if invalid), then serve."""
         self.watcher.check()
-        if self.cache.snapshot is None:
+        if self.file_config is None:
             load(self.config_path)  # raises the ConfigError that names the problem
+        self.publish()
+        self._dirty.clear()
         self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
         self._grpc.add_generic_rpc_handlers([AdsServer(self.cache, self.registry).handler()])
-        host, port = self.xds_address
-        self._grpc.add_insecure_port(f"{host}:{port}")
+        address = f"{self.xds_address[0]}:{self.xds_address[1]}"
+        if self.tls:
+            self._grpc.add_secure_port(address, self.tls.credentials())
+        else:
+            self._grpc.add_insecure_port(address)
         await self._grpc.start()
-        self._admin = web.AppRunner(make_admin_app(self.status), access_log=None)
+        self._admin = web.AppRunner(make_admin_app(self, self.admin_token), access_log=None)
         await self._admin.setup()
         await web.TCPSite(self._admin, *self.admin_address).start()
-        self._watch_task = asyncio.create_task(self.watcher.run())
-        log.info("xDS on %s:%d, admin on http://%s:%d", host, port, *self.admin_address)
+        self._tasks = [
+            asyncio.create_task(self.watcher.run()),
+            asyncio.create_task(self._publisher()),
+        ]
+        log.info(
+            "xDS on %s (%s), admin on http://%s:%d",
+            address,
+            "mTLS" if self.tls and self.tls.client_ca else "TLS" if self.tls else "plaintext",
+            *self.admin_address,
+        )
 
     async def stop(self) -> None:
-        if self._watch_task:
-            self._watch_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._grpc:
             await self._grpc.stop(grace=0.5)
         if self._admin:

@@ -39,6 +39,22 @@ class Problem:
         return f"{prefix}: {self.message}"
 
 
+def parse_endpoint(value: object) -> Endpoint:
+    """`ip:port` (IPv6 in brackets) to an Endpoint; ValueError says what is wrong."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'ip:port', got {value!r}")
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        hint = " (use 127.0.0.1)" if host == "localhost" else ""
+        raise ValueError(f"{value!r} is not 'ip:port' with an IP address{hint}") from None
+    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r} needs a port between 1 and 65535")
+    return Endpoint(host, int(port_text))
+
+
 class ConfigError(Exception):
     """The file is not a valid routing config; `problems` lists every error found."""
 
@@ -107,21 +123,11 @@ class Reader:
 
     def endpoint(self, node: yaml.Node, fieldname: str) -> Endpoint | None:
         value = self.scalar(node, fieldname)
-        if not isinstance(value, str):
-            self.fail(node, fieldname, f"expected 'host:port', got {value!r}")
-            return None
-        host, sep, port_text = value.rpartition(":")
-        host = host.strip("[]")
         try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            hint = " (use 127.0.0.1)" if host == "localhost" else ""
-            self.fail(node, fieldname, f"{value!r} is not 'ip:port' with an IP address{hint}")
+            return parse_endpoint(value)
+        except ValueError as exc:
+            self.fail(node, fieldname, str(exc))
             return None
-        if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            self.fail(node, fieldname, f"{value!r} needs a port between 1 and 65535")
-            return None
-        return Endpoint(host, int(port_text))
 
     def duration(self, node: yaml.Node, fieldname: str) -> float | None:
         value = self.scalar(node, fieldname)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -39,10 +40,24 @@ def cmd_schema(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_control_plane(args: argparse.Namespace) -> int:
-    from control_plane.service import ControlPlane
+def admin_token(args: argparse.Namespace) -> str | None:
+    """The admin API's bearer token: --admin-token-file, else $INFERGATE_ADMIN_TOKEN."""
+    if getattr(args, "admin_token_file", None):
+        return Path(args.admin_token_file).read_text().strip()
+    return os.environ.get("INFERGATE_ADMIN_TOKEN") or None
 
-    plane = ControlPlane(Path(args.file), args.xds, args.admin)
+
+def cmd_control_plane(args: argparse.Namespace) -> int:
+    from control_plane.service import ControlPlane, TlsFiles
+
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            print("--tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
+        ca = Path(args.tls_client_ca) if args.tls_client_ca else None
+        tls = TlsFiles(Path(args.tls_cert), Path(args.tls_key), ca)
+    plane = ControlPlane(Path(args.file), args.xds, args.admin, admin_token(args), tls)
     try:
         asyncio.run(plane.run_forever())
     except ConfigError as exc:
@@ -137,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("control-plane", help="run the xDS control plane for a routing file")
     p.add_argument("file")
     xds_admin(p)
+    p.add_argument(
+        "--admin-token-file",
+        help="bearer token for admin API writes "
+        "(default: $INFERGATE_ADMIN_TOKEN; without one, writes are refused)",
+    )
+    p.add_argument("--tls-cert", help="serve xDS over TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     p.set_defaults(func=cmd_control_plane)
 
     p = sub.add_parser("serve", help="run one Open Inference Protocol model server")

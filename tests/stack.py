@@ -158,10 +158,16 @@ def routing_yaml(
 
 
 class Stack:
-    """Model servers for iris v1-v3 (`replicas` of each), a control plane process and one
-    Envoy."""
+    """Model servers for iris versions (`replicas` per version: v1-v3 once each by default),
+    a control plane process and one Envoy."""
 
-    def __init__(self, workdir: Path, repository: Path, delta: bool = False, replicas: int = 1):
+    def __init__(
+        self,
+        workdir: Path,
+        repository: Path,
+        delta: bool = False,
+        replicas: dict[str, int] | None = None,
+    ):
         self.delta = delta
         self.workdir = workdir
         self.repository = repository
