@@ -67,6 +67,8 @@ build_wheels() {
 build_image() {
     local started=$SECONDS
     docker build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE" "$CTX" >&2
+    # Earlier builds of ours that lost their tag (and only those).
+    docker image prune -f --filter label=org.infergate.image=true >/dev/null
     log "built $IMAGE in $((SECONDS - started))s"
 }
 
