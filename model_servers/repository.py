@@ -1,11 +1,13 @@
-"""Model repository on disk: `<repository>/<model>/<version>/model.joblib`."""
+"""Model repository on disk: `<repository>/<model>/<version>/` with a model file and an
+optional `model-settings.yaml` (see model_servers.settings)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from model_servers.runtimes import MODEL_FILE, SklearnRuntime
+from model_servers.runtimes import ModelLoadError, Runtime, load_runtime
+from model_servers.settings import ModelSettings, SettingsError, load_settings
 
 
 class ModelNotFoundError(LookupError):
@@ -18,22 +20,57 @@ class LoadedModel:
 
     name: str
     version: str
-    runtime: SklearnRuntime
+    runtime: Runtime
+    settings: ModelSettings = field(default_factory=ModelSettings)
 
 
-def load_model(repository: Path, model: str, version: str) -> LoadedModel:
-    """Load `<repository>/<model>/<version>/model.joblib`; raise ModelNotFoundError if absent."""
-    for kind, value in (("model", model), ("version", version)):
-        if not value or value in (".", "..") or "/" in value or "\\" in value:
-            raise ModelNotFoundError(f"invalid {kind} name {value!r}")
+def _check_name(kind: str, value: str) -> None:
+    if not value or value in (".", "..") or "/" in value or "\\" in value:
+        raise ModelNotFoundError(f"invalid {kind} name {value!r}")
+
+
+def _is_version(path: Path) -> bool:
+    """A version folder holds a settings file or a bare `model.joblib`."""
+    if (path / "model-settings.yaml").is_file():
+        return True
+    return (path / "model.joblib").is_file()
+
+
+def list_models(repository: Path) -> list[str]:
+    """Model names in the repository: folders with at least one version."""
+    if not Path(repository).is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in Path(repository).iterdir()
+        if p.is_dir() and list_versions(repository, p.name)
+    )
+
+
+def list_versions(repository: Path, model: str) -> list[str]:
+    """Version names of `model`, sorted; raise ModelNotFoundError for an unknown model."""
+    _check_name("model", model)
     model_dir = Path(repository) / model
     if not model_dir.is_dir():
         raise ModelNotFoundError(f"model {model!r} not found in repository {repository}")
-    version_dir = model_dir / version
-    if not (version_dir / MODEL_FILE).is_file():
-        available = sorted(p.name for p in model_dir.iterdir() if (p / MODEL_FILE).is_file())
+    return sorted(p.name for p in model_dir.iterdir() if p.is_dir() and _is_version(p))
+
+
+def load_model(repository: Path, model: str, version: str) -> LoadedModel:
+    """Load `<repository>/<model>/<version>/`.
+
+    Raises ModelNotFoundError if absent, ModelLoadError if its settings or files are broken.
+    """
+    _check_name("version", version)
+    available = list_versions(repository, model)
+    if version not in available:
         raise ModelNotFoundError(
-            f"version {version!r} of model {model!r} not found in {model_dir} "
+            f"version {version!r} of model {model!r} not found in {Path(repository) / model} "
             f"(available: {', '.join(available) or 'none'})"
         )
-    return LoadedModel(model, version, SklearnRuntime.load(version_dir))
+    version_dir = Path(repository) / model / version
+    try:
+        settings = load_settings(version_dir)
+    except SettingsError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return LoadedModel(model, version, load_runtime(version_dir, settings), settings)

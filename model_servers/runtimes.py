@@ -1,21 +1,49 @@
-"""Model runtimes: turn decoded input tensors into named output arrays."""
+"""Model runtimes: check decoded input tensors, then turn them into named output arrays.
+
+Every runtime validates a request (`validate`, raising ProtocolError(400)) separately from
+running it (`predict`), so the batcher can reject one bad request before merging the rest.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import joblib
 import numpy as np
 
 from model_servers.protocol import ProtocolError
+from model_servers.settings import ModelSettings
 
 MODEL_FILE = "model.joblib"
+Tensors = dict[str, np.ndarray]
+
+
+class ModelLoadError(RuntimeError):
+    """A model version that exists but cannot be loaded."""
+
+
+class Runtime(Protocol):
+    """What the server needs from a loaded model."""
+
+    platform: str
+
+    def metadata(self) -> dict[str, list[dict[str, Any]]]:
+        """OIP `inputs` and `outputs` tensor metadata."""
+        ...
+
+    def validate(self, inputs: Tensors, requested: Sequence[str] | None) -> None:
+        """Raise ProtocolError(400) unless `predict` can run on these inputs."""
+        ...
+
+    def predict(self, inputs: Tensors, requested: Sequence[str] | None) -> Tensors:
+        """Outputs for validated inputs; the requested names, or the default outputs."""
+        ...
 
 
 class SklearnRuntime:
-    """Serves a scikit-learn estimator saved with joblib as `model.joblib`.
+    """Serves a scikit-learn estimator saved with joblib.
 
     Takes one [N, F] numeric tensor; outputs `predict` and, for estimators that have it,
     `predict_proba`. Only `predict` is returned unless the request names outputs.
@@ -32,12 +60,11 @@ class SklearnRuntime:
             self._methods["predict_proba"] = estimator.predict_proba
 
     @classmethod
-    def load(cls, version_dir: Path) -> SklearnRuntime:
-        """Load `<version_dir>/model.joblib`."""
-        return cls(joblib.load(version_dir / MODEL_FILE))
+    def load(cls, path: Path) -> SklearnRuntime:
+        """Load a joblib file."""
+        return cls(joblib.load(path))
 
     def metadata(self) -> dict[str, list[dict[str, Any]]]:
-        """OIP `inputs` and `outputs` tensor metadata."""
         features = -1 if self.n_features is None else self.n_features
         outputs = [{"name": "predict", "datatype": self._predict_datatype(), "shape": [-1]}]
         if "predict_proba" in self._methods:
@@ -55,10 +82,7 @@ class SklearnRuntime:
         kind = np.asarray(classes).dtype.kind
         return {"b": "BOOL", "i": "INT64", "u": "INT64", "f": "FP64"}.get(kind, "BYTES")
 
-    def predict(
-        self, inputs: dict[str, np.ndarray], requested: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Run the estimator; raise ProtocolError(400) for unusable inputs or outputs."""
+    def validate(self, inputs: Tensors, requested: Sequence[str] | None) -> None:
         if len(inputs) != 1:
             raise ProtocolError(400, f"expected exactly one input tensor, got {len(inputs)}")
         ((name, x),) = inputs.items()
@@ -70,13 +94,16 @@ class SklearnRuntime:
             raise ProtocolError(
                 400, f"input '{name}' has {x.shape[1]} features, model expects {self.n_features}"
             )
-        names = requested or self.default_outputs
-        unknown = [n for n in names if n not in self._methods]
+        unknown = [n for n in requested or () if n not in self._methods]
         if unknown:
             raise ProtocolError(
                 400, f"unknown outputs {unknown}; available: {sorted(self._methods)}"
             )
+
+    def predict(self, inputs: Tensors, requested: Sequence[str] | None) -> Tensors:
+        (x,) = inputs.values()
         x = x.astype(np.float64, copy=False)
+        names = requested or self.default_outputs
         return {n: _normalise(self._methods[n](x)) for n in dict.fromkeys(names)}
 
 
@@ -88,3 +115,19 @@ def _normalise(array: Any) -> np.ndarray:
     if array.dtype.kind == "f":
         return array.astype(np.float64, copy=False)
     return array
+
+
+def load_runtime(version_dir: Path, settings: ModelSettings) -> Runtime:
+    """Instantiate the runtime `settings` names for the files in `version_dir`."""
+    path = version_dir / settings.file
+    if not path.is_file():
+        raise ModelLoadError(f"{settings.runtime} model file {path} not found")
+    if settings.runtime == "onnx":
+        from model_servers.onnx_runtime import OnnxRuntime
+
+        return OnnxRuntime.load(path, settings)
+    if settings.runtime == "python":
+        from model_servers.python_runtime import PythonRuntime
+
+        return PythonRuntime.load(path, settings)
+    return SklearnRuntime.load(path)

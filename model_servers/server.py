@@ -1,4 +1,10 @@
-"""aiohttp server speaking the Open Inference Protocol (KServe V2) REST API for one model."""
+"""aiohttp server speaking the Open Inference Protocol (KServe V2) REST API.
+
+Endpoints (every model path also under `/versions/<v>`): health, server and model metadata,
+model readiness, `infer` (JSON or the binary tensor data extension), the repository
+extension (`/v2/repository/index`, `/v2/repository/models/<m>[/versions/<v>]/load|unload`)
+and Prometheus `/metrics`.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,31 @@ import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
-from model_servers.metrics import ModelMetrics
-from model_servers.protocol import ProtocolError, decode_request, encode_response
-from model_servers.repository import LoadedModel, load_model
+from model_servers.load_report import HEADER as LOAD_REPORT_HEADER
+from model_servers.load_report import LoadReporter
+from model_servers.metrics import ServerMetrics
+from model_servers.protocol import InferenceRequest, ProtocolError, decode_request, render_response
+from model_servers.registry import ModelRegistry, ServedModel
+from model_servers.repository import LoadedModel, list_models, list_versions, load_model
+from model_servers.settings import Batching
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
+BINARY_HEADER = "Inference-Header-Content-Length"
+EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters"]
+# bodies up to this size are parsed and rendered on the event loop: a thread hop costs more
+INLINE_BYTES = 64 * 1024
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -62,42 +77,59 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
         return _error(500, "internal server error")
 
 
-class _ModelService:
-    """Request handlers for one loaded model version."""
+def _decode(body: bytes, header_length: int | None, served: ServedModel) -> InferenceRequest:
+    """Parse a body (JSON, or JSON header + binary tensors) and validate it for the model."""
+    binary = b""
+    if header_length is not None:
+        body, binary = body[:header_length], body[header_length:]
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise ProtocolError(400, f"invalid JSON body: {exc}") from None
+    request = decode_request(payload, binary)
+    served.model.runtime.validate(request.inputs, request.outputs)
+    return request
 
-    def __init__(self, model: LoadedModel, max_body_size: int, workers: int) -> None:
-        self.model = model
+
+def _header_length(request: web.Request, body_size: int) -> int | None:
+    raw = request.headers.get(BINARY_HEADER)
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) > body_size:
+        raise ProtocolError(400, f"{BINARY_HEADER} must be an int <= the body size")
+    return int(raw)
+
+
+class _Service:
+    """Request handlers over a ModelRegistry."""
+
+    def __init__(self, registry: ModelRegistry, max_body_size: int) -> None:
+        self.registry = registry
+        self.metrics = registry.metrics
         self.max_body_size = max_body_size
-        self.workers = workers
-        self.metrics = ModelMetrics(model.name, model.version)
         self.draining = False
-        self.executor: ThreadPoolExecutor | None = None
-        self._model_metadata = json.dumps(
+        self.load_report = LoadReporter(
             {
-                "name": model.name,
-                "versions": [model.version],
-                "platform": model.runtime.platform,
-                **model.runtime.metadata(),
+                "queue_depth": lambda: sum(s.queue_depth for s in registry.served),
+                "inflight": self._inflight,
             }
-        ).encode()
+        )
+        self._inflight_count = 0
         self._server_metadata = json.dumps(
-            {"name": "infergate", "version": _server_version(), "extensions": []}
+            {"name": "infergate", "version": _server_version(), "extensions": EXTENSIONS}
         ).encode()
 
-    async def executor_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        """aiohttp cleanup context owning the prediction thread pool."""
-        self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="predict")
-        yield
-        self.executor.shutdown(wait=True)
+    def _inflight(self) -> float:
+        return self._inflight_count
 
-    def _check_model(self, request: web.Request) -> None:
-        """Raise ProtocolError(404) if the path names another model or version."""
-        name = request.match_info["model"]
-        version = request.match_info.get("version")
-        if name != self.model.name:
-            raise ProtocolError(404, f"model '{name}' not found")
-        if version is not None and version != self.model.version:
-            raise ProtocolError(404, f"version '{version}' of model '{name}' not found")
+    def _resolve(self, request: web.Request) -> ServedModel:
+        try:
+            return self.registry.resolve(
+                request.match_info["model"], request.match_info.get("version")
+            )
+        except ProtocolError:
+            self.metrics.unknown_model.inc()
+            raise
 
     async def live(self, request: web.Request) -> web.Response:
         return _json({"live": True})
@@ -109,38 +141,77 @@ class _ModelService:
         return web.Response(body=self._server_metadata, content_type="application/json")
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        self._check_model(request)
-        return web.Response(body=self._model_metadata, content_type="application/json")
+        return web.Response(body=self._resolve(request).metadata, content_type="application/json")
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        self._check_model(request)
+        served = self._resolve(request)
         ready = not self.draining
-        return _json({"name": self.model.name, "ready": ready}, 200 if ready else 503)
+        return _json({"name": served.model.name, "ready": ready}, 200 if ready else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(
             body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type}
         )
 
+    async def repository_index(self, request: web.Request) -> web.Response:
+        only_ready = False
+        if request.method == "POST" and request.can_read_body:
+            body = await self._json_body(request)
+            only_ready = body.get("ready", False) is True
+        rows = await asyncio.to_thread(self.registry.index)
+        return _json([r for r in rows if r["state"] == "READY" or not only_ready])
+
+    async def repository_load(self, request: web.Request) -> web.Response:
+        await self._json_body(request)
+        name, version = request.match_info["model"], request.match_info.get("version")
+        versions = await self.registry.load(name, version)
+        log.info("loaded %s versions %s", name, versions)
+        return _json({"name": name, "versions": versions, "state": "READY"})
+
+    async def repository_unload(self, request: web.Request) -> web.Response:
+        await self._json_body(request)
+        name, version = request.match_info["model"], request.match_info.get("version")
+        versions = await self.registry.unload(name, version)
+        log.info("unloaded %s versions %s", name, versions)
+        return _json({"name": name, "versions": versions, "state": "UNAVAILABLE"})
+
+    @staticmethod
+    async def _json_body(request: web.Request) -> dict[str, Any]:
+        """An optional JSON object body (repository requests may carry `parameters`)."""
+        raw = await request.read()
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise ProtocolError(400, f"invalid JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise ProtocolError(400, "request body must be a JSON object")
+        return body
+
     async def infer(self, request: web.Request) -> web.Response:
         start = time.perf_counter()
-        self.metrics.inflight.inc()
+        served = self._resolve(request)
+        served.metrics.inflight.inc()
+        self._inflight_count += 1
         response: web.Response | None = None
         try:
-            self._check_model(request)
-            response = await self._infer(request)
+            response = await self._infer(served, request)
         except ProtocolError as exc:
             response = _error(exc.status, exc.message)
         except Exception:
             log.exception("inference failed")
             response = _error(500, "internal server error")
         finally:
-            self.metrics.inflight.dec()
+            served.metrics.inflight.dec()
+            self._inflight_count -= 1
             status = 500 if response is None else response.status
-            self.metrics.observe(status, time.perf_counter() - start)
+            served.metrics.observe(status, time.perf_counter() - start)
+            self.load_report.record()
+        response.headers[LOAD_REPORT_HEADER] = self.load_report.value()
         return response
 
-    async def _infer(self, request: web.Request) -> web.Response:
+    async def _infer(self, served: ServedModel, request: web.Request) -> web.Response:
         too_large = ProtocolError(413, f"request body exceeds {self.max_body_size} bytes")
         if (request.content_length or 0) > self.max_body_size:
             raise too_large
@@ -148,69 +219,137 @@ class _ModelService:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
+        header_length = _header_length(request, len(body))
+        inline = len(body) <= INLINE_BYTES
+        executor = self.registry.executor
         loop = asyncio.get_running_loop()
-        payload = await loop.run_in_executor(self.executor, self._infer_sync, body)
-        return web.Response(body=payload, content_type="application/json")
+        if inline:
+            decoded = _decode(body, header_length, served)
+        else:
+            decoded = await loop.run_in_executor(executor, _decode, body, header_length, served)
+        outputs = await self._predict(served, decoded)
+        model = served.model
+        render = (render_response, model.name, model.version, outputs, decoded)
+        if inline:
+            payload, json_length = render[0](*render[1:])
+        else:
+            payload, json_length = await loop.run_in_executor(executor, *render)
+        if json_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(
+            body=payload,
+            content_type="application/octet-stream",
+            headers={BINARY_HEADER: str(json_length)},
+        )
 
-    def _infer_sync(self, body: bytes) -> bytes:
-        """Parse, predict and serialise in a worker thread, off the event loop."""
+    async def _predict(
+        self, served: ServedModel, request: InferenceRequest
+    ) -> dict[str, np.ndarray]:
+        runtime = served.model.runtime
         try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            raise ProtocolError(400, f"invalid JSON body: {exc}") from None
-        request = decode_request(payload)
-        try:
-            outputs = self.model.runtime.predict(request.inputs, request.outputs)
+            if served.batcher is not None:
+                return await served.batcher.predict(request.inputs, request.outputs)
+            rows = next(iter(request.inputs.values())).shape[:1] or (1,)
+            served.metrics.observe_batch(rows[0], 1)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self.registry.executor, runtime.predict, request.inputs, request.outputs
+            )
         except (ValueError, TypeError) as exc:  # estimators reject bad input this way
             raise ProtocolError(400, f"prediction failed: {exc}") from None
-        response = encode_response(self.model.name, self.model.version, outputs, request.id)
-        return json.dumps(response).encode()
 
 
-_SERVICE = web.AppKey("service", _ModelService)
+_SERVICE = web.AppKey("service", _Service)
 
 
 def make_app(
-    model: LoadedModel, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE, workers: int = 4
+    models: LoadedModel | Iterable[LoadedModel] = (),
+    *,
+    repository: Path | None = None,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    workers: int = 4,
+    batching: Batching | None = None,
 ) -> web.Application:
-    """Build the OIP application serving `model`; predictions run on `workers` threads."""
-    service = _ModelService(model, max_body_size, workers)
+    """Build the OIP application serving `models`; predictions run on `workers` threads.
+
+    `repository` enables loading more versions at run time; `batching` overrides the
+    batching settings of every model.
+    """
+    executor = ThreadPoolExecutor(workers, thread_name_prefix="predict")
+    registry = ModelRegistry(repository, ServerMetrics(), executor, batching)
+    for model in [models] if isinstance(models, LoadedModel) else models:
+        registry.add(model)
+    service = _Service(registry, max_body_size)
     app = web.Application(client_max_size=max_body_size, middlewares=[_json_errors])
     app[_SERVICE] = service
-    app.cleanup_ctx.append(service.executor_ctx)
-    models = "/v2/models/{model}"
-    versions = models + "/versions/{version}"
+
+    async def shutdown(app: web.Application) -> None:
+        await registry.close()
+        executor.shutdown(wait=True)
+
+    app.on_cleanup.append(shutdown)
+    model = "/v2/models/{model}"
+    version = model + "/versions/{version}"
+    repo = "/v2/repository/models/{model}"
     app.router.add_get("/v2/health/live", service.live)
     app.router.add_get("/v2/health/ready", service.ready)
     app.router.add_get("/v2", service.server_metadata)
     app.router.add_get("/metrics", service.prometheus)
-    for prefix in (models, versions):
+    app.router.add_get("/v2/repository/index", service.repository_index)
+    app.router.add_post("/v2/repository/index", service.repository_index)
+    for prefix in (model, version):
         app.router.add_get(prefix, service.model_metadata)
         app.router.add_get(prefix + "/ready", service.model_ready)
         app.router.add_post(prefix + "/infer", service.infer)
+    for prefix in (repo, repo + "/versions/{version}"):
+        app.router.add_post(prefix + "/load", service.repository_load)
+        app.router.add_post(prefix + "/unload", service.repository_unload)
     return app
+
+
+def initial_models(repository: Path, model: str | None, version: str | None) -> list[LoadedModel]:
+    """Load one version, every version of one model (version None), or everything (None)."""
+    if model is None:
+        pairs = [(m, v) for m in list_models(repository) for v in list_versions(repository, m)]
+    elif version is None:
+        pairs = [(model, v) for v in list_versions(repository, model)]
+    else:
+        pairs = [(model, version)]
+    return [load_model(repository, m, v) for m, v in pairs]
 
 
 def serve(
     repository: Path,
-    model: str,
-    version: str,
+    model: str | None,
+    version: str | None,
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     workers: int = 4,
+    max_batch_size: int | None = None,
+    max_batch_delay_ms: float = 0.0,
     drain_grace: float = 0.0,
     shutdown_timeout: float = 30.0,
 ) -> None:
-    """Serve one model version until SIGTERM/SIGINT, then drain and return.
+    """Serve one model version (or, with None, every version / every model) until
+    SIGTERM/SIGINT, then drain and return.
 
+    `max_batch_size` (with `max_batch_delay_ms`) overrides the models' batching settings.
     On a signal, readiness turns false; after `drain_grace` seconds the listener closes and
     in-flight requests get up to `shutdown_timeout` seconds to finish.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    loaded = load_model(Path(repository), model, version)
-    app = make_app(loaded, max_body_size=max_body_size, workers=workers)
+    repository = Path(repository)
+    loaded = initial_models(repository, model, version)
+    batching = None if max_batch_size is None else Batching(max_batch_size, max_batch_delay_ms)
+    app = make_app(
+        loaded,
+        repository=repository,
+        max_body_size=max_body_size,
+        workers=workers,
+        batching=batching,
+    )
     asyncio.run(_run(app, host, port, drain_grace, shutdown_timeout))
 
 
@@ -222,13 +361,8 @@ async def _run(
     try:
         await web.TCPSite(runner, host, port).start()
         service = app[_SERVICE]
-        log.info(
-            "serving %s version %s on http://%s:%d",
-            service.model.name,
-            service.model.version,
-            host,
-            port,
-        )
+        names = [f"{s.model.name}/{s.model.version}" for s in service.registry.served]
+        log.info("serving %s on http://%s:%d", ", ".join(names) or "nothing yet", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
