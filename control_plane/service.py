@@ -126,10 +126,14 @@ class ControlPlane:
         return snapshot
 
     async def _publisher(self) -> None:
-        """Coalesce bursts of changes: wait a short debounce, then build from the newest."""
+        """Coalesce bursts of changes: build from the newest inputs once none arrived for
+        `debounce` seconds, or after ten debounce intervals under continuous change."""
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(self.debounce)
+            deadline = time.monotonic() + 10 * self.debounce
+            while self._dirty.is_set() and time.monotonic() < deadline:
+                self._dirty.clear()
+                await asyncio.sleep(self.debounce)
             self._dirty.clear()
             self.publish()
 

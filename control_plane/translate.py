@@ -165,6 +165,8 @@ def _cluster(name: str, policy: Resilience) -> Cluster:
             ]
         ),
         health_checks=_health_checks(policy.health_check),
+        # An endpoint removed from EDS leaves at once, even while it passes health checks.
+        ignore_health_on_host_removal=True,
         **_lb(policy.load_balancing),
     )
 

@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 ADS_CLUSTER = "xds_cluster"
+
+
+@dataclass(frozen=True)
+class XdsTls:
+    """How Envoy checks the control plane (`ca`) and, for mutual TLS, who it is
+    (`cert`, `key`). Paths to PEM files; `server_name` must match the server certificate."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+    server_name: str = "localhost"
+
+    def transport_socket(self) -> dict[str, Any]:
+        context: dict[str, Any] = {"validation_context": {"trusted_ca": {"filename": self.ca}}}
+        if self.cert and self.key:
+            context["tls_certificates"] = [
+                {
+                    "certificate_chain": {"filename": self.cert},
+                    "private_key": {"filename": self.key},
+                }
+            ]
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": self.server_name,
+                "common_tls_context": context,
+            },
+        }
 
 
 def envoy_bootstrap(
@@ -13,11 +44,12 @@ def envoy_bootstrap(
     admin: tuple[str, int],
     cluster: str = "infergate",
     delta: bool = False,
+    tls: XdsTls | None = None,
 ) -> dict[str, Any]:
     """Bootstrap config: everything else (listeners, routes, clusters) comes over ADS,
     state of the world by default, incremental (Delta xDS) with `delta`."""
     ads_source = {"ads": {}, "resource_api_version": "V3"}
-    return {
+    bootstrap = {
         "node": {"id": node_id, "cluster": cluster},
         "admin": {
             "address": {"socket_address": {"address": admin[0], "port_value": admin[1]}},
@@ -72,6 +104,9 @@ def envoy_bootstrap(
             ]
         },
     }
+    if tls:
+        bootstrap["static_resources"]["clusters"][0]["transport_socket"] = tls.transport_socket()
+    return bootstrap
 
 
 def envoy_command(envoy_binary: str, bootstrap_path: str, log_level: str = "warning") -> list[str]:

