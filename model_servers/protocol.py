@@ -194,7 +194,12 @@ def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
     datatype = datatype_of(array)
     flat = array.reshape(-1)
     if datatype == "BYTES":
-        data = [v.decode() if isinstance(v, bytes) else str(v) for v in flat.tolist()]
+        try:
+            data = [v.decode() if isinstance(v, bytes) else str(v) for v in flat.tolist()]
+        except UnicodeDecodeError:
+            raise ProtocolError(
+                400, f"output '{name}' is not UTF-8: request it with binary_data"
+            ) from None
     else:
         data = flat.tolist()
     return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
