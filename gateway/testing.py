@@ -160,15 +160,6 @@ class GatewayStack:
         return f"http://127.0.0.1:{self.envoy_admin_port}"
 
     # --- containers --------------------------------------------------------------------
-    def _run(self, command: list[str], ready_url: str, timeout: float = 60) -> Any:
-        volumes = {
-            str(self.routing_path.parent): CONFIG_DIR,
-            str(self.models_path): MODELS_DIR,
-        }
-        container = _host_network_container(self.image, command, volumes).start()
-        self._wait_ready(container, ready_url, timeout)
-        return container
-
     def _wait_ready(self, container: Any, url: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -195,33 +186,35 @@ class GatewayStack:
                     ]
                     container = _host_network_container(
                         self.image, command, {str(self.models_path): MODELS_DIR}
-                    ).start()
+                    )
                     self.model_servers.append(ModelServer(name, version, port, container))
+                    container.start()
         for server in self.model_servers:  # started together, so they load in parallel
             url = f"http://127.0.0.1:{server.port}/v2/health/ready"
             self._wait_ready(server.container, url)
 
     def start_control_plane(self) -> None:
-        self.control_plane = self._run(
-            [
-                "control-plane",
-                f"{CONFIG_DIR}/{self.routing_path.name}",
-                *("--xds", f"127.0.0.1:{self.xds_port}"),
-                *("--admin", f"127.0.0.1:{self.admin_port}"),
-            ],
-            f"{self.control_plane_url}/healthz",
-        )
+        command = [
+            "control-plane",
+            f"{CONFIG_DIR}/{self.routing_path.name}",
+            *("--xds", f"127.0.0.1:{self.xds_port}"),
+            *("--admin", f"127.0.0.1:{self.admin_port}"),
+        ]
+        volumes = {str(self.routing_path.parent): CONFIG_DIR}
+        self.control_plane = _host_network_container(self.image, command, volumes)
+        self.control_plane.start()
+        self._wait_ready(self.control_plane, f"{self.control_plane_url}/healthz")
 
     def start_envoy(self, node_id: str = "gateway") -> None:
-        self.envoy = self._run(
-            [
-                "envoy",
-                *("--node-id", node_id, "--xds", f"127.0.0.1:{self.xds_port}"),
-                *("--admin", f"127.0.0.1:{self.envoy_admin_port}"),
-                *(["--delta"] if self.delta else []),
-            ],
-            f"{self.envoy_admin_url}/ready",
-        )
+        command = [
+            "envoy",
+            *("--node-id", node_id, "--xds", f"127.0.0.1:{self.xds_port}"),
+            *("--admin", f"127.0.0.1:{self.envoy_admin_port}"),
+            *(["--delta"] if self.delta else []),
+        ]
+        self.envoy = _host_network_container(self.image, command, {})
+        self.envoy.start()
+        self._wait_ready(self.envoy, f"{self.envoy_admin_url}/ready")
 
     def restart_control_plane(self) -> None:
         """Restart the control-plane container (SIGTERM, then start) and wait until the
