@@ -6,10 +6,11 @@ Both share the rules that keep Envoy serving (Envoy's xds_protocol docs):
   resent; the next change is.
 - Stale nonces: a request answering an older response is not an ACK or NACK. SotW
   ignores it; Delta still applies its subscription changes.
-- Make-before-break: a type is pushed only when every type before it in CDS, EDS,
-  LDS, RDS order has no unanswered response; RDS waits until Envoy has ACKed clusters
-  and endpoints for every cluster the routes name; clusters that the ACKed routes
-  still name stay in CDS until Envoy ACKs routes without them.
+- Make-before-break: responses go out in CDS, EDS, LDS, RDS order, one in flight per
+  type. RDS waits until Envoy has ACKed clusters and endpoints for every cluster the
+  routes name (Envoy ACKs CDS once new clusters are warm, which needs their EDS, so
+  EDS never waits for the CDS ACK); clusters that the ACKed routes still name stay in
+  CDS until Envoy ACKs routes without them.
 - After a CDS push, EDS is resent (SotW: all; Delta: the changed clusters), so that
   re-warming clusters get their endpoints.
 """
@@ -181,23 +182,23 @@ class Stream:
             status.sent_count += 1
 
     def responses(self) -> list[bytes]:
-        """The response due now, if any, in make-before-break order."""
+        """The responses due now, in make-before-break order. A type with a response in
+        flight waits for its ACK or NACK; the next change then goes out as one response."""
         snapshot = self.cache.snapshot
         if snapshot is None:
             return []
+        out = []
         for type_url in PUSH_ORDER:
             state = self.types.get(type_url)
-            if state is None:
+            if state is None or state.pending:
                 continue
-            if state.pending:
-                return []
             want = self._desired(type_url, snapshot)
             if want is None:
-                return []
+                continue
             response = self._respond(type_url, state, want, snapshot)
             if response is not None:
-                return [response]
-        return []
+                out.append(response)
+        return out
 
     def _respond(
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot

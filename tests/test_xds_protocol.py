@@ -51,9 +51,9 @@ async def converge(c: AdsClient) -> dict:
     last[CLUSTER] = cds = await c.recv()
     names = sorted(cluster_names(cds))
     await c.send(ENDPOINT, names)
-    await c.ack(cds)
     last[ENDPOINT] = eds = await c.recv()
     await c.ack(eds, names)
+    await c.ack(cds)  # Envoy ACKs clusters once they are warm
     await c.send(LISTENER)
     last[LISTENER] = lds = await c.recv()
     await c.ack(lds)
@@ -146,19 +146,12 @@ async def test_endpoint_change_pushes_eds_alone(plane, client):
 
 async def test_eds_is_resent_after_cds_change_even_with_same_names(plane, client):
     await converge(client)
-    edit(plane, TWO_VERSIONS + "    timeout: 5s\n")  # route change only
-    assert (await client.recv()).type_url == ROUTE
-    await client.send(ROUTE, [ROUTE_CONFIG_NAME])  # stale-free re-request is harmless
-    # Adding a version changes CDS: endpoints must follow even for unchanged names.
-    edit(
-        plane,
-        TWO_VERSIONS.replace("      v2:", "      v3: {endpoints: [127.0.0.1:9003]}\n      v2:"),
-    )
+    # A changed cluster re-warms in Envoy: endpoints follow CDS even for unchanged names.
+    edit(plane, TWO_VERSIONS + "    resilience: {load_balancing: random}\n")
     cds = await client.recv()
-    assert cds.type_url == CLUSTER and "iris/v3" in cluster_names(cds)
-    await client.ack(cds)
+    assert cds.type_url == CLUSTER and cluster_names(cds) == {"iris/v1", "iris/v2"}
     eds = await client.recv()
-    assert eds.type_url == ENDPOINT
+    assert eds.type_url == ENDPOINT and len(eds.resources) == 2
 
 
 async def test_removed_cluster_stays_until_routes_stop_naming_it(plane, client):
@@ -188,17 +181,18 @@ async def test_new_cluster_is_warm_before_routes_name_it(plane, client):
         ).replace("v2: 10}", "v2: 5, v3: 5}"),
     )
     cds = await client.recv()
-    assert cds.type_url == CLUSTER
-    assert await client.no_response(0.3)  # nothing until CDS is answered
+    assert cds.type_url == CLUSTER and "iris/v3" in cluster_names(cds)
+    forced = await client.recv()  # EDS right behind CDS, without waiting for its ACK
+    assert forced.type_url == ENDPOINT
     names = sorted(cluster_names(cds))
-    # Envoy subscribes the new cluster's endpoints, then ACKs the clusters.
+    # Envoy asks for the new cluster's endpoints (answering the older EDS nonce: stale),
+    # then ACKs the forced EDS with its new subscription.
     await client.send(ENDPOINT, names, last[ENDPOINT].version_info, last[ENDPOINT].nonce)
+    await client.send(ENDPOINT, names, forced.version_info, forced.nonce)
+    eds = await client.recv()
+    assert eds.type_url == ENDPOINT and len(eds.resources) == 3
+    await client.ack(eds, names)
+    assert await client.no_response(0.3)  # routes wait: clusters are not ACKed (warm) yet
     await client.ack(cds)
-    seen = []
-    for _ in range(2):
-        resp = await client.recv()
-        seen.append(resp.type_url)
-        if resp.type_url == ENDPOINT:
-            assert len(resp.resources) == 3
-            await client.ack(resp, names)
-    assert seen == [ENDPOINT, ROUTE]
+    rds = await client.recv()
+    assert rds.type_url == ROUTE
