@@ -69,9 +69,25 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.registration import Registration
     from model_servers.server import serve
 
-    serve(Path(args.repository), args.model, args.version, args.host, args.port)
+    registration = None
+    if args.register_with:
+        token = admin_token(args)
+        if not token:
+            print(
+                "--register-with needs --admin-token-file or INFERGATE_ADMIN_TOKEN", file=sys.stderr
+            )
+            return 2
+        address = f"{args.host}:{args.port}"
+        registration = Registration(args.register_with, token, args.model, args.version, address)
+        registration.register_when_ready()
+    try:
+        serve(Path(args.repository), args.model, args.version, args.host, args.port)
+    finally:
+        if registration:
+            registration.deregister()
     return 0
 
 
@@ -168,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--register-with",
+        metavar="ADMIN_URL",
+        help="register with the control plane at this admin URL once ready, and "
+        "deregister on exit (token: --admin-token-file or INFERGATE_ADMIN_TOKEN)",
+    )
+    p.add_argument("--admin-token-file")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

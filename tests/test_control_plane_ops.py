@@ -16,9 +16,9 @@ import pytest
 from control_plane.service import ControlPlane
 from control_plane.snapshot import ENDPOINT
 from gateway.bootstrap import XdsTls
-from gateway.processes import free_port, wait_http
+from gateway.processes import Child, free_port, wait_http
 from tests.certs import TestCA
-from tests.stack import Stack, count_versions, get_json, get_text
+from tests.stack import LoadLoop, Stack, cli, count_versions, get_json, get_text
 
 TOKEN = "s3cret-token"
 ONE = "models:\n  iris:\n    versions:\n      v1: {endpoints: [127.0.0.1:9001]}\n"
@@ -260,5 +260,58 @@ def test_mutual_tls_envoy_without_client_cert_gets_no_config(
         assert nodes == ["trusted"]
         assert route_version(anonymous) is None
         assert route_version(trusted) == stack.status()["snapshot"]["types"]["rds"]
+    finally:
+        stack.stop()
+
+
+def test_model_server_registers_itself_and_leaves_on_sigterm_without_failures(
+    tmp_path, model_repository, envoy_binary
+):
+    stack = Stack(tmp_path, model_repository, replicas={"v1": 1})
+    (listed,) = stack.model_ports["v1"]
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    extra = free_port()
+    try:
+        stack.start_models()
+        stack.route({"v1": 100})
+        stack.start_control_plane("--admin-token-file", str(token))
+        stack.start_envoy()
+        stack.wait_converged()
+        argv = cli(
+            "serve",
+            "--repository",
+            str(model_repository),
+            "--model",
+            "iris",
+            "--version",
+            "v1",
+            "--port",
+            str(extra),
+            "--register-with",
+            f"http://127.0.0.1:{stack.admin}",
+            "--admin-token-file",
+            str(token),
+        )
+        server = Child("self-registering model", argv, str(tmp_path / "extra.log")).start()
+        stack.envoys.append(server)  # stopped with the stack if the test fails early
+        deadline = time.monotonic() + 20
+        while not stack.status()["registered_endpoints"]:
+            assert time.monotonic() < deadline, "the server did not register"
+            time.sleep(0.1)
+        assert stack.status()["registered_endpoints"] == [
+            {"model": "iris", "version": "v1", "address": f"127.0.0.1:{extra}"}
+        ]
+        stack.wait_converged()
+        time.sleep(1.5)  # first health check
+        before = port_requests(extra)
+        count_versions(stack.listen, 200)
+        assert port_requests(extra) > before
+        with LoadLoop(stack.listen) as load:
+            time.sleep(0.5)
+            assert server.stop() == 0
+            time.sleep(1.0)
+        assert stack.status()["registered_endpoints"] == []
+        assert load.failures() == [] and len(load.results) > 100
     finally:
         stack.stop()
