@@ -12,7 +12,7 @@ from typing import Any
 
 from model_servers.batching import Batcher
 from model_servers.metrics import ModelMetrics, ServerMetrics
-from model_servers.protocol import ProtocolError
+from model_servers.protocol import InferenceRequest, ProtocolError
 from model_servers.repository import (
     LoadedModel,
     ModelNotFoundError,
@@ -20,7 +20,7 @@ from model_servers.repository import (
     list_versions,
     load_model,
 )
-from model_servers.runtimes import ModelLoadError
+from model_servers.runtimes import ModelLoadError, Tensors
 from model_servers.settings import Batching
 
 
@@ -41,6 +41,20 @@ class ServedModel:
     @property
     def queue_depth(self) -> int:
         return self.batcher.queue_depth if self.batcher else 0
+
+    async def predict(self, request: InferenceRequest, executor: Executor) -> Tensors:
+        """Outputs for a validated request, batched when the model batches."""
+        try:
+            if self.batcher is not None:
+                return await self.batcher.predict(request.inputs, request.outputs)
+            rows = next(iter(request.inputs.values())).shape[:1] or (1,)
+            self.metrics.observe_batch(rows[0], 1)
+            runtime = self.model.runtime
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, runtime.predict, request.inputs, request.outputs
+            )
+        except (ValueError, TypeError) as exc:  # estimators reject bad input this way
+            raise ProtocolError(400, f"prediction failed: {exc}") from None
 
 
 class ModelRegistry:

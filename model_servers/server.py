@@ -20,7 +20,6 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
 from model_servers.load_report import HEADER as LOAD_REPORT_HEADER
@@ -115,7 +114,7 @@ class _Service:
             }
         )
         self._inflight_count = 0
-        self._server_metadata = json.dumps(
+        self.server_metadata_body = json.dumps(
             {"name": "infergate", "version": _server_version(), "extensions": EXTENSIONS}
         ).encode()
 
@@ -138,7 +137,7 @@ class _Service:
         return _json({"ready": not self.draining}, 503 if self.draining else 200)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._server_metadata, content_type="application/json")
+        return web.Response(body=self.server_metadata_body, content_type="application/json")
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         return web.Response(body=self._resolve(request).metadata, content_type="application/json")
@@ -227,7 +226,7 @@ class _Service:
             decoded = _decode(body, header_length, served)
         else:
             decoded = await loop.run_in_executor(executor, _decode, body, header_length, served)
-        outputs = await self._predict(served, decoded)
+        outputs = await served.predict(decoded, executor)
         model = served.model
         render = (render_response, model.name, model.version, outputs, decoded)
         if inline:
@@ -241,22 +240,6 @@ class _Service:
             content_type="application/octet-stream",
             headers={BINARY_HEADER: str(json_length)},
         )
-
-    async def _predict(
-        self, served: ServedModel, request: InferenceRequest
-    ) -> dict[str, np.ndarray]:
-        runtime = served.model.runtime
-        try:
-            if served.batcher is not None:
-                return await served.batcher.predict(request.inputs, request.outputs)
-            rows = next(iter(request.inputs.values())).shape[:1] or (1,)
-            served.metrics.observe_batch(rows[0], 1)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self.registry.executor, runtime.predict, request.inputs, request.outputs
-            )
-        except (ValueError, TypeError) as exc:  # estimators reject bad input this way
-            raise ProtocolError(400, f"prediction failed: {exc}") from None
 
 
 _SERVICE = web.AppKey("service", _Service)
@@ -329,6 +312,7 @@ def serve(
     workers: int = 4,
     max_batch_size: int | None = None,
     max_batch_delay_ms: float = 0.0,
+    grpc_port: int | None = None,
     drain_grace: float = 0.0,
     shutdown_timeout: float = 30.0,
 ) -> None:
@@ -336,6 +320,7 @@ def serve(
     SIGTERM/SIGINT, then drain and return.
 
     `max_batch_size` (with `max_batch_delay_ms`) overrides the models' batching settings.
+    `grpc_port` also serves the KServe V2 gRPC API there.
     On a signal, readiness turns false; after `drain_grace` seconds the listener closes and
     in-flight requests get up to `shutdown_timeout` seconds to finish.
     """
@@ -350,17 +335,36 @@ def serve(
         workers=workers,
         batching=batching,
     )
-    asyncio.run(_run(app, host, port, drain_grace, shutdown_timeout))
+    asyncio.run(_run(app, host, port, grpc_port, drain_grace, shutdown_timeout))
+
+
+def _grpc_server(service: _Service, address: str) -> Any:
+    """The gRPC server over the REST app's registry (imported only when asked for)."""
+    from model_servers.grpc_server import InferenceServicer, make_grpc_server
+
+    metadata = json.loads(service.server_metadata_body)
+    servicer = InferenceServicer(service.registry, lambda: service.draining, metadata)
+    return make_grpc_server(servicer, address)
 
 
 async def _run(
-    app: web.Application, host: str, port: int, drain_grace: float, shutdown_timeout: float
+    app: web.Application,
+    host: str,
+    port: int,
+    grpc_port: int | None,
+    drain_grace: float,
+    shutdown_timeout: float,
 ) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
+    service = app[_SERVICE]
+    grpc_server = None
     try:
         await web.TCPSite(runner, host, port).start()
-        service = app[_SERVICE]
+        if grpc_port is not None:
+            grpc_server = _grpc_server(service, f"{host}:{grpc_port}")
+            await grpc_server.start()
+            log.info("gRPC on %s:%d", host, grpc_port)
         names = [f"{s.model.name}/{s.model.version}" for s in service.registry.served]
         log.info("serving %s on http://%s:%d", ", ".join(names) or "nothing yet", host, port)
         stop = asyncio.Event()
@@ -372,5 +376,7 @@ async def _run(
         service.draining = True
         await asyncio.sleep(drain_grace)
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(shutdown_timeout)
         await runner.cleanup()
     log.info("stopped")
