@@ -17,6 +17,11 @@ SUDO=""
 
 log() { echo "[.ci/docker.sh] $*" >&2; }
 engine_answers() { timeout 10 docker info >/dev/null 2>&1; }
+is_dockerd() { [[ "$(cat "/proc/$1/comm" 2>/dev/null)" == dockerd ]]; }
+# The PID recorded by `start`, if that process is still a dockerd (PIDs get reused).
+our_dockerd() {
+    [[ -f $STATE ]] && is_dockerd "$(cat "$STATE")" && cat "$STATE"
+}
 unmount_netns() {
     if mountpoint -q /var/run/docker/netns/default 2>/dev/null; then
         $SUDO umount /var/run/docker/netns/default || true
@@ -36,22 +41,28 @@ install_missing() {
 }
 
 start_engine() {
+    our_dockerd >/dev/null || $SUDO rm -f "$STATE"   # stale record of a daemon long gone
     if engine_answers; then
         log "a Docker engine already answers; using it"
         return
     fi
     # A daemon that is there but not (yet) answering is not ours to replace: a second
     # `dockerd --bridge=none` would delete the first one's docker0 bridge.
-    if [[ -f /var/run/docker.pid ]] && kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+    if [[ -f /var/run/docker.pid ]] && is_dockerd "$(cat /var/run/docker.pid)"; then
         log "dockerd (pid $(cat /var/run/docker.pid)) runs but does not answer; waiting for it"
     else
         unmount_netns  # left over by a daemon that was killed
         log "starting dockerd (log: $LOG)"
         $SUDO setsid dockerd --bridge=none --iptables=false >"$LOG" 2>&1 </dev/null &
-        echo $! | $SUDO tee "$STATE" >/dev/null
+        echo starting | $SUDO tee "$STATE" >/dev/null
     fi
     for _ in $(seq 60); do
-        engine_answers && { log "engine ready"; return; }
+        if engine_answers; then
+            # dockerd's own PID file (not $!, which may be sudo's)
+            [[ -f $STATE ]] && $SUDO cp /var/run/docker.pid "$STATE"
+            log "engine ready"
+            return
+        fi
         sleep 0.5
     done
     log "the Docker engine did not answer within 30s; last lines of $LOG:"
@@ -60,12 +71,12 @@ start_engine() {
 }
 
 stop_engine() {
-    if [[ ! -f $STATE ]]; then
-        log "no dockerd started by this script; leaving any engine alone"
+    local pid
+    if ! pid=$(our_dockerd); then
+        log "no dockerd started by this script runs; leaving any engine alone"
+        $SUDO rm -f "$STATE"
         return
     fi
-    local pid
-    pid=$(cat "$STATE")
     if kill -0 "$pid" 2>/dev/null; then
         # Leftovers of interrupted test runs (testcontainers labels them; no Ryuk here).
         docker ps -aq --filter label=org.testcontainers=true | xargs -r docker rm -f >/dev/null || true
@@ -89,7 +100,7 @@ case "${1:-}" in
     stop) stop_engine ;;
     status)
         if engine_answers; then echo "engine: answers"; else echo "engine: none"; fi
-        if [[ -f $STATE ]]; then echo "started by .ci/docker.sh: pid $(cat "$STATE")"; fi
+        if pid=$(our_dockerd); then echo "dockerd started by .ci/docker.sh: pid $pid"; fi
         ;;
     *)
         echo "usage: bash .ci/docker.sh start|stop|status" >&2
