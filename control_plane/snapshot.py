@@ -76,6 +76,7 @@ class Snapshot:
     version: str
     types: dict[str, TypeSnapshot]
     created: float
+    warmup: dict[str, float]  # per cluster: see Resources.warmup
 
 
 def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
@@ -97,7 +98,8 @@ def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
             for name, blob in encoded.items()
         }
         types[type_url] = TypeSnapshot(version, encoded, versions)
-    return Snapshot(epoch, f"{epoch}-{overall.hexdigest()[:16]}", types, time.time())
+    version = f"{epoch}-{overall.hexdigest()[:16]}"
+    return Snapshot(epoch, version, types, time.time(), dict(resources.warmup))
 
 
 class SnapshotCache:

@@ -18,6 +18,7 @@ Both share the rules that keep Envoy serving (Envoy's xds_protocol docs):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from envoy_data_plane.envoy.service.discovery.v3 import (
@@ -94,6 +95,7 @@ class TypeState:
     sent_names: frozenset[str] = frozenset()
     sent_snapshot: Snapshot | None = None
     acked_names: frozenset[str] | None = None
+    acked_at: dict[str, float] = field(default_factory=dict)  # name -> first ACKed (monotonic)
     known: dict[str, str] = field(default_factory=dict)  # Delta: name -> version Envoy has
 
 
@@ -106,6 +108,7 @@ class Stream:
     types: dict[str, TypeState] = field(default_factory=dict)
     routes_acked: Snapshot | None = None  # snapshot of the last RDS that Envoy ACKed
     nonce: int = 0
+    wake_after: float | None = None  # seconds until held-back routes may go out
 
     def _answer(self, type_url: str, state: TypeState, error_message: str | None) -> None:
         """Record the ACK or NACK of the last response of a type."""
@@ -119,6 +122,8 @@ class Stream:
             if self.node:
                 self.node.type(type_url).nack = {"version": version, "message": error_message}
             return
+        now = time.monotonic()
+        state.acked_at = {n: state.acked_at.get(n, now) for n in state.sent_names}
         state.acked_names = state.sent_names
         if type_url == ROUTE:
             self.routes_acked = state.sent_snapshot
@@ -130,8 +135,11 @@ class Stream:
 
     def _desired(self, type_url: str, snapshot: Snapshot) -> Desired | None:
         """What the stream should have for a type, or None to hold it back."""
-        if type_url == ROUTE and not self._routes_ready(snapshot):
-            return None
+        if type_url == ROUTE:
+            wait = self._routes_wait(snapshot)
+            if wait is None or wait > 0:
+                self.wake_after = wait
+                return None
         state = self.types[type_url]
         typed = snapshot.types[type_url]
         available = {n: (typed.versions[n], b) for n, b in typed.resources.items()}
@@ -149,17 +157,28 @@ class Stream:
             available = {n: available[n] for n in sorted(state.names) if n in available}
         return Desired(version, available)
 
-    def _routes_ready(self, snapshot: Snapshot) -> bool:
+    def _routes_wait(self, snapshot: Snapshot) -> float | None:
+        """Seconds until routes may name every cluster of `snapshot`: None while Envoy has
+        not ACKed clusters and endpoints for all of them; then the rest of the warm-up
+        (first active health check) of clusters that the routes it runs do not name yet."""
         needed = set(snapshot.types[CLUSTER].resources)
         if not needed:
-            return True
+            return 0.0
         for type_url in (CLUSTER, ENDPOINT):
             state = self.types.get(type_url)
             if state is None or state.pending or state.acked_names is None:
-                return False
+                return None
             if not needed <= state.acked_names:
-                return False
-        return True
+                return None
+        if self.routes_acked is None:
+            return 0.0  # Envoy's own start-up waits for clusters to warm
+        running = self.routes_acked.types[CLUSTER].resources
+        acked_at = self.types[ENDPOINT].acked_at
+        now = time.monotonic()
+        return max(
+            [acked_at[n] + snapshot.warmup.get(n, 0.0) - now for n in needed if n not in running],
+            default=0.0,
+        )
 
     def _next_nonce(self, state: TypeState) -> str:
         self.nonce += 1
@@ -185,6 +204,7 @@ class Stream:
         """The responses due now, in make-before-break order. A type with a response in
         flight waits for its ACK or NACK; the next change then goes out as one response."""
         snapshot = self.cache.snapshot
+        self.wake_after = None
         if snapshot is None:
             return []
         out = []

@@ -75,6 +75,7 @@ from control_plane.resilience import Resilience, Retries
 
 LISTENER_NAME = "gateway"
 ROUTE_CONFIG_NAME = "gateway-routes"
+WARMUP_MARGIN = 0.05
 LB_POLICIES = {
     "least_request": ClusterLbPolicy.LEAST_REQUEST,
     "round_robin": ClusterLbPolicy.ROUND_ROBIN,
@@ -90,6 +91,9 @@ class Resources:
     endpoints: dict[str, ClusterLoadAssignment]
     listeners: dict[str, Listener]
     routes: dict[str, RouteConfiguration]
+    # Seconds a new cluster may stay warming after its endpoints arrive (its first active
+    # health check); routes name a new cluster only after that.
+    warmup: dict[str, float]
 
 
 def cluster_name(model: str, version: str) -> str:
@@ -313,11 +317,14 @@ def translate(config: RoutingConfig) -> Resources:
     """Build every Envoy resource for a routing config."""
     clusters: dict[str, Cluster] = {}
     endpoints: dict[str, ClusterLoadAssignment] = {}
+    warmup: dict[str, float] = {}
     routes: list[Route] = []
     for model in config.models:
         for version in model.versions:
             name = cluster_name(model.name, version.name)
             clusters[name] = _cluster(name, model.resilience)
+            check = model.resilience.health_check
+            warmup[name] = check.timeout + WARMUP_MARGIN if check.enabled else 0.0
             endpoints[name] = _load_assignment(name, version.endpoints)
         routes += _model_routes(model)
     route_config = RouteConfiguration(
@@ -329,4 +336,5 @@ def translate(config: RoutingConfig) -> Resources:
         endpoints=endpoints,
         listeners={LISTENER_NAME: _listener(config)},
         routes={ROUTE_CONFIG_NAME: route_config},
+        warmup=warmup,
     )

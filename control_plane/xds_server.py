@@ -16,10 +16,11 @@ from envoy_data_plane.envoy.service.discovery.v3 import (
 )
 
 from control_plane.nodes import NodeRegistry
-from control_plane.snapshot import Snapshot, SnapshotCache
+from control_plane.snapshot import SnapshotCache
 from control_plane.streams import DeltaStream, SotwStream, Stream
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+WAKE = "wake"  # an event that only makes a stream look at its state again
 
 
 class AdsServer:
@@ -65,15 +66,23 @@ class AdsServer:
                 await events.put(seen)
 
         tasks = [asyncio.create_task(read()), asyncio.create_task(watch())]
+        loop = asyncio.get_running_loop()
+        wake: asyncio.TimerHandle | None = None
         try:
             while (event := await events.get()) is not None:
-                if not isinstance(event, Snapshot):
+                if isinstance(event, DiscoveryRequest | DeltaDiscoveryRequest):
                     if stream.node is None and event.node is not None:
                         stream.node = self.registry.connected(event.node.id, event.node.cluster)
                     stream.handle_request(event)
                 for response in stream.responses():
                     yield response
+                if wake:
+                    wake.cancel()
+                if stream.wake_after:  # routes held back while new clusters warm up
+                    wake = loop.call_later(stream.wake_after, events.put_nowait, WAKE)
         finally:
+            if wake:
+                wake.cancel()
             for task in tasks:
                 task.cancel()
             if stream.node:

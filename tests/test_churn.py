@@ -102,7 +102,27 @@ def test_random_edits_under_traffic(tmp_path, model_repository, envoy_binary, mo
             time.sleep(0.1)
             status = stack.wait_converged(timeout=20, after=started - 1)
         failures = load.failures()
-        assert not failures, (seed, len(failures), failures[:5])
+        if failures:
+            stats = get_text(f"http://127.0.0.1:{stack.envoy_admin}/stats")
+            flags = [
+                s
+                for s in stats.splitlines()
+                if any(
+                    k in s
+                    for k in (
+                        "no_cluster",
+                        "no_route",
+                        "none_healthy",
+                        "upstream_rq_503",
+                        "warming",
+                        "rq_retry",
+                    )
+                )
+                and not s.endswith(": 0")
+            ]
+            raise AssertionError(
+                f"seed {seed}: {len(failures)} failed, e.g. {failures[:3]}; Envoy stats: {flags}"
+            )
         assert len(load.results) > 500, seed
         assert status["config"]["error"] is None
         stats = get_text(f"http://127.0.0.1:{stack.envoy_admin}/stats?filter=cluster_manager")

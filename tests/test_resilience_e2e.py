@@ -47,3 +47,24 @@ def test_sigkill_one_of_three_replicas_under_load(tmp_path, model_repository, en
         assert served_late == {"v1"}
     finally:
         stack.stop()
+
+
+def test_orca_weighted_balancing_is_accepted_and_serves(tmp_path, model_repository, envoy_binary):
+    stack = Stack(tmp_path, model_repository, replicas={"v1": 2})
+    try:
+        stack.start_models()
+        stack.route({"v1": 100})
+        stack.start_control_plane()
+        stack.start_envoy()
+        stack.wait_converged()
+        started = time.time()
+        stack.write(stack.config.read_text() + "    resilience: {load_balancing: orca_weighted}\n")
+        status = stack.wait_converged(after=started)
+        assert all(t["nack"] is None for t in status["nodes"][0]["types"].values())
+        with LoadLoop(stack.listen) as load:
+            time.sleep(2.0)
+        assert load.failures() == [] and len(load.results) > 100
+        served = host_stat(stack, "iris/v1", "rq_success")
+        assert all(int(n) > 0 for n in served.values()), served
+    finally:
+        stack.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -192,7 +194,44 @@ async def test_new_cluster_is_warm_before_routes_name_it(plane, client):
     eds = await client.recv()
     assert eds.type_url == ENDPOINT and len(eds.resources) == 3
     await client.ack(eds, names)
-    assert await client.no_response(0.3)  # routes wait: clusters are not ACKed (warm) yet
+    assert await client.no_response(0.3)  # routes wait: clusters are not ACKed yet
     await client.ack(cds)
+    acked = time.monotonic()
     rds = await client.recv()
     assert rds.type_url == ROUTE
+    # ...and then for the new cluster's first health check (timeout 1s) to finish.
+    assert time.monotonic() - acked >= 0.7
+
+
+async def test_weight_change_pushes_rds_alone(plane, client):
+    await converge(client)
+    edit(plane, TWO_VERSIONS.replace("90, v2: 10", "70, v2: 30"))
+    rds = await client.recv()
+    assert rds.type_url == ROUTE
+    await client.ack(rds, [ROUTE_CONFIG_NAME])
+    assert await client.no_response(0.5)
+
+
+async def test_without_health_checks_routes_follow_the_acks_at_once(plane, client):
+    no_checks = TWO_VERSIONS + "    resilience: {health_check: false}\n"
+    built = plane.builds
+    edit(plane, no_checks)
+    while plane.builds == built:
+        await asyncio.sleep(0.01)
+    await converge(client)
+    edit(
+        plane,
+        no_checks.replace(
+            "      v2:", "      v3: {endpoints: [127.0.0.1:9003]}\n      v2:"
+        ).replace("v2: 10}", "v2: 5, v3: 5}"),
+    )
+    cds = await client.recv()
+    forced = await client.recv()
+    names = sorted(cluster_names(cds))
+    await client.send(ENDPOINT, names, forced.version_info, forced.nonce)
+    eds = await client.recv()
+    await client.ack(eds, names)
+    await client.ack(cds)
+    acked = time.monotonic()
+    assert (await client.recv()).type_url == ROUTE
+    assert time.monotonic() - acked < 0.5
