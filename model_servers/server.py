@@ -25,6 +25,7 @@ from aiohttp import web
 from model_servers.load_report import HEADER as LOAD_REPORT_HEADER
 from model_servers.load_report import LoadReporter
 from model_servers.metrics import ServerMetrics
+from model_servers.processes import run_processes
 from model_servers.protocol import InferenceRequest, ProtocolError, decode_request, render_response
 from model_servers.registry import ModelRegistry, ServedModel
 from model_servers.repository import LoadedModel, list_models, list_versions, load_model
@@ -313,6 +314,8 @@ def serve(
     max_batch_size: int | None = None,
     max_batch_delay_ms: float = 0.0,
     grpc_port: int | None = None,
+    processes: int = 1,
+    reuse_port: bool = False,
     drain_grace: float = 0.0,
     shutdown_timeout: float = 30.0,
 ) -> None:
@@ -320,11 +323,27 @@ def serve(
     SIGTERM/SIGINT, then drain and return.
 
     `max_batch_size` (with `max_batch_delay_ms`) overrides the models' batching settings.
-    `grpc_port` also serves the KServe V2 gRPC API there.
+    `grpc_port` also serves the KServe V2 gRPC API there. `processes` > 1 runs that many
+    server processes sharing the ports through SO_REUSEPORT (metrics are per process).
     On a signal, readiness turns false; after `drain_grace` seconds the listener closes and
     in-flight requests get up to `shutdown_timeout` seconds to finish.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if processes > 1:
+        options = {
+            "max_body_size": max_body_size,
+            "workers": workers,
+            "max_batch_size": max_batch_size,
+            "max_batch_delay_ms": max_batch_delay_ms,
+            "grpc_port": grpc_port,
+            "reuse_port": True,
+            "drain_grace": drain_grace,
+            "shutdown_timeout": shutdown_timeout,
+        }
+        code = run_processes(processes, serve, repository, model, version, host, port, **options)
+        if code:
+            raise SystemExit(code)
+        return
     repository = Path(repository)
     loaded = initial_models(repository, model, version)
     batching = None if max_batch_size is None else Batching(max_batch_size, max_batch_delay_ms)
@@ -335,7 +354,17 @@ def serve(
         workers=workers,
         batching=batching,
     )
-    asyncio.run(_run(app, host, port, grpc_port, drain_grace, shutdown_timeout))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_run(app, host, port, grpc_port, reuse_port, drain_grace, shutdown_timeout))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when installed (the optional `fast` extra), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _grpc_server(service: _Service, address: str) -> Any:
@@ -352,6 +381,7 @@ async def _run(
     host: str,
     port: int,
     grpc_port: int | None,
+    reuse_port: bool,
     drain_grace: float,
     shutdown_timeout: float,
 ) -> None:
@@ -360,7 +390,7 @@ async def _run(
     service = app[_SERVICE]
     grpc_server = None
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
         if grpc_port is not None:
             grpc_server = _grpc_server(service, f"{host}:{grpc_port}")
             await grpc_server.start()
