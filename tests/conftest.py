@@ -38,11 +38,7 @@ def stack(request, tmp_path_factory, model_repository, envoy_binary):
     runs once with state-of-the-world and once with Delta xDS."""
     s = Stack(tmp_path_factory.mktemp("stack"), model_repository, delta=request.param == "delta")
     try:
-        s.start_models()
-        s.route({"v1": 100})
-        s.start_control_plane()
-        s.start_envoy()
-        s.wait_converged()
+        s.start_all({"v1": 100})
         yield s
     finally:
         s.stop()

@@ -204,6 +204,15 @@ class Stack:
         for port, child in self.models.items():
             wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=child)
 
+    def start_all(self, traffic: dict[str, int], *control_plane_options: str) -> Stack:
+        """Model servers, the routing file, the control plane and the main Envoy, converged."""
+        self.start_models()
+        self.route(traffic)
+        self.start_control_plane(*control_plane_options)
+        self.start_envoy()
+        self.wait_converged()
+        return self
+
     def start_control_plane(self, *options: str) -> None:
         argv = cli(
             "control-plane",

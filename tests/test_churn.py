@@ -81,11 +81,7 @@ def test_random_edits_under_traffic(tmp_path, model_repository, envoy_binary, mo
     rng = random.Random(seed)
     stack = Stack(tmp_path, model_repository, delta=mode == "delta")
     try:
-        stack.start_models()
-        stack.route({"v1": 100})
-        stack.start_control_plane()
-        stack.start_envoy()
-        stack.wait_converged()
+        stack.start_all({"v1": 100})
         text = ""
         with LoadLoop(stack.listen, threads=2) as load:
             done = 0

@@ -273,11 +273,7 @@ def test_model_server_registers_itself_and_leaves_on_sigterm_without_failures(
     token.write_text(TOKEN)
     extra = free_port()
     try:
-        stack.start_models()
-        stack.route({"v1": 100})
-        stack.start_control_plane("--admin-token-file", str(token))
-        stack.start_envoy()
-        stack.wait_converged()
+        stack.start_all({"v1": 100}, "--admin-token-file", str(token))
         argv = cli(
             "serve",
             "--repository",

@@ -24,11 +24,7 @@ def host_stat(stack: Stack, cluster: str, stat: str) -> dict[int, str]:
 def test_sigkill_one_of_three_replicas_under_load(tmp_path, model_repository, envoy_binary, mode):
     stack = Stack(tmp_path, model_repository, delta=mode == "delta", replicas={"v1": 3})
     try:
-        stack.start_models()
-        stack.route({"v1": 100})
-        stack.start_control_plane()
-        stack.start_envoy()
-        stack.wait_converged()
+        stack.start_all({"v1": 100})
         victim = stack.model_ports["v1"][1]
         with LoadLoop(stack.listen, threads=4) as load:
             time.sleep(1.0)
@@ -52,11 +48,7 @@ def test_sigkill_one_of_three_replicas_under_load(tmp_path, model_repository, en
 def test_orca_weighted_balancing_is_accepted_and_serves(tmp_path, model_repository, envoy_binary):
     stack = Stack(tmp_path, model_repository, replicas={"v1": 2})
     try:
-        stack.start_models()
-        stack.route({"v1": 100})
-        stack.start_control_plane()
-        stack.start_envoy()
-        stack.wait_converged()
+        stack.start_all({"v1": 100})
         started = time.time()
         stack.write(stack.config.read_text() + "    resilience: {load_balancing: orca_weighted}\n")
         status = stack.wait_converged(after=started)

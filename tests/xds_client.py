@@ -18,6 +18,9 @@ from control_plane.xds_server import ADS_SERVICE
 
 
 class AdsClient:
+    METHOD = "StreamAggregatedResources"
+    RESPONSE = DiscoveryResponse
+
     def __init__(self, address: str, node_id: str = "sim-1"):
         self.channel = grpc.aio.insecure_channel(address)
         self.node = Node(id=node_id, cluster="sim")
@@ -27,11 +30,11 @@ class AdsClient:
         self._call = None
         self._reader: asyncio.Task | None = None
 
-    async def start(self) -> AdsClient:
+    async def start(self):
         method = self.channel.stream_stream(
-            f"/{ADS_SERVICE}/StreamAggregatedResources",
+            f"/{ADS_SERVICE}/{self.METHOD}",
             request_serializer=bytes,
-            response_deserializer=DiscoveryResponse.FromString,
+            response_deserializer=self.RESPONSE.FromString,
         )
 
         async def outgoing():
@@ -86,25 +89,8 @@ class AdsClient:
 class DeltaClient(AdsClient):
     """The same, speaking incremental xDS (DeltaAggregatedResources)."""
 
-    async def start(self) -> DeltaClient:
-        method = self.channel.stream_stream(
-            f"/{ADS_SERVICE}/DeltaAggregatedResources",
-            request_serializer=bytes,
-            response_deserializer=DeltaDiscoveryResponse.FromString,
-        )
-
-        async def outgoing():
-            while (req := await self.requests.get()) is not None:
-                yield req
-
-        self._call = method(outgoing())
-
-        async def read():
-            async for resp in self._call:
-                await self.responses.put(resp)
-
-        self._reader = asyncio.create_task(read())
-        return self
+    METHOD = "DeltaAggregatedResources"
+    RESPONSE = DeltaDiscoveryResponse
 
     async def delta(
         self,
