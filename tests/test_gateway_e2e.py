@@ -33,11 +33,17 @@ def test_shadow_receives_its_percent_and_never_answers(stack):
     n = 1200
     seen = count_versions(stack.listen, n)
     assert seen == {"v1": n}, seen  # every client answer comes from the primary
-    time.sleep(0.5)  # mirrored requests finish after the client's answer
-    mirrored = stack.envoy_stat(stat) - envoy_before
-    served = stack.model_requests("v3") - model_before
-    assert binomial_p_value(mirrored, n, 0.25) > 0.001, mirrored
+    # Mirrored requests finish after the client's answer: wait until both counts settle.
+    deadline, last = time.monotonic() + 10, None
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        mirrored = stack.envoy_stat(stat) - envoy_before
+        served = stack.model_requests("v3") - model_before
+        if (mirrored, served) == last and served == mirrored:
+            break
+        last = (mirrored, served)
     assert served == mirrored
+    assert binomial_p_value(mirrored, n, 0.25) > 0.001, mirrored
 
 
 def test_pin_header_and_versioned_path_reach_only_that_version(stack):
