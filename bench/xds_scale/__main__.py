@@ -1,0 +1,151 @@
+"""`python -m bench.xds_scale`: xDS push latency and snapshot cost at scale; one JSON document
+on stdout, progress on stderr. See docs/xds-scale.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.xds_scale import analysis, models, push
+
+ROUTE_CLIENTS = 100  # clients for the push-time-by-model-count table
+CLIENT_MODELS = 10  # models for the push-time-by-client-count table
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.xds_scale", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="smoke run (small sizes, 3 edits)")
+    p.add_argument("--clients", type=_ints, help="client counts (default 100,1000)")
+    p.add_argument("--models", type=_ints, help="model counts (default 10,100,1000)")
+    p.add_argument("--edits", type=int, help="weight edits per scenario (default 10)")
+    p.add_argument("--no-analysis", action="store_true", help="skip the bottleneck analysis")
+    return p.parse_args(argv)
+
+
+def machine() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "control_plane")
+    return {
+        "git": git("rev-parse", "--short", "HEAD") + ("+dirty control_plane" if dirty else ""),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+
+
+def _guarded(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one scenario; a failure is reported in its place and the others still run."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 (reported in the JSON)
+        print(f"  {label} failed: {exc!r}", file=sys.stderr)
+        return {"scenario": label, "error": repr(exc)[:500]}
+
+
+def _edits_for(model_count: int, edits: int) -> int:
+    """Fewer edits where one build takes many seconds."""
+    return min(edits, 3) if model_count >= 1000 else edits
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    clients = args.clients or ([20, 100] if args.quick else [100, 1000])
+    model_counts = args.models or ([10, 100] if args.quick else [10, 100, 1000])
+    edits = args.edits or (3 if args.quick else 10)
+    report: dict[str, Any] = {"quick": args.quick, "machine": machine()}
+
+    print("snapshot build, in-process", file=sys.stderr)
+    report["snapshot_build"] = [
+        models.measure(n, repeats=2 if args.quick else (3 if n >= 1000 else 5))
+        for n in model_counts
+    ]
+
+    print(f"push by clients ({CLIENT_MODELS} models, {edits} edits)", file=sys.stderr)
+    by_clients = []
+    for n in clients:
+        for delta in (False, True):
+            label = f"{'delta' if delta else 'sotw'}-{n}c-{CLIENT_MODELS}m"
+            by_clients.append(
+                _guarded(
+                    label,
+                    lambda n=n, delta=delta: push.run(
+                        workdir,
+                        clients=n,
+                        models=CLIENT_MODELS,
+                        delta=delta,
+                        edits=edits,
+                        workers=1 if n <= 200 else 2,
+                    ),
+                )
+            )
+    report["push_by_clients"] = by_clients
+
+    route_clients = min(ROUTE_CLIENTS, max(clients))
+    print(f"push by models ({route_clients} SotW clients)", file=sys.stderr)
+    report["push_by_models"] = [
+        _guarded(
+            f"sotw-{route_clients}c-{n}m",
+            lambda n=n: push.run(
+                workdir,
+                clients=route_clients,
+                models=n,
+                delta=False,
+                edits=_edits_for(n, edits),
+                workers=1,
+            ),
+        )
+        for n in model_counts
+    ]
+
+    if not args.no_analysis:
+        print("bottleneck analysis", file=sys.stderr)
+        size = 10 if args.quick else 100
+        report["analysis"] = {
+            "serialize_variants": analysis.serialize_variants(size, repeats=3),
+            "profile_build_top_own_time": analysis.profile_build(size),
+            "per_stream_push_ms": [
+                {
+                    "models": n,
+                    "sotw": analysis.per_stream_push_ms(n),
+                    "delta": analysis.per_stream_push_ms(n, delta=True),
+                }
+                for n in model_counts
+            ],
+        }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="infergate-xds-scale-"))
+    started = time.monotonic()
+    ok = False
+    try:
+        report = run(args, workdir)
+        report["duration_s"] = round(time.monotonic() - started, 1)
+        ok = True
+    finally:
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"benchmark failed; logs kept in {workdir}", file=sys.stderr)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

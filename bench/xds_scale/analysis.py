@@ -1,0 +1,169 @@
+"""Where the control plane's time goes: serialization variants, a profile of one build,
+and the per-stream cost of pushing one edit (in-process, no gRPC)."""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import betterproto2
+import pydantic_core
+from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
+
+from bench.xds_scale.configs import routing_yaml
+from control_plane.config import parse
+from control_plane.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SnapshotCache,
+    build_snapshot,
+)
+from control_plane.streams import DeltaStream, SotwStream, Stream
+from control_plane.translate import ROUTE_CONFIG_NAME, translate
+
+
+@contextmanager
+def validation(mode: str) -> Iterator[None]:
+    """betterproto2 re-validates every pydantic message on `bytes()`, compiling a new
+    pydantic SchemaValidator each time. `cached`: one validator per class; `off`: none."""
+    original = betterproto2.Message._validate
+    validators: dict[type, Any] = {}
+
+    def cached(self: Any) -> None:
+        cls = type(self)
+        validator = validators.get(cls)
+        if validator is None:
+            validator = validators[cls] = pydantic_core.SchemaValidator(
+                cls.__pydantic_core_schema__
+            )
+        values = self.__dict__.copy()
+        del values["_unknown_fields"]
+        validator.validate_python(values)
+
+    patches: dict[str, Callable[[Any], None]] = {"cached": cached, "off": lambda self: None}
+    if mode in patches:
+        betterproto2.Message._validate = patches[mode]  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        betterproto2.Message._validate = original  # type: ignore[method-assign]
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - started)
+    return round(statistics.median(runs) * 1000, 1)
+
+
+def serialize_variants(models: int, repeats: int) -> dict[str, Any]:
+    """build_snapshot time (translate + serialize) as is, with cached validators, and
+    without validation; translation alone for comparison."""
+    config = parse(routing_yaml(models))
+    out: dict[str, Any] = {"models": models}
+    for mode in ("as_is", "cached", "off"):
+        with validation(mode):
+            out[f"translate_ms_{mode}"] = _median_ms(lambda: translate(config), repeats)
+            resources = translate(config)
+            out[f"serialize_ms_{mode}"] = _median_ms(
+                lambda r=resources: build_snapshot(r, "e"), repeats
+            )
+    return out
+
+
+def profile_build(models: int, top: int = 12) -> list[dict[str, Any]]:
+    """cProfile of parse + translate + build_snapshot: the functions with most own time."""
+    text = routing_yaml(models)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    build_snapshot(translate(parse(text)), "e")
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (path, line, name), (_, calls, own, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append(
+            {
+                "function": f"{path.rsplit('site-packages/', 1)[-1]}:{line}({name})",
+                "calls": calls,
+                "own_s": round(own, 3),
+                "cumulative_s": round(cum, 3),
+            }
+        )
+    rows.sort(key=lambda r: r["own_s"], reverse=True)
+    return rows[:top]
+
+
+def _converged(stream: Stream, delta: bool) -> None:
+    """Walk a stream through the handshake in-process (the same order as SimEnvoy)."""
+
+    def request(type_url: str, names: list[str] | None = None, nonce: str = "") -> None:
+        if delta:
+            stream.handle_request(
+                DeltaDiscoveryRequest(
+                    type_url=type_url, resource_names_subscribe=names or [], response_nonce=nonce
+                )
+            )
+        else:
+            stream.handle_request(
+                DiscoveryRequest(
+                    type_url=type_url, resource_names=names or [], response_nonce=nonce
+                )
+            )
+
+    snapshot = stream.cache.snapshot
+    assert snapshot is not None
+    clusters = sorted(snapshot.types[CLUSTER].resources)
+    steps = [
+        (CLUSTER, None),
+        (ENDPOINT, clusters),
+        (LISTENER, None),
+        (ROUTE, [ROUTE_CONFIG_NAME]),
+    ]
+    for type_url, names in steps:
+        request(type_url, names)
+        stream.responses()
+        ack_names = None if delta else names  # a Delta ACK carries no subscriptions
+        request(type_url, ack_names, stream.types[type_url].last_nonce or "")
+    stream.responses()
+
+
+def per_stream_push_ms(models: int, streams: int = 20, delta: bool = False) -> float:
+    """Control-plane CPU per stream for one weight edit: the snapshot event, the RDS
+    response, and handling the ACK (median per stream, milliseconds; no gRPC)."""
+    cache = SnapshotCache()
+    text = routing_yaml(models)
+    with validation("off"):
+        first = build_snapshot(translate(parse(text)), "e")
+        second = build_snapshot(translate(parse(routing_yaml(models, 1))), "e")
+    cache.set(first)
+    cls = DeltaStream if delta else SotwStream
+    fleet = [cls(cache) for _ in range(streams)]
+    for stream in fleet:
+        _converged(stream, delta)
+    cache._snapshot = second  # what SnapshotCache.set does, without an event loop
+    runs = []
+    for stream in fleet:
+        started = time.perf_counter()
+        out = stream.responses()
+        nonce = stream.types[ROUTE].last_nonce or ""
+        if delta:
+            stream.handle_request(DeltaDiscoveryRequest(type_url=ROUTE, response_nonce=nonce))
+        else:
+            stream.handle_request(
+                DiscoveryRequest(
+                    type_url=ROUTE, resource_names=[ROUTE_CONFIG_NAME], response_nonce=nonce
+                )
+            )
+        stream.responses()
+        runs.append(time.perf_counter() - started)
+        assert len(out) == 1, "expected one RDS response"
+    return round(statistics.median(runs) * 1000, 3)

@@ -1,0 +1,97 @@
+"""A worker process holding many simulated Envoys over a few gRPC channels.
+
+`python -m bench.xds_scale.worker ADDRESS --clients N [--delta]` writes JSON lines on
+stdout: `{"event": "routes", "version": V, "times": [...]}` once every client of this
+worker has ACKed route version V (ACK times from `time.monotonic()`), and
+`{"event": "error", ...}` if a stream fails. It exits when its stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+
+import grpc
+
+from bench.xds_scale.client import SimEnvoy
+
+CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel, like Envoys
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+class RouteAcks:
+    """Collects RDS ACK times per version; reports a version once all clients have it."""
+
+    def __init__(self, clients: int):
+        self.clients = clients
+        self.times: dict[str, list[float]] = {}
+
+    def __call__(self, version: str, at: float) -> None:
+        times = self.times.setdefault(version, [])
+        times.append(at)
+        if len(times) == self.clients:
+            emit({"event": "routes", "version": version, "times": times})
+            del self.times[version]
+
+
+def emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _stdin_closed(loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
+    sys.stdin.read()
+    loop.call_soon_threadsafe(done.set)
+
+
+async def run(address: str, clients: int, channels: int, delta: bool, prefix: str) -> None:
+    done = asyncio.Event()
+    threading.Thread(
+        target=_stdin_closed, args=(asyncio.get_running_loop(), done), daemon=True
+    ).start()
+    chans = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(channels)]
+    acks = RouteAcks(clients)
+    envoys = [SimEnvoy(chans[i % channels], f"{prefix}-{i}", delta, acks) for i in range(clients)]
+
+    async def guarded(envoy: SimEnvoy) -> None:
+        try:
+            await envoy.run()
+            error = "stream ended"
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # noqa: BLE001 (reported to the parent)
+            error = repr(exc)[:300]
+        if not done.is_set():
+            emit({"event": "error", "client": envoy.node_id, "error": error})
+
+    tasks = [asyncio.create_task(guarded(e)) for e in envoys]
+    try:
+        await done.wait()
+    finally:
+        for envoy in envoys:
+            await envoy.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for chan in chans:
+            await chan.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.xds_scale.worker")
+    p.add_argument("address")
+    p.add_argument("--clients", type=int, required=True)
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--delta", action="store_true")
+    p.add_argument("--prefix", default="sim")
+    args = p.parse_args()
+    asyncio.run(run(args.address, args.clients, args.channels, args.delta, args.prefix))
+
+
+if __name__ == "__main__":
+    main()
