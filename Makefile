@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 MODELS := examples/models
 MODEL_FILE := $(MODELS)/iris/v1/model.joblib
 
-.PHONY: venv model run test lint bench images clean
+.PHONY: venv model run test lint bench bench-gateway bench-model-server bench-xds images clean
 
 venv: $(VENV)/.installed
 
@@ -28,8 +28,16 @@ test: venv model
 lint: venv
 	$(VENV)/bin/ruff check .
 
-bench: venv model
+bench: bench-gateway bench-model-server bench-xds
+
+bench-gateway: venv model
 	$(PY) -m bench
+
+bench-model-server: venv model
+	$(PY) -m bench.model_server
+
+bench-xds: venv
+	$(PY) -m bench.xds_scale
 
 images: venv
 	bash docker/build.sh

@@ -74,6 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     registration = None
     if args.register_with:
+        if not (args.model and args.version):
+            print("--register-with needs --model and --version", file=sys.stderr)
+            return 2
         token = admin_token(args)
         if not token:
             print(
@@ -84,7 +87,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registration = Registration(args.register_with, token, args.model, args.version, address)
         registration.register_when_ready()
     try:
-        serve(Path(args.repository), args.model, args.version, args.host, args.port)
+        serve(
+            Path(args.repository),
+            args.model,
+            args.version,
+            args.host,
+            args.port,
+            max_batch_size=args.max_batch_size,
+            max_batch_delay_ms=args.max_batch_delay_ms,
+            grpc_port=args.grpc_port,
+            processes=args.processes,
+            workers=args.workers,
+            drain_grace=args.drain_grace,
+        )
     finally:
         if registration:
             registration.deregister()
@@ -178,12 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     p.set_defaults(func=cmd_control_plane)
 
-    p = sub.add_parser("serve", help="run one Open Inference Protocol model server")
+    p = sub.add_parser("serve", help="run an Open Inference Protocol model server")
     p.add_argument("--repository", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--version", required=True)
+    p.add_argument("--model", help="serve this model (default: every model in the repository)")
+    p.add_argument("--version", help="serve this version (default: every version)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, help="also serve the KServe V2 gRPC API here")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="merge up to this many concurrent requests into one predict call "
+        "(overrides model-settings.yaml)",
+    )
+    p.add_argument(
+        "--max-batch-delay-ms", type=float, default=0.0, help="how long a batch waits to fill up"
+    )
+    p.add_argument(
+        "--processes", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)"
+    )
+    p.add_argument("--workers", type=int, default=4, help="prediction threads per process")
+    p.add_argument(
+        "--drain-grace",
+        type=float,
+        default=0.0,
+        help="seconds to keep answering after SIGTERM while readiness reports 503",
+    )
     p.add_argument(
         "--register-with",
         metavar="ADMIN_URL",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from gateway.processes import free_port, wait_http
@@ -144,3 +146,43 @@ def test_reference_bootstrap_matches_the_generator():
     assert json.loads(result.stdout) == reference
     assert reference["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     assert reference["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
+
+
+def test_serve_flags_reach_the_model_server(tmp_path, model_repository):
+    port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--repository",
+            str(model_repository),
+            "--model",
+            "iris",
+            "--version",
+            "v2",
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+            "--max-batch-size",
+            "8",
+            "--max-batch-delay-ms",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30)
+        assert count_versions(port, 5) == {"v2": 5}
+        with socket.create_connection(("127.0.0.1", grpc_port), timeout=5):
+            pass  # the gRPC API listens on its own port
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert "batch" in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
