@@ -35,6 +35,8 @@ __all__ = [
     "parse_endpoint",
 ]
 
+# libyaml's parser when PyYAML was built with it (its wheels are): about 5x faster.
+FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 DEFAULT_PIN_HEADER = "x-model-version"
 DEFAULT_TIMEOUT = 30.0
@@ -175,7 +177,7 @@ def _read_shadow(r: Reader, where: str, node: yaml.Node, known: set[str]) -> Sha
 def parse(text: str, path: str = "<string>") -> RoutingConfig:
     """Parse routing YAML text; raise ConfigError listing every problem with its position."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=FAST_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)

@@ -16,6 +16,7 @@ from aiohttp import web
 from control_plane.admin import make_admin_app
 from control_plane.config import ConfigError, Endpoint, RoutingConfig, load
 from control_plane.endpoints import EndpointRegistry
+from control_plane.gc_pause import paused_gc
 from control_plane.nodes import NodeRegistry
 from control_plane.snapshot import SHORT_NAMES, Snapshot, SnapshotCache, build_snapshot, new_epoch
 from control_plane.translate import translate
@@ -108,12 +109,13 @@ class ControlPlane:
         return self.endpoints.as_list()
 
     # --- output ----------------------------------------------------------------------
-    def publish(self) -> Snapshot:
-        """Translate the current inputs and hand the snapshot to every stream."""
+    async def publish(self) -> Snapshot:
+        """Translate the current inputs and hand the snapshot to every stream. The build runs
+        in a thread, so that streams keep being served while a large config is built."""
         assert self.file_config is not None
         started = time.perf_counter()
         config = self.endpoints.merge(self.file_config)
-        snapshot = build_snapshot(translate(config), self.epoch)
+        snapshot = await asyncio.to_thread(self._build, config)
         self.cache.set(snapshot)
         self.builds += 1
         self.applied_at = time.time()
@@ -125,6 +127,10 @@ class ControlPlane:
         )
         return snapshot
 
+    def _build(self, config: RoutingConfig) -> Snapshot:
+        with paused_gc():
+            return build_snapshot(translate(config), self.epoch)
+
     async def _publisher(self) -> None:
         """Coalesce bursts of changes: build from the newest inputs once none arrived for
         `debounce` seconds, or after ten debounce intervals under continuous change."""
@@ -135,7 +141,7 @@ class ControlPlane:
                 self._dirty.clear()
                 await asyncio.sleep(self.debounce)
             self._dirty.clear()
-            self.publish()
+            await self.publish()
 
     def status(self) -> dict[str, Any]:
         snap = self.cache.snapshot
@@ -161,7 +167,7 @@ class ControlPlane:
         self.watcher.check()
         if self.file_config is None:
             load(self.config_path)  # raises the ConfigError that names the problem
-        self.publish()
+        await self.publish()
         self._dirty.clear()
         self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
         self._grpc.add_generic_rpc_handlers([AdsServer(self.cache, self.registry).handler()])

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from control_plane.translate import Resources
 
@@ -77,6 +77,8 @@ class Snapshot:
     types: dict[str, TypeSnapshot]
     created: float
     warmup: dict[str, float]  # per cluster: see Resources.warmup
+    # What streams derive from this snapshot, computed once for all of them.
+    memo: dict = field(default_factory=dict)
 
 
 def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
@@ -90,7 +92,10 @@ def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
     types: dict[str, TypeSnapshot] = {}
     overall = hashlib.sha256()
     for type_url, named in by_type.items():
-        encoded = {name: encode_any(type_url, bytes(msg)) for name, msg in named.items()}
+        encoded = {
+            name: encode_any(type_url, msg.SerializeToString(deterministic=True))
+            for name, msg in named.items()
+        }
         version = content_version(epoch, encoded)
         overall.update(version.encode())
         versions = {

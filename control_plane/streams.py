@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from envoy_data_plane.envoy.service.discovery.v3 import (
+from envoy.service.discovery.v3.discovery_pb2 import (
     DeltaDiscoveryRequest,
     DiscoveryRequest,
 )
@@ -46,10 +46,13 @@ WILDCARD = "*"
 
 
 def encode_sotw_response(version: str, resources: list[bytes], type_url: str, nonce: str) -> bytes:
-    """The wire bytes of a DiscoveryResponse from pre-encoded Any resources."""
+    """The wire bytes of a DiscoveryResponse from pre-encoded Any resources (no nonce field
+    when `nonce` is empty: protobuf fields may come in any order, so it can be appended)."""
     parts = [encode_field(1, version.encode())]
     parts += [encode_field(2, blob) for blob in resources]
-    parts += [encode_field(4, type_url.encode()), encode_field(5, nonce.encode())]
+    parts.append(encode_field(4, type_url.encode()))
+    if nonce:
+        parts.append(encode_field(5, nonce.encode()))
     return b"".join(parts)
 
 
@@ -81,6 +84,18 @@ class Desired:
 
     version: str
     resources: dict[str, tuple[str, bytes]]
+    names: frozenset[str] = field(init=False)
+    _sotw_body: bytes | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.names = frozenset(self.resources)
+
+    def sotw_response(self, type_url: str, nonce: str) -> bytes:
+        """The DiscoveryResponse; all but the nonce is encoded once and shared by streams."""
+        if self._sotw_body is None:
+            blobs = [blob for _, blob in self.resources.values()]
+            self._sotw_body = encode_sotw_response(self.version, blobs, type_url, "")
+        return self._sotw_body + encode_field(5, nonce.encode())
 
 
 @dataclass
@@ -140,12 +155,29 @@ class Stream:
             if wait is None or wait > 0:
                 self.wake_after = wait
                 return None
-        state = self.types[type_url]
+        names = self.types[type_url].names
+        acked = self.routes_acked
+        lingering = type_url in (CLUSTER, ENDPOINT) and acked is not None and acked is not snapshot
+        key = (
+            type_url,
+            None if names is None else frozenset(names),
+            acked.version if lingering else None,
+        )
+        desired = snapshot.memo.get(key)  # streams in the same state share one answer
+        if desired is None:
+            desired = snapshot.memo[key] = self._compute_desired(
+                type_url, snapshot, names, acked if lingering else None
+            )
+        return desired
+
+    @staticmethod
+    def _compute_desired(
+        type_url: str, snapshot: Snapshot, names: set[str] | None, acked: Snapshot | None
+    ) -> Desired:
         typed = snapshot.types[type_url]
         available = {n: (typed.versions[n], b) for n, b in typed.resources.items()}
         version = typed.version
-        acked = self.routes_acked
-        if type_url in (CLUSTER, ENDPOINT) and acked is not None and acked is not snapshot:
+        if acked is not None:
             old = acked.types[type_url]
             extras = {
                 n: (old.versions[n], b) for n, b in old.resources.items() if n not in available
@@ -153,15 +185,17 @@ class Stream:
             if extras:
                 available.update(extras)
                 version = content_version(snapshot.epoch, {n: b for n, (_, b) in available.items()})
-        if state.names is not None:
-            available = {n: available[n] for n in sorted(state.names) if n in available}
+        if names is not None:
+            available = {n: available[n] for n in sorted(names) if n in available}
         return Desired(version, available)
 
     def _routes_wait(self, snapshot: Snapshot) -> float | None:
         """Seconds until routes may name every cluster of `snapshot`: None while Envoy has
         not ACKed clusters and endpoints for all of them; then the rest of the warm-up
         (first active health check) of clusters that the routes it runs do not name yet."""
-        needed = set(snapshot.types[CLUSTER].resources)
+        needed = snapshot.memo.get("clusters")
+        if needed is None:
+            needed = snapshot.memo["clusters"] = frozenset(snapshot.types[CLUSTER].resources)
         if not needed:
             return 0.0
         for type_url in (CLUSTER, ENDPOINT):
@@ -241,7 +275,7 @@ class SotwStream(Stream):
     def _respond(
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot
     ) -> bytes | None:
-        names = frozenset(want.resources)
+        names = want.names
         if state.sent_version == want.version and state.sent_names == names and not state.force:
             return None
         state.force = False
@@ -249,8 +283,7 @@ class SotwStream(Stream):
         self._sent(type_url, state, want.version, names, snapshot)
         if type_url == CLUSTER and ENDPOINT in self.types:
             self.types[ENDPOINT].force = True
-        blobs = [blob for _, blob in want.resources.values()]
-        return encode_sotw_response(want.version, blobs, type_url, nonce)
+        return want.sotw_response(type_url, nonce)
 
 
 class DeltaStream(Stream):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from control_plane.config import ConfigError, RoutingConfig, parse
+from control_plane.gc_pause import paused_gc
 
 log = logging.getLogger("infergate.watch")
 
@@ -52,7 +53,8 @@ class ConfigWatcher:
             return
         self._digest = digest
         try:
-            config = parse(text, str(self.path))
+            with paused_gc():
+                config = parse(text, str(self.path))
         except ConfigError as exc:
             log.error("invalid routing config, keeping the last good one:\n%s", exc)
             self.on_error(exc)

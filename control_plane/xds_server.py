@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-from envoy_data_plane.envoy.service.discovery.v3 import (
+from envoy.service.discovery.v3.discovery_pb2 import (
     DeltaDiscoveryRequest,
     DiscoveryRequest,
 )
@@ -71,7 +71,7 @@ class AdsServer:
         try:
             while (event := await events.get()) is not None:
                 if isinstance(event, DiscoveryRequest | DeltaDiscoveryRequest):
-                    if stream.node is None and event.node is not None:
+                    if stream.node is None and event.HasField("node"):
                         stream.node = self.registry.connected(event.node.id, event.node.cluster)
                     stream.handle_request(event)
                 for response in stream.responses():

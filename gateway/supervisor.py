@@ -62,7 +62,8 @@ def model_server_children(config: RoutingConfig, repository: Path, logdir: Path)
                     str(ep.port),
                 )
                 logfile = logdir / f"model-{model.name}-{version.name}-{ep.port}.log"
-                children.append(Child(name, argv, str(logfile)))
+                ready = f"http://{ep}/v2/health/ready"
+                children.append(Child(name, argv, str(logfile), ready_url=ready))
     return children
 
 
@@ -103,6 +104,8 @@ class Supervisor:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for child in self.models:
             child.start()
+        for child in self.models:  # Envoy's first health checks would find them down
+            wait_http(child.ready_url, timeout=60, child=child)
         self.control_plane.start()
         wait_http(f"http://{host_port(self.addresses.admin)}/healthz", child=self.control_plane)
         self.envoy.start()

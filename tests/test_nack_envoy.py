@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteMatch
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher
+from envoy.config.route.v3.route_components_pb2 import Route, RouteAction, RouteMatch
+from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 
 from control_plane.config import parse
 from control_plane.service import ControlPlane
@@ -17,15 +17,16 @@ from tests.stack import Stack, count_versions
 
 
 def bad_routes_snapshot(plane: ControlPlane, text: str):
+    """A snapshot whose routes start with a regex that Envoy rejects."""
     resources = translate(parse(text))
     vhost = resources.routes[ROUTE_CONFIG_NAME].virtual_hosts[0]
-    vhost.routes.insert(
-        0,
-        Route(
-            match=RouteMatch(safe_regex=RegexMatcher(regex="(unclosed")),
-            route=RouteAction(cluster="iris/v2"),
-        ),
+    bad = Route(
+        match=RouteMatch(safe_regex=RegexMatcher(regex="(unclosed")),
+        route=RouteAction(cluster="iris/v2"),
     )
+    kept = list(vhost.routes)
+    del vhost.routes[:]
+    vhost.routes.extend([bad, *kept])
     return build_snapshot(resources, plane.epoch)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
 
 from control_plane.config import parse
 from control_plane.translate import ROUTE_CONFIG_NAME, translate
@@ -29,8 +29,8 @@ def test_one_eds_cluster_per_version_with_its_endpoints():
     res = translate(parse(YAML))
     assert sorted(res.clusters) == ["iris/v1", "iris/v2", "iris/v3"]
     for cluster in res.clusters.values():
-        assert cluster.type == ClusterDiscoveryType.EDS
-        assert cluster.eds_cluster_config.eds_config.ads is not None
+        assert cluster.type == Cluster.EDS
+        assert cluster.eds_cluster_config.eds_config.HasField("ads")
     ports = [
         e.endpoint.address.socket_address.port_value
         for e in res.endpoints["iris/v1"].endpoints[0].lb_endpoints
@@ -62,14 +62,14 @@ def test_route_order_path_then_pin_then_split():
 
 def test_split_leaves_out_zero_weights_and_mirrors_the_shadow_fraction():
     action = routes()[-1].route
-    weights = {c.name: c.weight for c in action.weighted_clusters.clusters}
+    weights = {c.name: c.weight.value for c in action.weighted_clusters.clusters}
     assert weights == {"iris/v1": 90, "iris/v2": 10}
     (mirror,) = action.request_mirror_policies
     assert mirror.cluster == "iris/v3"
     assert mirror.runtime_fraction.default_value.numerator == 125_000  # of a million
-    assert action.timeout.total_seconds() == 2
+    assert action.timeout.ToTimedelta().total_seconds() == 2
     assert action.retry_policy.retry_on == "connect-failure,reset,refused-stream"
-    assert action.retry_policy.num_retries == 2
+    assert action.retry_policy.num_retries.value == 2
 
 
 def test_a_single_live_version_is_a_plain_cluster_route_without_mirror():
@@ -77,7 +77,7 @@ def test_a_single_live_version_is_a_plain_cluster_route_without_mirror():
         "    shadow: {version: v3, percent: 12.5}\n", ""
     )
     action = routes(text)[-1].route
-    assert action.cluster == "iris/v2" and action.weighted_clusters is None
+    assert action.cluster == "iris/v2" and not action.HasField("weighted_clusters")
     assert not action.request_mirror_policies
 
 
@@ -100,22 +100,25 @@ models:
 def test_resilience_policy_defaults_and_overrides():
     res = translate(parse(POLICY))
     fast, orca = res.clusters["fast/a"], res.clusters["orca/a"]
-    assert fast.lb_policy.name == "ROUND_ROBIN"
+    assert fast.lb_policy == Cluster.ROUND_ROBIN
     (check,) = fast.health_checks
-    assert check.http_health_check.path == "/healthz" and check.interval.total_seconds() == 3
-    assert fast.outlier_detection.consecutive_5xx == 7
-    assert fast.outlier_detection.base_ejection_time.total_seconds() == 30
-    assert fast.circuit_breakers.thresholds[0].max_requests == 100_000
-    assert orca.health_checks == []
+    assert (
+        check.http_health_check.path == "/healthz"
+        and check.interval.ToTimedelta().total_seconds() == 3
+    )
+    assert fast.outlier_detection.consecutive_5xx.value == 7
+    assert fast.outlier_detection.base_ejection_time.ToTimedelta().total_seconds() == 30
+    assert fast.circuit_breakers.thresholds[0].max_requests.value == 100_000
+    assert len(orca.health_checks) == 0
     (policy,) = orca.load_balancing_policy.policies
     assert "client_side_weighted_round_robin" in policy.typed_extension_config.name
     retry = res.routes[ROUTE_CONFIG_NAME].virtual_hosts[0].routes[-1].route.retry_policy
-    assert retry.retry_on == "5xx,reset" and retry.num_retries == 4
-    assert retry.per_try_timeout.total_seconds() == 0.5
+    assert retry.retry_on == "5xx,reset" and retry.num_retries.value == 4
+    assert retry.per_try_timeout.ToTimedelta().total_seconds() == 0.5
     assert retry.retry_host_predicate[0].name == "envoy.retry_host_predicates.previous_hosts"
 
 
 def test_default_cluster_has_readiness_health_check_and_least_request():
     cluster = translate(parse(YAML)).clusters["iris/v1"]
-    assert cluster.lb_policy.name == "LEAST_REQUEST"
+    assert cluster.lb_policy == Cluster.LEAST_REQUEST
     assert cluster.health_checks[0].http_health_check.path == "/v2/health/ready"

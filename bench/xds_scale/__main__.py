@@ -114,7 +114,6 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print("bottleneck analysis", file=sys.stderr)
         size = 10 if args.quick else 100
         report["analysis"] = {
-            "serialize_variants": analysis.serialize_variants(size, repeats=3),
             "profile_build_top_own_time": analysis.profile_build(size),
             "per_stream_push_ms": [
                 {

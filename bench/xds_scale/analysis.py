@@ -1,5 +1,5 @@
-"""Where the control plane's time goes: serialization variants, a profile of one build,
-and the per-stream cost of pushing one edit (in-process, no gRPC)."""
+"""Where the control plane's time goes: a profile of one build, and the per-stream cost
+of pushing one edit (in-process, no gRPC)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ import cProfile
 import pstats
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import betterproto2
-import pydantic_core
-from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from bench.xds_scale.configs import routing_yaml
 from control_plane.config import parse
@@ -27,57 +23,6 @@ from control_plane.snapshot import (
 )
 from control_plane.streams import DeltaStream, SotwStream, Stream
 from control_plane.translate import ROUTE_CONFIG_NAME, translate
-
-
-@contextmanager
-def validation(mode: str) -> Iterator[None]:
-    """betterproto2 re-validates every pydantic message on `bytes()`, compiling a new
-    pydantic SchemaValidator each time. `cached`: one validator per class; `off`: none."""
-    original = betterproto2.Message._validate
-    validators: dict[type, Any] = {}
-
-    def cached(self: Any) -> None:
-        cls = type(self)
-        validator = validators.get(cls)
-        if validator is None:
-            validator = validators[cls] = pydantic_core.SchemaValidator(
-                cls.__pydantic_core_schema__
-            )
-        values = self.__dict__.copy()
-        del values["_unknown_fields"]
-        validator.validate_python(values)
-
-    patches: dict[str, Callable[[Any], None]] = {"cached": cached, "off": lambda self: None}
-    if mode in patches:
-        betterproto2.Message._validate = patches[mode]  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        betterproto2.Message._validate = original  # type: ignore[method-assign]
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    runs = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - started)
-    return round(statistics.median(runs) * 1000, 1)
-
-
-def serialize_variants(models: int, repeats: int) -> dict[str, Any]:
-    """build_snapshot time (translate + serialize) as is, with cached validators, and
-    without validation; translation alone for comparison."""
-    config = parse(routing_yaml(models))
-    out: dict[str, Any] = {"models": models}
-    for mode in ("as_is", "cached", "off"):
-        with validation(mode):
-            out[f"translate_ms_{mode}"] = _median_ms(lambda: translate(config), repeats)
-            resources = translate(config)
-            out[f"serialize_ms_{mode}"] = _median_ms(
-                lambda r=resources: build_snapshot(r, "e"), repeats
-            )
-    return out
 
 
 def profile_build(models: int, top: int = 12) -> list[dict[str, Any]]:
@@ -141,9 +86,8 @@ def per_stream_push_ms(models: int, streams: int = 20, delta: bool = False) -> f
     response, and handling the ACK (median per stream, milliseconds; no gRPC)."""
     cache = SnapshotCache()
     text = routing_yaml(models)
-    with validation("off"):
-        first = build_snapshot(translate(parse(text)), "e")
-        second = build_snapshot(translate(parse(routing_yaml(models, 1))), "e")
+    first = build_snapshot(translate(parse(text)), "e")
+    second = build_snapshot(translate(parse(routing_yaml(models, 1))), "e")
     cache.set(first)
     cls = DeltaStream if delta else SotwStream
     fleet = [cls(cache) for _ in range(streams)]

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 
 import grpc
-from envoy_data_plane.envoy.config.core.v3 import Node
-from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from bench.xds_scale import wire
 from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -67,9 +67,9 @@ class SimEnvoy:
                 response_nonce=nonce,
             )
         if node is not None:
-            msg.node = node
+            msg.node.CopyFrom(node)
         assert self.call is not None
-        await self.call.write(bytes(msg))
+        await self.call.write(msg.SerializeToString())
 
     async def _after_eds(self) -> None:
         """Clusters are warm once their endpoints arrived: ACK CDS, then ask for listeners."""
