@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 MODELS := examples/models
 MODEL_FILE := $(MODELS)/iris/v1/model.joblib
 
-.PHONY: venv model run test lint bench bench-gateway bench-model-server bench-xds images clean
+.PHONY: venv model run test lint bench bench-tools bench-gateway bench-model-server bench-xds \
+	images clean
 
 venv: $(VENV)/.installed
 
@@ -30,10 +31,13 @@ lint: venv
 
 bench: bench-gateway bench-model-server bench-xds
 
-bench-gateway: venv model
+bench-tools:
+	@command -v wrk >/dev/null || apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk
+
+bench-gateway: venv model bench-tools
 	$(PY) -m bench
 
-bench-model-server: venv model
+bench-model-server: venv model bench-tools
 	$(PY) -m bench.model_server
 
 bench-xds: venv

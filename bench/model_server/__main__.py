@@ -2,7 +2,7 @@
 
 Both serve the iris logistic regression trained by examples/train_iris.py; wrk drives each
 configuration at each concurrency with one keep-alive connection per concurrent request.
-MLServer runs from its own virtualenv (`--mlserver`, default /tmp/mlserver-venv).
+MLServer runs from its own virtualenv, created on first use (bench/.venvs/mlserver).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.model_server.mlserver_env import ensure_mlserver
 from bench.model_server.servers import ROOT, Running, start_infergate, start_mlserver
 from bench.model_server.wrk import run_wrk
 
@@ -113,12 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.model_server", description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--mlserver", type=Path, default=Path("/tmp/mlserver-venv/bin/mlserver"))
+    parser.add_argument(
+        "--mlserver",
+        type=Path,
+        help="an mlserver executable (default: installed on first use into bench/.venvs)",
+    )
     parser.add_argument("--only", nargs="*", help="configuration names to run")
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds over all configurations; report medians"
     )
     args = parser.parse_args(argv)
+    mlserver = args.mlserver or ensure_mlserver()
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-model-server-") as tmp:
         workdir = Path(tmp)
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         script = ROOT / "examples" / "train_iris.py"
         subprocess.run([sys.executable, str(script), str(repo)], check=True, capture_output=True)
         for _ in range(args.repeat):  # rounds interleave configurations against drifting noise
-            for name, start in configurations(repo, args.mlserver, workdir).items():
+            for name, start in configurations(repo, mlserver, workdir).items():
                 if args.only and name not in args.only:
                     continue
                 server = start()
