@@ -33,6 +33,12 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+@pytest.fixture(scope="session")
+def repo(model_repository: Path) -> Path:
+    """The same repository, under the name the model-server tests use (read-only)."""
+    return model_repository
+
+
 @pytest.fixture(scope="module", params=["sotw", "delta"])
 def stack(request, tmp_path_factory, model_repository, envoy_binary):
     """The full stack with iris v1-v3, routed 100% to v1 to start with; every test using it

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,30 +12,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
 from model_servers.repository import LoadedModel, load_model
-from model_servers.server import make_app
 from model_servers.settings import Batching
+from tests.app_client import app_client as _client
 
 ROOT = Path(__file__).resolve().parent.parent
 X, _ = load_iris(return_X_y=True)
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("models")
-    script = ROOT / "examples" / "train_iris.py"
-    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
-    return out
-
-
-async def _client(models: Any, **options: Any) -> TestClient:
-    client = TestClient(TestServer(make_app(models, **options), host="127.0.0.1"))
-    await client.start_server()
-    return client
 
 
 def histogram(text: str, name: str) -> tuple[float, float]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,14 +20,6 @@ ORCA = re.compile(
     r"TEXT cpu_utilization=(?P<cpu>[0-9.]+), rps_fractional=(?P<rps>[0-9.]+), "
     r"named_metrics\.queue_depth=(?P<queue>\d+), named_metrics\.inflight=(?P<inflight>\d+)"
 )
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("models")
-    script = ROOT / "examples" / "train_iris.py"
-    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
-    return out
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:

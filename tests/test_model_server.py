@@ -18,32 +18,18 @@ import aiohttp
 import joblib
 import numpy as np
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
 from model_servers.protocol import ProtocolError, decode_request, encode_response
 from model_servers.repository import LoadedModel, ModelNotFoundError, load_model
 from model_servers.runtimes import SklearnRuntime
-from model_servers.server import make_app
+from tests.app_client import app_client as _client
 
 ROOT = Path(__file__).resolve().parent.parent
 X, _ = load_iris(return_X_y=True)
 SAMPLE = X[[0, 60, 120, 149]]
-
-
-@pytest.fixture(scope="session")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("models")
-    script = ROOT / "examples" / "train_iris.py"
-    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
-    return out
-
-
-async def _client(model: LoadedModel, **options: Any) -> TestClient:
-    client = TestClient(TestServer(make_app(model, **options), host="127.0.0.1"))
-    await client.start_server()
-    return client
 
 
 @pytest.fixture
