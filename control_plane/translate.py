@@ -14,6 +14,7 @@ pure-Python messages took 21 s, see docs/xds-scale.md).
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,7 +22,12 @@ from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
 from envoy.config.cluster.v3.cluster_pb2 import Cluster, LoadBalancingPolicy
 from envoy.config.cluster.v3.outlier_detection_pb2 import OutlierDetection
 from envoy.config.core.v3.address_pb2 import Address, SocketAddress
-from envoy.config.core.v3.base_pb2 import RuntimeFractionalPercent
+from envoy.config.core.v3.base_pb2 import (
+    DataSource,
+    HeaderValue,
+    HeaderValueOption,
+    RuntimeFractionalPercent,
+)
 from envoy.config.core.v3.config_source_pb2 import (
     AggregatedConfigSource,
     ApiVersion,
@@ -38,6 +44,7 @@ from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_components_pb2 import (
+    DirectResponseAction,
     HeaderMatcher,
     RetryPolicy,
     Route,
@@ -307,6 +314,24 @@ def _model_routes(model: Model) -> list[Route]:
     return routes
 
 
+def _health_routes() -> list[Route]:
+    """The gateway's own `/v2/health/live` and `/v2/health/ready`, answered by Envoy (per
+    model readiness is `/v2/models/<m>[/versions/<v>]/ready`, routed to the model)."""
+    return [
+        Route(
+            name=f"gateway/{name}",
+            match=RouteMatch(path=f"/v2/health/{name}"),
+            direct_response=DirectResponseAction(
+                status=200, body=DataSource(inline_string=json.dumps({name: True}))
+            ),
+            response_headers_to_add=[
+                HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
+            ],
+        )
+        for name in ("live", "ready")
+    ]
+
+
 def _listener(config: RoutingConfig) -> Listener:
     hcm = HttpConnectionManager(
         stat_prefix="gateway",
@@ -347,7 +372,9 @@ def translate(config: RoutingConfig) -> Resources:
         routes += _model_routes(model)
     route_config = RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[VirtualHost(name="models", domains=["*"], routes=routes)],
+        virtual_hosts=[
+            VirtualHost(name="models", domains=["*"], routes=[*_health_routes(), *routes])
+        ],
     )
     return Resources(
         clusters=clusters,

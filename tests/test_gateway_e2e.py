@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+import pytest
+
 from tests.stack import LoadLoop, binomial_p_value, count_versions, infer
 
 
@@ -118,3 +121,25 @@ def test_versioned_metadata_and_errors_pass_through(stack):
     assert reply.status == 200 and reply.version == "v2"
     missing = infer(stack.listen, path="/v2/models/nope/infer")
     assert missing.status == 404
+
+
+def test_triton_http_client_through_the_gateway(stack):
+    httpclient = pytest.importorskip("tritonclient.http")
+    stack.apply({"v1": 100})
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{stack.listen}")
+    try:
+        assert client.is_server_live() and client.is_server_ready()  # answered by Envoy
+        assert client.is_model_ready("iris", "v2")  # routed to v2's server
+        assert client.get_model_metadata("iris")["name"] == "iris"
+        x = np.array([[5.1, 3.5, 1.4, 0.2], [6.2, 3.4, 5.4, 2.3]], dtype=np.float64)
+        for binary in (True, False):  # Triton's binary tensor extension, then JSON
+            tensor = httpclient.InferInput("input-0", list(x.shape), "FP64")
+            tensor.set_data_from_numpy(x, binary_data=binary)
+            wanted = [httpclient.InferRequestedOutput("predict", binary_data=binary)]
+            result = client.infer("iris", [tensor], outputs=wanted)
+            assert result.as_numpy("predict").tolist() == [0, 2]
+            assert result.get_response()["model_version"] == "v1"
+            pinned = client.infer("iris", [tensor], model_version="v3", outputs=wanted)
+            assert pinned.get_response()["model_version"] == "v3"
+    finally:
+        client.close()

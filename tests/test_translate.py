@@ -43,6 +43,8 @@ def test_one_eds_cluster_per_version_with_its_endpoints():
 def test_route_order_path_then_pin_then_split():
     names = [r.name for r in routes()]
     assert names == [
+        "gateway/live",
+        "gateway/ready",
         "iris/path/v1",
         "iris/path/v2",
         "iris/path/v3",
@@ -51,10 +53,10 @@ def test_route_order_path_then_pin_then_split():
         "iris/pin/v3",
         "iris/split",
     ]
-    path_v2 = routes()[1]
+    path_v2 = routes()[3]
     assert path_v2.match.path_separated_prefix == "/v2/models/iris/versions/v2"
     assert path_v2.route.cluster == "iris/v2"
-    pin_v3 = routes()[5]
+    pin_v3 = routes()[7]
     assert pin_v3.match.headers[0].name == "x-model-version"
     assert pin_v3.match.headers[0].string_match.exact == "v3"
     assert pin_v3.route.cluster == "iris/v3"
