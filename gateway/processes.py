@@ -89,7 +89,7 @@ class Child:
         return self.proc.returncode
 
 
-def wait_http(url: str, timeout: float = 20.0, child: Child | None = None) -> None:
+def wait_http(url: str, timeout: float = 60.0, child: Child | None = None) -> None:
     """Wait until `url` answers 200; fail early if `child` exits."""
     deadline = time.monotonic() + timeout
     last: Exception | str = "no answer"

@@ -28,7 +28,7 @@ def _write(folder: Path, stem: str, cert: x509.Certificate, key) -> tuple[Path, 
     return cert_path, key_path
 
 
-class TestCA:
+class CertificateAuthority:
     def __init__(self, folder: Path, name: str = "infergate test CA"):
         self.folder = folder
         self.key = ec.generate_private_key(ec.SECP256R1())

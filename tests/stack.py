@@ -229,7 +229,7 @@ class Stack:
     def start_envoy(self, node_id: str = "test-envoy") -> None:
         """The stack's main Envoy, serving the listener once it has its config."""
         self.envoy = self.launch_envoy(node_id, self.envoy_admin, self.delta)
-        wait_http(f"http://127.0.0.1:{self.envoy_admin}/ready", timeout=30, child=self.envoy)
+        wait_http(f"http://127.0.0.1:{self.envoy_admin}/ready", timeout=60, child=self.envoy)
 
     def launch_envoy(
         self, node_id: str, admin: int, delta: bool, tls: XdsTls | None = None

@@ -120,7 +120,8 @@ def test_run_serves_then_ctrl_c_leaves_no_process(tmp_path, model_repository, en
         text=True,
     )
     try:
-        wait_http(f"http://127.0.0.1:{envoy_admin}/ready", timeout=40)
+        # A fresh virtualenv compiles every module on first import: cold starts are slow.
+        wait_http(f"http://127.0.0.1:{envoy_admin}/ready", timeout=120)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             nodes = get_json(f"http://127.0.0.1:{admin}/status")["nodes"]

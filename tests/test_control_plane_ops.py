@@ -17,7 +17,7 @@ from control_plane.service import ControlPlane
 from control_plane.snapshot import ENDPOINT
 from gateway.bootstrap import XdsTls
 from gateway.processes import Child, free_port, wait_http
-from tests.certs import TestCA
+from tests.certs import CertificateAuthority
 from tests.stack import LoadLoop, Stack, cli, count_versions, get_json, get_text
 
 TOKEN = "s3cret-token"
@@ -232,7 +232,7 @@ def test_several_envoys_sotw_and_delta_and_a_late_one_converge(
 def test_mutual_tls_envoy_without_client_cert_gets_no_config(
     tmp_path, model_repository, envoy_binary
 ):
-    ca = TestCA(tmp_path)
+    ca = CertificateAuthority(tmp_path)
     server_cert, server_key = ca.issue("control-plane")
     client_cert, client_key = ca.issue("envoy")
     stack = Stack(tmp_path, model_repository, replicas={"v1": 1})
