@@ -356,6 +356,28 @@ def _listener(config: RoutingConfig) -> Listener:
     )
 
 
+@dataclass(frozen=True)
+class _ModelResources:
+    clusters: dict[str, Cluster]
+    endpoints: dict[str, ClusterLoadAssignment]
+    warmup: dict[str, float]
+    routes: list[Route]
+
+
+@functools.lru_cache(maxsize=4096)
+def _translate_model(model: Model) -> _ModelResources:
+    """One model's resources. Models are immutable values, so an edit translates only the
+    models it changed; the results are shared and must not be modified."""
+    out = _ModelResources({}, {}, {}, _model_routes(model))
+    check = model.resilience.health_check
+    for version in model.versions:
+        name = cluster_name(model.name, version.name)
+        out.clusters[name] = _cluster(name, model.resilience)
+        out.warmup[name] = check.timeout + WARMUP_MARGIN if check.enabled else 0.0
+        out.endpoints[name] = _load_assignment(name, version.endpoints)
+    return out
+
+
 def translate(config: RoutingConfig) -> Resources:
     """Build every Envoy resource for a routing config."""
     clusters: dict[str, Cluster] = {}
@@ -363,13 +385,11 @@ def translate(config: RoutingConfig) -> Resources:
     warmup: dict[str, float] = {}
     routes: list[Route] = []
     for model in config.models:
-        for version in model.versions:
-            name = cluster_name(model.name, version.name)
-            clusters[name] = _cluster(name, model.resilience)
-            check = model.resilience.health_check
-            warmup[name] = check.timeout + WARMUP_MARGIN if check.enabled else 0.0
-            endpoints[name] = _load_assignment(name, version.endpoints)
-        routes += _model_routes(model)
+        part = _translate_model(model)
+        clusters.update(part.clusters)
+        endpoints.update(part.endpoints)
+        warmup.update(part.warmup)
+        routes += part.routes
     route_config = RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[
