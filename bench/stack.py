@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -12,7 +11,14 @@ from typing import Any
 
 from bench.load import IRIS_BODY, IRIS_PATH
 from gateway.envoy_proxy import envoy_child
-from gateway.processes import Child, free_port, host_port, wait_http
+from gateway.processes import (
+    Child,
+    free_port,
+    host_port,
+    infergate_command,
+    model_server_child,
+    wait_http,
+)
 
 LOCAL = "127.0.0.1"
 
@@ -22,8 +28,7 @@ def get_json(url: str, timeout: float = 5) -> Any:
         return json.load(resp)
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", *args]
+cli = infergate_command
 
 
 class BenchStack:
@@ -59,20 +64,8 @@ class BenchStack:
     def start(self) -> None:
         """Start everything and wait until Envoy serves inference with the first config."""
         model = self._start(
-            Child(
-                "model iris v1",
-                cli(
-                    "serve",
-                    "--repository",
-                    str(self.repository),
-                    "--model",
-                    "iris",
-                    "--version",
-                    "v1",
-                    "--port",
-                    str(self.model[1]),
-                ),
-                str(self.workdir / "model-v1.log"),
+            model_server_child(
+                str(self.repository), "iris", "v1", self.model, str(self.workdir / "model-v1.log")
             )
         )
         wait_http(f"http://{host_port(self.model)}/v2/health/ready", child=model)

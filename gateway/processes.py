@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -87,6 +88,33 @@ class Child:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def infergate_command(*args: str) -> list[str]:
+    """argv that runs the `infergate` command line with this interpreter."""
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def model_server_child(
+    repository: str, model: str, version: str, address: tuple[str, int], log_path: str
+) -> Child:
+    """An unstarted `infergate serve` for one model version, ready once it reports ready."""
+    host, port = address
+    argv = infergate_command(
+        "serve",
+        "--repository",
+        repository,
+        "--model",
+        model,
+        "--version",
+        version,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    )
+    ready = f"http://{host}:{port}/v2/health/ready"
+    return Child(f"model {model}/{version} @{host}:{port}", argv, log_path, ready_url=ready)
 
 
 def wait_http(url: str, timeout: float = 60.0, child: Child | None = None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +17,13 @@ from pathlib import Path
 
 from control_plane.config import RoutingConfig, load
 from gateway.envoy_proxy import envoy_child
-from gateway.processes import Child, host_port, wait_http
+from gateway.processes import (
+    Child,
+    host_port,
+    infergate_command,
+    model_server_child,
+    wait_http,
+)
 
 log = logging.getLogger("infergate.supervisor")
 
@@ -32,10 +37,6 @@ class StackAddresses:
     envoy_admin: tuple[str, int] = ("127.0.0.1", 9901)
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", *args]
-
-
 def model_server_children(config: RoutingConfig, repository: Path, logdir: Path) -> list[Child]:
     """One model server per loopback endpoint whose model version is in the repository."""
     children = []
@@ -47,23 +48,12 @@ def model_server_children(config: RoutingConfig, repository: Path, logdir: Path)
             for ep in version.endpoints:
                 if not ep.host.startswith("127."):
                     continue
-                name = f"model {model.name}/{version.name} @{ep}"
-                argv = _cli(
-                    "serve",
-                    "--repository",
-                    str(repository),
-                    "--model",
-                    model.name,
-                    "--version",
-                    version.name,
-                    "--host",
-                    ep.host,
-                    "--port",
-                    str(ep.port),
-                )
                 logfile = logdir / f"model-{model.name}-{version.name}-{ep.port}.log"
-                ready = f"http://{ep}/v2/health/ready"
-                children.append(Child(name, argv, str(logfile), ready_url=ready))
+                children.append(
+                    model_server_child(
+                        str(repository), model.name, version.name, (ep.host, ep.port), str(logfile)
+                    )
+                )
     return children
 
 
@@ -83,7 +73,7 @@ class Supervisor:
         self.models = model_server_children(config, repository, workdir)
         self.control_plane = Child(
             "control plane",
-            _cli(
+            infergate_command(
                 "control-plane",
                 str(config_path),
                 "--xds",

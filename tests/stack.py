@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import sys
 import threading
 import time
 import urllib.request
@@ -15,7 +14,13 @@ from pathlib import Path
 
 from gateway.bootstrap import XdsTls
 from gateway.envoy_proxy import envoy_child, envoy_path
-from gateway.processes import Child, free_port, wait_http
+from gateway.processes import (
+    Child,
+    free_port,
+    infergate_command,
+    model_server_child,
+    wait_http,
+)
 
 IRIS_BODY = json.dumps(
     {
@@ -26,8 +31,7 @@ IRIS_BODY = json.dumps(
 ).encode()
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", *args]
+cli = infergate_command
 
 
 def get_json(url: str, timeout: float = 5) -> dict:
@@ -187,19 +191,11 @@ class Stack:
     def start_models(self) -> None:
         for version, ports in self.model_ports.items():
             for port in ports:
-                argv = cli(
-                    "serve",
-                    "--repository",
-                    str(self.repository),
-                    "--model",
-                    "iris",
-                    "--version",
-                    version,
-                    "--port",
-                    str(port),
-                )
                 log = str(self.workdir / f"model-{version}-{port}.log")
-                self.models[port] = Child(f"model {version}@{port}", argv, log).start()
+                child = model_server_child(
+                    str(self.repository), "iris", version, ("127.0.0.1", port), log
+                )
+                self.models[port] = child.start()
         for port, child in self.models.items():
             wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=child)
 
