@@ -46,6 +46,7 @@ DEFAULT_TIMEOUT = 30.0
 class Version:
     name: str
     endpoints: tuple[Endpoint, ...]
+    grpc_endpoints: tuple[Endpoint, ...] = ()  # the same servers' gRPC ports
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class Model:
     pin_header: str = DEFAULT_PIN_HEADER
     timeout: float = DEFAULT_TIMEOUT
     resilience: Resilience = field(default_factory=Resilience)
+    # Where Envoy serves this model's KServe V2 gRPC API (the model name travels in the
+    # request body, which Envoy does not route on: one listener per model instead).
+    grpc_listen: Endpoint | None = None
 
     def version(self, name: str) -> Version:
         return next(v for v in self.versions if v.name == name)
@@ -74,7 +78,7 @@ class RoutingConfig:
     models: tuple[Model, ...] = field(default_factory=tuple)
 
 
-MODEL_KEYS = {"versions", "traffic", "shadow", "pin_header", "timeout", "resilience"}
+MODEL_KEYS = {"versions", "traffic", "shadow", "pin_header", "timeout", "resilience", "grpc_listen"}
 
 
 def _read_model(
@@ -91,13 +95,18 @@ def _read_model(
     for vname, (vkey, vvalue) in r.mapping(vnode, f"{where}.versions").items():
         vwhere = f"{where}.versions.{vname}"
         r.name(vkey, vwhere, "version")
-        vkeys = r.mapping(vvalue, vwhere, {"endpoints"})
+        vkeys = r.mapping(vvalue, vwhere, {"endpoints", "grpc_endpoints"})
         if "endpoints" not in vkeys:
             r.fail(vkey, vwhere, "missing required key 'endpoints'")
             continue
-        enodes = r.sequence(vkeys["endpoints"][1], f"{vwhere}.endpoints")
-        endpoints = [r.endpoint(e, f"{vwhere}.endpoints[{i}]") for i, e in enumerate(enodes)]
-        versions.append(Version(vname, tuple(e for e in endpoints if e)))
+        lists = {}
+        for key in ("endpoints", "grpc_endpoints"):
+            nodes = r.sequence(vkeys[key][1], f"{vwhere}.{key}") if key in vkeys else []
+            parsed = [r.endpoint(e, f"{vwhere}.{key}[{i}]") for i, e in enumerate(nodes)]
+            lists[key] = tuple(e for e in parsed if e)
+        if "grpc_listen" in keys and "grpc_endpoints" not in vkeys:
+            r.fail(vkey, vwhere, "the model has grpc_listen, so each version needs grpc_endpoints")
+        versions.append(Version(vname, lists["endpoints"], lists["grpc_endpoints"]))
     if isinstance(vnode, yaml.MappingNode) and not vnode.value:
         r.fail(vnode, f"{where}.versions", "needs at least one version")
     known = {v.name for v in versions}
@@ -119,9 +128,14 @@ def _read_model(
     resilience = defaults
     if "resilience" in keys:
         resilience = read_resilience(r, keys["resilience"][1], f"{where}.resilience", defaults)
+    grpc_listen = None
+    if "grpc_listen" in keys:
+        grpc_listen = r.endpoint(keys["grpc_listen"][1], f"{where}.grpc_listen")
     if len(r.problems) > before:
         return None
-    return Model(name, tuple(versions), traffic, shadow, pin_header, timeout, resilience)
+    return Model(
+        name, tuple(versions), traffic, shadow, pin_header, timeout, resilience, grpc_listen
+    )
 
 
 def _read_traffic(
@@ -203,6 +217,18 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
                 model = _read_model(r, mname, mkey, mnode, defaults)
                 if model:
                     models.append(model)
+    taken = {listen: "listen"}
+    for model in models:
+        if model.grpc_listen is None:
+            continue
+        if model.grpc_listen in taken:
+            node = top["models"][1]
+            r.fail(
+                node,
+                f"models.{model.name}.grpc_listen",
+                f"{model.grpc_listen} is already used by {taken[model.grpc_listen]}",
+            )
+        taken[model.grpc_listen] = f"models.{model.name}.grpc_listen"
     if r.problems:
         raise ConfigError(r.problems)
     return RoutingConfig(listen, tuple(models))

@@ -55,7 +55,10 @@ def routing_schema() -> dict[str, Any]:
         "type": "object",
         "additionalProperties": False,
         "required": ["endpoints"],
-        "properties": {"endpoints": {"type": "array", "items": _ENDPOINT}},
+        "properties": {
+            "endpoints": {"type": "array", "items": _ENDPOINT},
+            "grpc_endpoints": {"type": "array", "items": _ENDPOINT},
+        },
     }
     model = {
         "type": "object",
@@ -86,6 +89,7 @@ def routing_schema() -> dict[str, Any]:
             "pin_header": {"type": "string", "pattern": HEADER_RE.pattern},
             "timeout": _DURATION,
             "resilience": _resilience(),
+            "grpc_listen": _ENDPOINT,
         },
     }
     return {

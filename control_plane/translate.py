@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,6 +36,7 @@ from envoy.config.core.v3.config_source_pb2 import (
 )
 from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
 from envoy.config.core.v3.health_check_pb2 import HealthCheck
+from envoy.config.core.v3.protocol_pb2 import Http2ProtocolOptions
 from envoy.config.endpoint.v3.endpoint_components_pb2 import (
     Endpoint,
     LbEndpoint,
@@ -66,12 +68,14 @@ from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v
 from envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2 import (
     PreviousHostsPredicate,
 )
+from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from envoy.type.v3.percent_pb2 import FractionalPercent
 from google.protobuf.any_pb2 import Any
 from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import UInt32Value
 
+from control_plane.config import Endpoint as ServerAddress
 from control_plane.config import Model, RoutingConfig
 from control_plane.resilience import HealthCheck as HealthCheckPolicy
 from control_plane.resilience import Resilience, Retries
@@ -79,6 +83,7 @@ from control_plane.resilience import Resilience, Retries
 LISTENER_NAME = "gateway"
 ROUTE_CONFIG_NAME = "gateway-routes"
 WARMUP_MARGIN = 0.05
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 LB_POLICIES = {
     "least_request": Cluster.LEAST_REQUEST,
     "round_robin": Cluster.ROUND_ROBIN,
@@ -255,16 +260,17 @@ def _action_template(timeout: float, retries: Retries) -> RouteAction:
     return RouteAction(timeout=_seconds(timeout), retry_policy=_retry_policy(retries))
 
 
-def _split_action(model: Model) -> RouteAction:
+def _split_action(model: Model, name_of: Callable[[str, str], str] = cluster_name) -> RouteAction:
+    """The weighted split over the model's versions (clusters named by `name_of`)."""
     live = [(v, w) for v, w in model.traffic if w > 0]
     if len(live) == 1:
-        action = _action(model, cluster=cluster_name(model.name, live[0][0]))
+        action = _action(model, cluster=name_of(model.name, live[0][0]))
     else:
         action = _action(
             model,
             weighted_clusters=WeightedCluster(
                 clusters=[
-                    WeightedCluster.ClusterWeight(name=cluster_name(model.name, v), weight=_u32(w))
+                    WeightedCluster.ClusterWeight(name=name_of(model.name, v), weight=_u32(w))
                     for v, w in live
                 ]
             ),
@@ -272,7 +278,7 @@ def _split_action(model: Model) -> RouteAction:
     if model.shadow and model.shadow.percent > 0:
         action.request_mirror_policies.append(
             RouteAction.RequestMirrorPolicy(
-                cluster=cluster_name(model.name, model.shadow.version),
+                cluster=name_of(model.name, model.shadow.version),
                 runtime_fraction=RuntimeFractionalPercent(
                     default_value=_percent(model.shadow.percent)
                 ),
@@ -332,16 +338,18 @@ def _health_routes() -> list[Route]:
     ]
 
 
-def _listener(config: RoutingConfig) -> Listener:
+def _listener(name: str, address: ServerAddress, route_config: str) -> Listener:
+    """An HTTP listener (HTTP/1.1, or HTTP/2 when the client starts with its preface, as
+    gRPC does) whose routes come from RDS."""
     hcm = HttpConnectionManager(
-        stat_prefix="gateway",
-        rds=Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
+        stat_prefix=name.replace("/", "_"),
+        rds=Rds(config_source=_ads(), route_config_name=route_config),
         http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router()))],
     )
     return Listener(
-        name=LISTENER_NAME,
+        name=name,
         address=Address(
-            socket_address=SocketAddress(address=config.listen.host, port_value=config.listen.port)
+            socket_address=SocketAddress(address=address.host, port_value=address.port)
         ),
         filter_chains=[
             FilterChain(
@@ -356,25 +364,80 @@ def _listener(config: RoutingConfig) -> Listener:
     )
 
 
+def grpc_cluster_name(model: str, version: str) -> str:
+    return f"{model}/{version}/grpc"
+
+
+def _grpc_cluster(name: str, policy: Resilience) -> Cluster:
+    """A version's gRPC ports: HTTP/2 upstream, passive health (outlier detection) only."""
+    cluster = _cluster(name, policy)
+    del cluster.health_checks[:]
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(
+        _pack(
+            HttpProtocolOptions(
+                explicit_http_config=HttpProtocolOptions.ExplicitHttpConfig(
+                    http2_protocol_options=Http2ProtocolOptions()
+                )
+            )
+        )
+    )
+    return cluster
+
+
+def _grpc_route_config(model: Model) -> RouteConfiguration:
+    """Every gRPC call on the model's own listener: pinned by header, else split."""
+    pins = [
+        Route(
+            name=f"{model.name}/grpc-pin/{v.name}",
+            match=RouteMatch(
+                prefix="/",
+                headers=[
+                    HeaderMatcher(name=model.pin_header, string_match=StringMatcher(exact=v.name))
+                ],
+            ),
+            route=_action(model, cluster=grpc_cluster_name(model.name, v.name)),
+        )
+        for v in model.versions
+    ]
+    split = Route(
+        name=f"{model.name}/grpc-split",
+        match=RouteMatch(prefix="/"),
+        route=_split_action(model, grpc_cluster_name),
+    )
+    host = VirtualHost(name=f"grpc-{model.name}", domains=["*"], routes=[*pins, split])
+    return RouteConfiguration(name=f"grpc/{model.name}", virtual_hosts=[host])
+
+
 @dataclass(frozen=True)
 class _ModelResources:
     clusters: dict[str, Cluster]
     endpoints: dict[str, ClusterLoadAssignment]
     warmup: dict[str, float]
     routes: list[Route]
+    listeners: dict[str, Listener]
+    route_configs: dict[str, RouteConfiguration]
 
 
 @functools.lru_cache(maxsize=4096)
 def _translate_model(model: Model) -> _ModelResources:
     """One model's resources. Models are immutable values, so an edit translates only the
     models it changed; the results are shared and must not be modified."""
-    out = _ModelResources({}, {}, {}, _model_routes(model))
+    out = _ModelResources({}, {}, {}, _model_routes(model), {}, {})
     check = model.resilience.health_check
     for version in model.versions:
         name = cluster_name(model.name, version.name)
         out.clusters[name] = _cluster(name, model.resilience)
         out.warmup[name] = check.timeout + WARMUP_MARGIN if check.enabled else 0.0
         out.endpoints[name] = _load_assignment(name, version.endpoints)
+        if model.grpc_listen:
+            name = grpc_cluster_name(model.name, version.name)
+            out.clusters[name] = _grpc_cluster(name, model.resilience)
+            out.warmup[name] = 0.0
+            out.endpoints[name] = _load_assignment(name, version.grpc_endpoints)
+    if model.grpc_listen:
+        routes = _grpc_route_config(model)
+        out.route_configs[routes.name] = routes
+        out.listeners[routes.name] = _listener(routes.name, model.grpc_listen, routes.name)
     return out
 
 
@@ -384,22 +447,27 @@ def translate(config: RoutingConfig) -> Resources:
     endpoints: dict[str, ClusterLoadAssignment] = {}
     warmup: dict[str, float] = {}
     routes: list[Route] = []
+    listeners: dict[str, Listener] = {}
+    route_configs: dict[str, RouteConfiguration] = {}
     for model in config.models:
         part = _translate_model(model)
         clusters.update(part.clusters)
         endpoints.update(part.endpoints)
         warmup.update(part.warmup)
         routes += part.routes
-    route_config = RouteConfiguration(
+        listeners.update(part.listeners)
+        route_configs.update(part.route_configs)
+    route_configs[ROUTE_CONFIG_NAME] = RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[
             VirtualHost(name="models", domains=["*"], routes=[*_health_routes(), *routes])
         ],
     )
+    listeners[LISTENER_NAME] = _listener(LISTENER_NAME, config.listen, ROUTE_CONFIG_NAME)
     return Resources(
         clusters=clusters,
         endpoints=endpoints,
-        listeners={LISTENER_NAME: _listener(config)},
-        routes={ROUTE_CONFIG_NAME: route_config},
+        listeners=listeners,
+        routes=route_configs,
         warmup=warmup,
     )

@@ -96,23 +96,20 @@ def infergate_command(*args: str) -> list[str]:
 
 
 def model_server_child(
-    repository: str, model: str, version: str, address: tuple[str, int], log_path: str
+    repository: str,
+    model: str,
+    version: str,
+    address: tuple[str, int],
+    log_path: str,
+    grpc_port: int | None = None,
 ) -> Child:
-    """An unstarted `infergate serve` for one model version, ready once it reports ready."""
+    """An unstarted `infergate serve` for one model version (serving the gRPC API too when
+    `grpc_port` is given), ready once it reports ready."""
     host, port = address
-    argv = infergate_command(
-        "serve",
-        "--repository",
-        repository,
-        "--model",
-        model,
-        "--version",
-        version,
-        "--host",
-        host,
-        "--port",
-        str(port),
-    )
+    options = ["--model", model, "--version", version, "--host", host, "--port", str(port)]
+    if grpc_port is not None:
+        options += ["--grpc-port", str(grpc_port)]
+    argv = infergate_command("serve", "--repository", repository, *options)
     ready = f"http://{host}:{port}/v2/health/ready"
     return Child(f"model {model}/{version} @{host}:{port}", argv, log_path, ready_url=ready)
 

@@ -38,20 +38,28 @@ class StackAddresses:
 
 
 def model_server_children(config: RoutingConfig, repository: Path, logdir: Path) -> list[Child]:
-    """One model server per loopback endpoint whose model version is in the repository."""
+    """One model server per loopback endpoint whose model version is in the repository;
+    the version's n-th gRPC endpoint, if any, is the n-th server's gRPC port."""
     children = []
     for model in config.models:
         for version in model.versions:
             if not (repository / model.name / version.name).is_dir():
                 log.warning("no %s/%s in %s: not starting it", model.name, version.name, repository)
                 continue
-            for ep in version.endpoints:
+            grpc_ports = [g.port for g in version.grpc_endpoints]
+            for i, ep in enumerate(version.endpoints):
                 if not ep.host.startswith("127."):
                     continue
                 logfile = logdir / f"model-{model.name}-{version.name}-{ep.port}.log"
+                grpc_port = grpc_ports[i] if i < len(grpc_ports) else None
                 children.append(
                     model_server_child(
-                        str(repository), model.name, version.name, (ep.host, ep.port), str(logfile)
+                        str(repository),
+                        model.name,
+                        version.name,
+                        (ep.host, ep.port),
+                        str(logfile),
+                        grpc_port,
                     )
                 )
     return children

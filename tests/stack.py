@@ -150,11 +150,21 @@ def routing_yaml(
     traffic: dict[str, int],
     shadow: tuple[str, float] | None = None,
     extra: str = "",
+    grpc: tuple[int, dict[int, int]] | None = None,
 ) -> str:
-    lines = [f"listen: 127.0.0.1:{listen}", "models:", "  iris:", "    versions:"]
+    """iris with `ports` per version; with `grpc` (listen port, gRPC port per HTTP port)
+    Envoy also serves the model's gRPC API."""
+    lines = [f"listen: 127.0.0.1:{listen}", "models:", "  iris:"]
+    if grpc:
+        lines.append(f"    grpc_listen: 127.0.0.1:{grpc[0]}")
+    lines.append("    versions:")
     for version, replicas in ports.items():
         endpoints = ", ".join(f"127.0.0.1:{p}" for p in replicas)
-        lines.append(f"      {version}: {{endpoints: [{endpoints}]}}")
+        line = f"      {version}: {{endpoints: [{endpoints}]"
+        if grpc:
+            line += ", grpc_endpoints: [" + ", ".join(f"127.0.0.1:{grpc[1][p]}" for p in replicas)
+            line += "]"
+        lines.append(line + "}")
     lines.append("    traffic: {" + ", ".join(f"{v}: {w}" for v, w in traffic.items()) + "}")
     if shadow:
         lines.append(f"    shadow: {{version: {shadow[0]}, percent: {shadow[1]}}}")
@@ -171,6 +181,7 @@ class Stack:
         repository: Path,
         delta: bool = False,
         replicas: dict[str, int] | None = None,
+        grpc: bool = False,
     ):
         self.delta = delta
         self.workdir = workdir
@@ -182,6 +193,10 @@ class Stack:
         self.envoy_admin = free_port()
         replicas = replicas or {"v1": 1, "v2": 1, "v3": 1}
         self.model_ports = {v: [free_port() for _ in range(n)] for v, n in replicas.items()}
+        self.grpc: tuple[int, dict[int, int]] | None = None
+        if grpc:  # Envoy's gRPC listener, and each model server's gRPC port
+            ports = [p for replica_ports in self.model_ports.values() for p in replica_ports]
+            self.grpc = (free_port(), {p: free_port() for p in ports})
         self.models: dict[int, Child] = {}  # by port
         self.control_plane: Child | None = None
         self.envoy: Child | None = None
@@ -192,8 +207,9 @@ class Stack:
         for version, ports in self.model_ports.items():
             for port in ports:
                 log = str(self.workdir / f"model-{version}-{port}.log")
+                grpc_port = self.grpc[1][port] if self.grpc else None
                 child = model_server_child(
-                    str(self.repository), "iris", version, ("127.0.0.1", port), log
+                    str(self.repository), "iris", version, ("127.0.0.1", port), log, grpc_port
                 )
                 self.models[port] = child.start()
         for port, child in self.models.items():
@@ -257,7 +273,7 @@ class Stack:
         tmp.replace(self.config)
 
     def route(self, traffic: dict[str, int], shadow: tuple[str, float] | None = None) -> str:
-        text = routing_yaml(self.listen, self.model_ports, traffic, shadow)
+        text = routing_yaml(self.listen, self.model_ports, traffic, shadow, grpc=self.grpc)
         self.write(text)
         return text
 

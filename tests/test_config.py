@@ -141,3 +141,16 @@ def test_json_schema_accepts_the_example_and_rejects_unknown_keys():
 def test_resilience_errors(block, expected):
     found = problems(f"resilience:\n  {block}\n" + BASE)
     assert any(expected in p and p.startswith("r.yaml:2:") for p in found), found
+
+
+def test_grpc_listen_needs_grpc_endpoints_and_a_free_address():
+    text = BASE.replace("    traffic:", "    grpc_listen: 127.0.0.1:8081\n    traffic:")
+    found = problems(text)
+    assert any("models.iris.versions.v1: the model has grpc_listen" in p for p in found), found
+    ok = text.replace("[127.0.0.1:9001]}", "[127.0.0.1:9001], grpc_endpoints: [127.0.0.1:9101]}")
+    ok = ok.replace("[127.0.0.1:9002]}", "[127.0.0.1:9002], grpc_endpoints: [127.0.0.1:9102]}")
+    model = parse(ok).models[0]
+    assert str(model.grpc_listen) == "127.0.0.1:8081"
+    assert [str(e) for e in model.version("v2").grpc_endpoints] == ["127.0.0.1:9102"]
+    clash = "listen: 127.0.0.1:8081\n" + ok
+    assert any("already used by listen" in p for p in problems(clash))
