@@ -75,7 +75,6 @@ class Snapshot:
     epoch: str
     version: str
     types: dict[str, TypeSnapshot]
-    created: float
     warmup: dict[str, float]  # per cluster: see Resources.warmup
     # What streams derive from this snapshot, computed once for all of them.
     memo: dict = field(default_factory=dict)
@@ -104,7 +103,7 @@ def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
         }
         types[type_url] = TypeSnapshot(version, encoded, versions)
     version = f"{epoch}-{overall.hexdigest()[:16]}"
-    return Snapshot(epoch, version, types, time.time(), dict(resources.warmup))
+    return Snapshot(epoch, version, types, dict(resources.warmup))
 
 
 class SnapshotCache:

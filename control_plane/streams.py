@@ -45,15 +45,19 @@ log = logging.getLogger("infergate.xds")
 WILDCARD = "*"
 
 
-def encode_sotw_response(version: str, resources: list[bytes], type_url: str, nonce: str) -> bytes:
-    """The wire bytes of a DiscoveryResponse from pre-encoded Any resources (no nonce field
-    when `nonce` is empty: protobuf fields may come in any order, so it can be appended)."""
+def encode_sotw_body(version: str, resources: list[bytes], type_url: str) -> bytes:
+    """A DiscoveryResponse from pre-encoded Any resources, all but its nonce: protobuf
+    fields may come in any order, so each stream appends its own nonce field."""
     parts = [encode_field(1, version.encode())]
     parts += [encode_field(2, blob) for blob in resources]
     parts.append(encode_field(4, type_url.encode()))
-    if nonce:
-        parts.append(encode_field(5, nonce.encode()))
     return b"".join(parts)
+
+
+def nack_message(req: DiscoveryRequest | DeltaDiscoveryRequest) -> str | None:
+    """Envoy's error text when the request rejects the last response, else None."""
+    error = req.error_detail
+    return error.message if error.code or error.message else None
 
 
 def encode_delta_response(
@@ -94,7 +98,7 @@ class Desired:
         """The DiscoveryResponse; all but the nonce is encoded once and shared by streams."""
         if self._sotw_body is None:
             blobs = [blob for _, blob in self.resources.values()]
-            self._sotw_body = encode_sotw_response(self.version, blobs, type_url, "")
+            self._sotw_body = encode_sotw_body(self.version, blobs, type_url)
         return self._sotw_body + encode_field(5, nonce.encode())
 
 
@@ -102,7 +106,7 @@ class Desired:
 class TypeState:
     """One resource type on one stream."""
 
-    names: set[str] | None = None  # subscribed names; None: wildcard
+    names: frozenset[str] | None = None  # subscribed names; None: wildcard
     last_nonce: str | None = None
     pending: bool = False  # the last response has no ACK or NACK yet
     force: bool = False  # SotW: resend even if unchanged
@@ -160,7 +164,7 @@ class Stream:
         lingering = type_url in (CLUSTER, ENDPOINT) and acked is not None and acked is not snapshot
         key = (
             type_url,
-            None if names is None else frozenset(names),
+            names,
             acked.version if lingering else None,
         )
         desired = snapshot.memo.get(key)  # streams in the same state share one answer
@@ -172,7 +176,7 @@ class Stream:
 
     @staticmethod
     def _compute_desired(
-        type_url: str, snapshot: Snapshot, names: set[str] | None, acked: Snapshot | None
+        type_url: str, snapshot: Snapshot, names: frozenset[str] | None, acked: Snapshot | None
     ) -> Desired:
         typed = snapshot.types[type_url]
         available = {n: (typed.versions[n], b) for n, b in typed.resources.items()}
@@ -266,11 +270,9 @@ class SotwStream(Stream):
         if req.response_nonce and req.response_nonce != state.last_nonce:
             return  # stale: answers a response that a newer one replaced
         if req.response_nonce and state.pending:
-            error = req.error_detail
-            failed = error is not None and bool(error.code or error.message)
-            self._answer(req.type_url, state, error.message if failed else None)
+            self._answer(req.type_url, state, nack_message(req))
         if req.type_url not in WILDCARD_TYPES:
-            state.names = set(req.resource_names)
+            state.names = frozenset(req.resource_names)
 
     def _respond(
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot
@@ -290,22 +292,19 @@ class DeltaStream(Stream):
     def handle_request(self, req: DeltaDiscoveryRequest) -> None:
         state = self.types.get(req.type_url)
         if state is None:
-            state = self.types[req.type_url] = TypeState(names=set())
+            state = self.types[req.type_url] = TypeState(names=frozenset())
             state.known = dict(req.initial_resource_versions)
             if req.type_url in WILDCARD_TYPES and not req.resource_names_subscribe:
                 state.names = None
         if req.response_nonce and req.response_nonce == state.last_nonce and state.pending:
-            error = req.error_detail
-            failed = error is not None and bool(error.code or error.message)
-            self._answer(req.type_url, state, error.message if failed else None)
+            self._answer(req.type_url, state, nack_message(req))
         # Subscription changes apply even on a stale nonce.
         subscribe, unsubscribe = set(req.resource_names_subscribe), req.resource_names_unsubscribe
         if WILDCARD in subscribe:
             state.names = None
             subscribe.discard(WILDCARD)
-        if state.names is not None:
-            state.names |= subscribe
-            state.names -= set(unsubscribe)
+        if state.names is not None and (subscribe or unsubscribe):
+            state.names = (state.names | subscribe) - set(unsubscribe)
         for name in unsubscribe:
             state.known.pop(name, None)
         for name in subscribe - set(req.initial_resource_versions):

@@ -13,16 +13,8 @@ from control_plane.service import ControlPlane
 from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from control_plane.translate import ROUTE_CONFIG_NAME
 from gateway.processes import free_port, host_port
+from tests.test_config import BASE as TWO_VERSIONS
 from tests.xds_client import AdsClient
-
-TWO_VERSIONS = """
-models:
-  iris:
-    versions:
-      v1: {endpoints: [127.0.0.1:9001]}
-      v2: {endpoints: [127.0.0.1:9002]}
-    traffic: {v1: 90, v2: 10}
-"""
 
 
 def cluster_names(resp) -> set[str]:

@@ -11,7 +11,7 @@ from typing import Any
 from bench.xds_scale.configs import routing_yaml
 from control_plane.config import parse
 from control_plane.snapshot import PUSH_ORDER, ROUTE, SHORT_NAMES, Snapshot, build_snapshot
-from control_plane.streams import encode_delta_response, encode_sotw_response
+from control_plane.streams import encode_delta_response, encode_sotw_body
 from control_plane.translate import translate
 
 EPOCH = "bench"
@@ -31,7 +31,7 @@ def sizes(snapshot: Snapshot) -> dict[str, Any]:
         for t in PUSH_ORDER
     }
     sotw = {
-        t: encode_sotw_response(ts.version, list(ts.resources.values()), t, "1")
+        t: encode_sotw_body(ts.version, list(ts.resources.values()), t)
         for t, ts in snapshot.types.items()
     }
     delta = {
