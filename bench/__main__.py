@@ -81,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             report["gateway_overhead"] = gateway_overhead.run(
                 stack, load, rounds=rounds, seconds=seconds
             )
-            print(f"convergence ({edits} edits)", file=sys.stderr)
-            report["convergence"] = convergence.run(stack, edits=edits)
+            # Side by side: kernel file notifications (the default) against polling `stat`.
+            report["convergence"] = {}
+            for watch in ("notify", "poll"):
+                stack.start_control_plane(watch)
+                stack.wait_converged()
+                print(f"convergence, watch={watch} ({edits} edits)", file=sys.stderr)
+                report["convergence"][watch] = convergence.run(stack, edits=edits)
         ok = True
     finally:
         load.close()

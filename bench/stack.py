@@ -70,6 +70,16 @@ class BenchStack:
         )
         wait_http(f"http://{host_port(self.model)}/v2/health/ready", child=model)
         self.route({"v1": 100, "v2": 0})
+        self.start_control_plane()
+        envoy = self._start(envoy_child("bench-envoy", self.xds, self.envoy_admin, self.workdir))
+        wait_http(f"http://{host_port(self.envoy_admin)}/ready", timeout=30, child=envoy)
+        self._wait_inference(self.gateway_url)
+
+    def start_control_plane(self, watch: str = "auto") -> None:
+        """Start (or restart) the control plane, seeing file edits the `watch` way."""
+        for child in [c for c in self.children if c.name == "control plane"]:
+            child.stop()
+            self.children.remove(child)
         cp = self._start(
             Child(
                 "control plane",
@@ -80,14 +90,14 @@ class BenchStack:
                     host_port(self.xds),
                     "--admin",
                     host_port(self.admin),
+                    "--watch",
+                    watch,
                 ),
-                str(self.workdir / "control-plane.log"),
+                str(self.workdir / f"control-plane-{watch}.log"),
             )
         )
         wait_http(f"http://{host_port(self.admin)}/healthz", child=cp)
-        envoy = self._start(envoy_child("bench-envoy", self.xds, self.envoy_admin, self.workdir))
-        wait_http(f"http://{host_port(self.envoy_admin)}/ready", timeout=30, child=envoy)
-        self._wait_inference(self.gateway_url)
+        self.watch = watch
 
     def stop(self) -> None:
         """Stop every started process, newest first."""
@@ -134,6 +144,19 @@ class BenchStack:
         """The control plane's `GET /status`."""
         return get_json(f"http://{host_port(self.admin)}/status")
 
+    def wait_converged(self, timeout: float = 30) -> None:
+        """Wait until a connected Envoy has ACKed every type of the current snapshot."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()
+            want = (st["snapshot"] or {}).get("types", {})
+            for node in st["nodes"]:
+                acked = {t: s.get("acked_version") for t, s in node["types"].items()}
+                if node["connected"] and want and all(acked.get(t) == v for t, v in want.items()):
+                    return
+            time.sleep(0.05)
+        raise TimeoutError("Envoy did not converge on the control plane's snapshot")
+
     def route_dump(self) -> dict[str, Any]:
         """Envoy's dynamic route configuration (first one) from its admin config dump."""
         url = f"http://{host_port(self.envoy_admin)}/config_dump?resource=dynamic_route_configs"
@@ -142,5 +165,5 @@ class BenchStack:
 
     def apply_times_ms(self) -> list[float]:
         """Build times the control plane logged for each applied config, oldest first."""
-        text = (self.workdir / "control-plane.log").read_text(errors="replace")
+        text = (self.workdir / f"control-plane-{self.watch}.log").read_text(errors="replace")
         return [float(m) for m in re.findall(r"applied config \S+ \(.*?\) in ([\d.]+) ms", text)]

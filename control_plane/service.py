@@ -1,5 +1,5 @@
 """The control plane as one service: watch the file, merge registered endpoints, build
-snapshots (debounced), serve ADS and the admin API."""
+snapshots (coalescing changes that arrive during a build), serve ADS and the admin API."""
 
 from __future__ import annotations
 
@@ -59,14 +59,13 @@ class ControlPlane:
         admin_address: tuple[str, int] = ("127.0.0.1", 18001),
         admin_token: str | None = None,
         tls: TlsFiles | None = None,
-        debounce: float = 0.02,
+        watch_mode: str = "auto",
     ):
         self.config_path = Path(config_path)
         self.xds_address = xds_address
         self.admin_address = admin_address
         self.admin_token = admin_token
         self.tls = tls
-        self.debounce = debounce
         self.epoch = new_epoch()
         self.cache = SnapshotCache()
         self.registry = NodeRegistry()
@@ -75,7 +74,9 @@ class ControlPlane:
         self.last_error: dict[str, Any] | None = None
         self.applied_at: float | None = None
         self.builds = 0
-        self.watcher = ConfigWatcher(self.config_path, self.set_file_config, self.reject)
+        self.watcher = ConfigWatcher(
+            self.config_path, self.set_file_config, self.reject, mode=watch_mode
+        )
         self._dirty = asyncio.Event()
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
@@ -132,14 +133,11 @@ class ControlPlane:
             return build_snapshot(translate(config), self.epoch)
 
     async def _publisher(self) -> None:
-        """Coalesce bursts of changes: build from the newest inputs once none arrived for
-        `debounce` seconds, or after ten debounce intervals under continuous change."""
+        """Build from the newest inputs as soon as they change. Changes that arrive while a
+        build is in flight are coalesced into the next build, so a burst of saves becomes
+        few builds and the last one always wins."""
         while True:
             await self._dirty.wait()
-            deadline = time.monotonic() + 10 * self.debounce
-            while self._dirty.is_set() and time.monotonic() < deadline:
-                self._dirty.clear()
-                await asyncio.sleep(self.debounce)
             self._dirty.clear()
             await self.publish()
 
@@ -148,6 +146,7 @@ class ControlPlane:
         return {
             "config": {
                 "path": str(self.config_path),
+                "watch": self.watcher.using,
                 "applied_at": self.applied_at,
                 "snapshots_built": self.builds,
                 "error": self.last_error,

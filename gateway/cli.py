@@ -57,7 +57,9 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             return 2
         ca = Path(args.tls_client_ca) if args.tls_client_ca else None
         tls = TlsFiles(Path(args.tls_cert), Path(args.tls_key), ca)
-    plane = ControlPlane(Path(args.file), args.xds, args.admin, admin_token(args), tls)
+    plane = ControlPlane(
+        Path(args.file), args.xds, args.admin, admin_token(args), tls, watch_mode=args.watch
+    )
     try:
         asyncio.run(plane.run_forever())
     except ConfigError as exc:
@@ -191,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="serve xDS over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    p.add_argument(
+        "--watch",
+        choices=("auto", "notify", "poll"),
+        default="auto",
+        help="how to see edits of the file: kernel notifications, polling, or "
+        "notifications with polling as the fallback (default)",
+    )
     p.set_defaults(func=cmd_control_plane)
 
     p = sub.add_parser("serve", help="run an Open Inference Protocol model server")

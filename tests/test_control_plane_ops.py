@@ -78,11 +78,12 @@ async def test_writes_are_refused_without_a_configured_token(tmp_path):
 
 
 async def test_a_burst_of_edits_coalesces_into_one_push(plane):
+    """Edits seen before the build starts (here: without yielding to the event loop) make
+    one build, and the last one wins."""
     builds = plane.builds
     for port in range(9100, 9110):
         plane.config_path.write_text(ONE.replace("9001", str(port)))
         plane.watcher.check()
-        await _sleep(0.002)
     await _wait(lambda: plane.builds > builds)
     await _sleep(0.2)
     assert plane.builds - builds == 1
