@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from model_servers.runtimes import Runtime, Tensors
+from model_servers.runtime_base import Runtime, Tensors
 from model_servers.settings import Batching
 
 

@@ -1,17 +1,19 @@
-"""KServe V2 `GRPCInferenceService` on grpcio's asyncio server, over the same registry,
-validation, batching and metrics as the REST API."""
+"""KServe V2 `GRPCInferenceService` on grpcio's asyncio server: a transport over the same
+DataPlane as the REST API."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import numpy as np
 
 from model_servers.binary_data import tensor_from_bytes, tensor_to_bytes
+from model_servers.dataplane import DataPlane
 from model_servers.grpc_stubs import load
+from model_servers.load_report import HEADER as LOAD_REPORT_HEADER
 from model_servers.protocol import (
     DTYPES,
     InferenceRequest,
@@ -19,14 +21,17 @@ from model_servers.protocol import (
     datatype_of,
     decode_tensor,
 )
-from model_servers.registry import ModelRegistry, ServedModel
+from model_servers.repository import LoadedModel
+from model_servers.runtime_base import Tensors
 
 pb, services = load()
 
-_CODES = {
+# the gRPC status of each ProtocolError status; anything else is INTERNAL
+CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
 }
 _CONTENTS = {
     "BOOL": "bool_contents",
@@ -86,90 +91,88 @@ def decode_infer_request(message: Any) -> InferenceRequest:
     return InferenceRequest(inputs, outputs, message.id or None, parameters)
 
 
-def encode_infer_response(served: ServedModel, outputs: dict[str, np.ndarray], rid: str) -> Any:
+def encode_infer_response(model: LoadedModel, outputs: Tensors, rid: str) -> Any:
     """A ModelInferResponse with every output in raw_output_contents."""
-    response = pb.ModelInferResponse(
-        model_name=served.model.name, model_version=served.model.version, id=rid
-    )
+    response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=rid)
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
         response.raw_output_contents.append(tensor_to_bytes(array))
     return response
 
 
-class InferenceServicer(services.GRPCInferenceServiceServicer):
-    """The six KServe V2 RPCs."""
+class _GrpcCodec:
+    """A ModelInferRequest (parsed by grpc), and the ModelInferResponse for its outputs."""
 
-    def __init__(
-        self, registry: ModelRegistry, draining: Callable[[], bool], metadata: dict[str, Any]
-    ) -> None:
-        self.registry = registry
-        self.draining = draining
-        self.metadata = metadata
+    def __init__(self, message: Any) -> None:
+        self.message = message
 
-    async def _resolve(self, name: str, version: str, context: Any) -> ServedModel:
+    async def read(self) -> int:
+        return self.message.ByteSize()
+
+    def decode(self) -> InferenceRequest:
+        return decode_infer_request(self.message)
+
+    def encode(self, model: LoadedModel, request: InferenceRequest, outputs: Tensors) -> Any:
+        return encode_infer_response(model, outputs, self.message.id)
+
+
+_Rpc = Callable[[Any, Any, Any], Awaitable[Any]]
+
+
+def _aborts_on_error(rpc: _Rpc) -> _Rpc:
+    """Abort the call with the gRPC code of a ProtocolError's HTTP status (`CODES`)."""
+
+    @functools.wraps(rpc)
+    async def call(self: Any, request: Any, context: Any) -> Any:
         try:
-            return self.registry.resolve(name, version or None)
+            return await rpc(self, request, context)
         except ProtocolError as exc:
-            self.registry.metrics.unknown_model.inc()
-            await context.abort(_CODES[exc.status], exc.message)
-            raise  # abort raises; this keeps type checkers informed
+            await context.abort(CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+
+    return call
+
+
+class InferenceServicer(services.GRPCInferenceServiceServicer):
+    """The six KServe V2 RPCs over a DataPlane: decode, call it, encode."""
+
+    def __init__(self, core: DataPlane) -> None:
+        self.core = core
 
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return pb.ServerReadyResponse(ready=not self.draining())
+        return pb.ServerReadyResponse(ready=self.core.ready)
 
+    @_aborts_on_error
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        try:
-            self.registry.resolve(request.name, request.version or None)
-        except ProtocolError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self.draining())
+        return pb.ModelReadyResponse(ready=self.core.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return pb.ServerMetadataResponse(**self.metadata)
+        return pb.ServerMetadataResponse(**self.core.server_metadata)
 
+    @_aborts_on_error
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        served = await self._resolve(request.name, request.version, context)
-        meta = served.model.runtime.metadata()
-        return pb.ModelMetadataResponse(
-            name=served.model.name,
-            versions=[served.model.version],
-            platform=served.model.runtime.platform,
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
-        )
+        return pb.ModelMetadataResponse(**self.core.model_metadata(request.name, request.version))
 
+    @_aborts_on_error
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
-        served = await self._resolve(request.model_name, request.model_version, context)
-        start = time.perf_counter()
-        served.metrics.inflight.inc()
-        status = 500
+        """Inference; the ORCA load report goes out in the trailing metadata."""
+        served = self.core.resolve(request.model_name, request.model_version)
         try:
-            decoded = decode_infer_request(request)
-            served.model.runtime.validate(decoded.inputs, decoded.outputs)
-            outputs = await served.predict(decoded, self.registry.executor)
-            response = encode_infer_response(served, outputs, request.id)
-            status = 200
-            return response
-        except ProtocolError as exc:
-            status = exc.status
-            await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+            return await self.core.infer(served, _GrpcCodec(request))
         finally:
-            served.metrics.inflight.dec()
-            served.metrics.observe(status, time.perf_counter() - start)
+            context.set_trailing_metadata([(LOAD_REPORT_HEADER, self.core.load_report.value())])
 
 
-def make_grpc_server(servicer: InferenceServicer, address: str) -> grpc.aio.Server:
-    """An unstarted grpc.aio server listening on `address` (host:port)."""
+def make_grpc_server(core: DataPlane, address: str) -> grpc.aio.Server:
+    """An unstarted grpc.aio server for `core`, listening on `address` (host:port)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ]
     )
-    services.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    services.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
     server.add_insecure_port(address)
     return server

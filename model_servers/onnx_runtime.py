@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from model_servers.runtimes import ModelLoadError, Tensors
+from model_servers.runtime_base import ModelLoadError, Tensors
 from model_servers.settings import ModelSettings, TensorSpec
 from model_servers.signature import check_inputs, check_outputs
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from model_servers.protocol import ProtocolError
-from model_servers.runtimes import ModelLoadError, Tensors
+from model_servers.runtime_base import ModelLoadError, Tensors
 from model_servers.settings import ModelSettings
 from model_servers.signature import check_inputs, check_outputs, select_outputs
 

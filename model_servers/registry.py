@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from model_servers.repository import (
     list_versions,
     load_model,
 )
-from model_servers.runtimes import ModelLoadError, Tensors
+from model_servers.runtime_base import ModelLoadError, Tensors
 from model_servers.settings import Batching
 
 
@@ -31,12 +30,12 @@ def version_order(version: str) -> list[tuple[int, Any]]:
 
 @dataclass
 class ServedModel:
-    """A loaded version with its metrics, optional batcher and cached metadata."""
+    """A loaded version with its metrics, optional batcher and OIP model metadata."""
 
     model: LoadedModel
     metrics: ModelMetrics
     batcher: Batcher | None
-    metadata: bytes
+    metadata: dict[str, Any]
 
     @property
     def queue_depth(self) -> int:
@@ -89,7 +88,7 @@ class ModelRegistry:
             "platform": model.runtime.platform,
             **model.runtime.metadata(),
         }
-        served = ServedModel(model, metrics, batcher, json.dumps(metadata).encode())
+        served = ServedModel(model, metrics, batcher, metadata)
         versions = self._models.setdefault(model.name, {})
         old = versions.get(model.version)
         versions[model.version] = served

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model_servers.runtimes import ModelLoadError, Runtime, load_runtime
+from model_servers.runtime_base import ModelLoadError, Runtime
+from model_servers.runtimes import load_runtime
 from model_servers.settings import ModelSettings, SettingsError, load_settings
 
 

@@ -1,45 +1,19 @@
-"""Model runtimes: check decoded input tensors, then turn them into named output arrays.
-
-Every runtime validates a request (`validate`, raising ProtocolError(400)) separately from
-running it (`predict`), so the batcher can reject one bad request before merging the rest.
-"""
+"""The scikit-learn runtime, and `load_runtime`, which picks a runtime for a version."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import joblib
 import numpy as np
 
+from model_servers.onnx_runtime import OnnxRuntime
 from model_servers.protocol import ProtocolError
+from model_servers.python_runtime import PythonRuntime
+from model_servers.runtime_base import ModelLoadError, Runtime, Tensors
 from model_servers.settings import ModelSettings
-
-MODEL_FILE = "model.joblib"
-Tensors = dict[str, np.ndarray]
-
-
-class ModelLoadError(RuntimeError):
-    """A model version that exists but cannot be loaded."""
-
-
-class Runtime(Protocol):
-    """What the server needs from a loaded model."""
-
-    platform: str
-
-    def metadata(self) -> dict[str, list[dict[str, Any]]]:
-        """OIP `inputs` and `outputs` tensor metadata."""
-        ...
-
-    def validate(self, inputs: Tensors, requested: Sequence[str] | None) -> None:
-        """Raise ProtocolError(400) unless `predict` can run on these inputs."""
-        ...
-
-    def predict(self, inputs: Tensors, requested: Sequence[str] | None) -> Tensors:
-        """Outputs for validated inputs; the requested names, or the default outputs."""
-        ...
 
 
 class SklearnRuntime:
@@ -123,11 +97,7 @@ def load_runtime(version_dir: Path, settings: ModelSettings) -> Runtime:
     if not path.is_file():
         raise ModelLoadError(f"{settings.runtime} model file {path} not found")
     if settings.runtime == "onnx":
-        from model_servers.onnx_runtime import OnnxRuntime
-
         return OnnxRuntime.load(path, settings)
     if settings.runtime == "python":
-        from model_servers.python_runtime import PythonRuntime
-
         return PythonRuntime.load(path, settings)
     return SklearnRuntime.load(path)

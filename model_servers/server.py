@@ -12,40 +12,25 @@ import asyncio
 import json
 import logging
 import signal
-import time
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from model_servers.dataplane import DataPlane
 from model_servers.load_report import HEADER as LOAD_REPORT_HEADER
-from model_servers.load_report import LoadReporter
-from model_servers.metrics import ServerMetrics
 from model_servers.processes import run_processes
 from model_servers.protocol import InferenceRequest, ProtocolError, decode_request, render_response
-from model_servers.registry import ModelRegistry, ServedModel
 from model_servers.repository import LoadedModel, list_models, list_versions, load_model
+from model_servers.runtime_base import Tensors
 from model_servers.settings import Batching
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
 BINARY_HEADER = "Inference-Header-Content-Length"
-EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters"]
-# bodies up to this size are parsed and rendered on the event loop: a thread hop costs more
-INLINE_BYTES = 64 * 1024
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _server_version() -> str:
-    try:
-        return package_version("infergate")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -60,7 +45,7 @@ def _error(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """Answer routing errors and unexpected exceptions with JSON `{"error": ...}`."""
+    """Answer ProtocolErrors, routing errors and unexpected exceptions with `{"error": ...}`."""
     try:
         return await handler(request)
     except ProtocolError as exc:
@@ -77,101 +62,115 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
         return _error(500, "internal server error")
 
 
-def _decode(body: bytes, header_length: int | None, served: ServedModel) -> InferenceRequest:
-    """Parse a body (JSON, or JSON header + binary tensors) and validate it for the model."""
-    binary = b""
-    if header_length is not None:
-        body, binary = body[:header_length], body[header_length:]
-    try:
-        payload = json.loads(body)
-    except ValueError as exc:
-        raise ProtocolError(400, f"invalid JSON body: {exc}") from None
-    request = decode_request(payload, binary)
-    served.model.runtime.validate(request.inputs, request.outputs)
-    return request
+class _RestCodec:
+    """An inference request as JSON, or JSON + binary tensor data; its response likewise."""
 
-
-def _header_length(request: web.Request, body_size: int) -> int | None:
-    raw = request.headers.get(BINARY_HEADER)
-    if raw is None:
-        return None
-    if not raw.isdigit() or int(raw) > body_size:
-        raise ProtocolError(400, f"{BINARY_HEADER} must be an int <= the body size")
-    return int(raw)
-
-
-class _Service:
-    """Request handlers over a ModelRegistry."""
-
-    def __init__(self, registry: ModelRegistry, max_body_size: int) -> None:
-        self.registry = registry
-        self.metrics = registry.metrics
+    def __init__(self, request: web.Request, max_body_size: int) -> None:
+        self.request = request
         self.max_body_size = max_body_size
-        self.draining = False
-        self.load_report = LoadReporter(
-            {
-                "queue_depth": lambda: sum(s.queue_depth for s in registry.served),
-                "inflight": self._inflight,
-            }
-        )
-        self._inflight_count = 0
-        self.server_metadata_body = json.dumps(
-            {"name": "infergate", "version": _server_version(), "extensions": EXTENSIONS}
-        ).encode()
+        self.body = b""
+        self.header_length: int | None = None
 
-    def _inflight(self) -> float:
-        return self._inflight_count
-
-    def _resolve(self, request: web.Request) -> ServedModel:
+    async def read(self) -> int:
+        too_large = ProtocolError(413, f"request body exceeds {self.max_body_size} bytes")
+        if (self.request.content_length or 0) > self.max_body_size:
+            raise too_large
         try:
-            return self.registry.resolve(
-                request.match_info["model"], request.match_info.get("version")
-            )
-        except ProtocolError:
-            self.metrics.unknown_model.inc()
-            raise
+            self.body = await self.request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+        raw = self.request.headers.get(BINARY_HEADER)
+        if raw is not None:
+            if not raw.isdigit() or int(raw) > len(self.body):
+                raise ProtocolError(400, f"{BINARY_HEADER} must be an int <= the body size")
+            self.header_length = int(raw)
+        return len(self.body)
+
+    def decode(self) -> InferenceRequest:
+        body, binary = self.body, b""
+        if self.header_length is not None:
+            body, binary = body[: self.header_length], body[self.header_length :]
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            raise ProtocolError(400, f"invalid JSON body: {exc}") from None
+        return decode_request(payload, binary)
+
+    def encode(
+        self, model: LoadedModel, request: InferenceRequest, outputs: Tensors
+    ) -> web.Response:
+        payload, json_length = render_response(model.name, model.version, outputs, request)
+        if json_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(
+            body=payload,
+            content_type="application/octet-stream",
+            headers={BINARY_HEADER: str(json_length)},
+        )
+
+
+class _RestHandlers:
+    """The OIP REST endpoints over a DataPlane: decode, call it, encode."""
+
+    def __init__(self, core: DataPlane, max_body_size: int) -> None:
+        self.core = core
+        self.max_body_size = max_body_size
+        self.server_metadata_body = json.dumps(core.server_metadata).encode()
+
+    @staticmethod
+    def _model(request: web.Request) -> tuple[str, str | None]:
+        return request.match_info["model"], request.match_info.get("version")
 
     async def live(self, request: web.Request) -> web.Response:
         return _json({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        return _json({"ready": not self.draining}, 503 if self.draining else 200)
+        ready = self.core.ready
+        return _json({"ready": ready}, 200 if ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return web.Response(body=self.server_metadata_body, content_type="application/json")
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._resolve(request).metadata, content_type="application/json")
+        return _json(self.core.model_metadata(*self._model(request)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        served = self._resolve(request)
-        ready = not self.draining
-        return _json({"name": served.model.name, "ready": ready}, 200 if ready else 503)
+        name, version = self._model(request)
+        ready = self.core.model_ready(name, version)
+        return _json({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type}
-        )
+        metrics = self.core.metrics
+        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+
+    async def infer(self, request: web.Request) -> web.Response:
+        served = self.core.resolve(*self._model(request))
+        try:
+            response = await self.core.infer(served, _RestCodec(request, self.max_body_size))
+        except ProtocolError as exc:
+            response = _error(exc.status, exc.message)
+        response.headers[LOAD_REPORT_HEADER] = self.core.load_report.value()
+        return response
 
     async def repository_index(self, request: web.Request) -> web.Response:
         only_ready = False
         if request.method == "POST" and request.can_read_body:
             body = await self._json_body(request)
             only_ready = body.get("ready", False) is True
-        rows = await asyncio.to_thread(self.registry.index)
+        rows = await asyncio.to_thread(self.core.registry.index)
         return _json([r for r in rows if r["state"] == "READY" or not only_ready])
 
     async def repository_load(self, request: web.Request) -> web.Response:
         await self._json_body(request)
-        name, version = request.match_info["model"], request.match_info.get("version")
-        versions = await self.registry.load(name, version)
+        name, version = self._model(request)
+        versions = await self.core.registry.load(name, version)
         log.info("loaded %s versions %s", name, versions)
         return _json({"name": name, "versions": versions, "state": "READY"})
 
     async def repository_unload(self, request: web.Request) -> web.Response:
         await self._json_body(request)
-        name, version = request.match_info["model"], request.match_info.get("version")
-        versions = await self.registry.unload(name, version)
+        name, version = self._model(request)
+        versions = await self.core.registry.unload(name, version)
         log.info("unloaded %s versions %s", name, versions)
         return _json({"name": name, "versions": versions, "state": "UNAVAILABLE"})
 
@@ -189,61 +188,8 @@ class _Service:
             raise ProtocolError(400, "request body must be a JSON object")
         return body
 
-    async def infer(self, request: web.Request) -> web.Response:
-        start = time.perf_counter()
-        served = self._resolve(request)
-        served.metrics.inflight.inc()
-        self._inflight_count += 1
-        response: web.Response | None = None
-        try:
-            response = await self._infer(served, request)
-        except ProtocolError as exc:
-            response = _error(exc.status, exc.message)
-        except Exception:
-            log.exception("inference failed")
-            response = _error(500, "internal server error")
-        finally:
-            served.metrics.inflight.dec()
-            self._inflight_count -= 1
-            status = 500 if response is None else response.status
-            served.metrics.observe(status, time.perf_counter() - start)
-            self.load_report.record()
-        response.headers[LOAD_REPORT_HEADER] = self.load_report.value()
-        return response
 
-    async def _infer(self, served: ServedModel, request: web.Request) -> web.Response:
-        too_large = ProtocolError(413, f"request body exceeds {self.max_body_size} bytes")
-        if (request.content_length or 0) > self.max_body_size:
-            raise too_large
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
-        header_length = _header_length(request, len(body))
-        inline = len(body) <= INLINE_BYTES
-        executor = self.registry.executor
-        loop = asyncio.get_running_loop()
-        if inline:
-            decoded = _decode(body, header_length, served)
-        else:
-            decoded = await loop.run_in_executor(executor, _decode, body, header_length, served)
-        outputs = await served.predict(decoded, executor)
-        model = served.model
-        render = (render_response, model.name, model.version, outputs, decoded)
-        if inline:
-            payload, json_length = render[0](*render[1:])
-        else:
-            payload, json_length = await loop.run_in_executor(executor, *render)
-        if json_length is None:
-            return web.Response(body=payload, content_type="application/json")
-        return web.Response(
-            body=payload,
-            content_type="application/octet-stream",
-            headers={BINARY_HEADER: str(json_length)},
-        )
-
-
-_SERVICE = web.AppKey("service", _Service)
+CORE = web.AppKey("core", DataPlane)
 
 
 def make_app(
@@ -257,37 +203,34 @@ def make_app(
     """Build the OIP application serving `models`; predictions run on `workers` threads.
 
     `repository` enables loading more versions at run time; `batching` overrides the
-    batching settings of every model.
+    batching settings of every model. `app[CORE]` is its DataPlane.
     """
-    executor = ThreadPoolExecutor(workers, thread_name_prefix="predict")
-    registry = ModelRegistry(repository, ServerMetrics(), executor, batching)
-    for model in [models] if isinstance(models, LoadedModel) else models:
-        registry.add(model)
-    service = _Service(registry, max_body_size)
+    models = [models] if isinstance(models, LoadedModel) else models
+    core = DataPlane.create(models, repository, workers, batching)
+    handlers = _RestHandlers(core, max_body_size)
     app = web.Application(client_max_size=max_body_size, middlewares=[_json_errors])
-    app[_SERVICE] = service
+    app[CORE] = core
 
     async def shutdown(app: web.Application) -> None:
-        await registry.close()
-        executor.shutdown(wait=True)
+        await core.close()
 
     app.on_cleanup.append(shutdown)
     model = "/v2/models/{model}"
     version = model + "/versions/{version}"
     repo = "/v2/repository/models/{model}"
-    app.router.add_get("/v2/health/live", service.live)
-    app.router.add_get("/v2/health/ready", service.ready)
-    app.router.add_get("/v2", service.server_metadata)
-    app.router.add_get("/metrics", service.prometheus)
-    app.router.add_get("/v2/repository/index", service.repository_index)
-    app.router.add_post("/v2/repository/index", service.repository_index)
+    app.router.add_get("/v2/health/live", handlers.live)
+    app.router.add_get("/v2/health/ready", handlers.ready)
+    app.router.add_get("/v2", handlers.server_metadata)
+    app.router.add_get("/metrics", handlers.prometheus)
+    app.router.add_get("/v2/repository/index", handlers.repository_index)
+    app.router.add_post("/v2/repository/index", handlers.repository_index)
     for prefix in (model, version):
-        app.router.add_get(prefix, service.model_metadata)
-        app.router.add_get(prefix + "/ready", service.model_ready)
-        app.router.add_post(prefix + "/infer", service.infer)
+        app.router.add_get(prefix, handlers.model_metadata)
+        app.router.add_get(prefix + "/ready", handlers.model_ready)
+        app.router.add_post(prefix + "/infer", handlers.infer)
     for prefix in (repo, repo + "/versions/{version}"):
-        app.router.add_post(prefix + "/load", service.repository_load)
-        app.router.add_post(prefix + "/unload", service.repository_unload)
+        app.router.add_post(prefix + "/load", handlers.repository_load)
+        app.router.add_post(prefix + "/unload", handlers.repository_unload)
     return app
 
 
@@ -367,15 +310,6 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _grpc_server(service: _Service, address: str) -> Any:
-    """The gRPC server over the REST app's registry (imported only when asked for)."""
-    from model_servers.grpc_server import InferenceServicer, make_grpc_server
-
-    metadata = json.loads(service.server_metadata_body)
-    servicer = InferenceServicer(service.registry, lambda: service.draining, metadata)
-    return make_grpc_server(servicer, address)
-
-
 async def _run(
     app: web.Application,
     host: str,
@@ -387,15 +321,17 @@ async def _run(
 ) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    service = app[_SERVICE]
+    core = app[CORE]
     grpc_server = None
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
         if grpc_port is not None:
-            grpc_server = _grpc_server(service, f"{host}:{grpc_port}")
+            from model_servers.grpc_server import make_grpc_server  # grpc only when asked for
+
+            grpc_server = make_grpc_server(core, f"{host}:{grpc_port}")
             await grpc_server.start()
             log.info("gRPC on %s:%d", host, grpc_port)
-        names = [f"{s.model.name}/{s.model.version}" for s in service.registry.served]
+        names = [f"{s.model.name}/{s.model.version}" for s in core.registry.served]
         log.info("serving %s on http://%s:%d", ", ".join(names) or "nothing yet", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -403,7 +339,7 @@ async def _run(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("signal received: draining")
-        service.draining = True
+        core.drain()
         await asyncio.sleep(drain_grace)
     finally:
         if grpc_server is not None:

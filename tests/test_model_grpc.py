@@ -18,6 +18,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -79,7 +80,10 @@ def _infer(client: object, x: np.ndarray, version: str = "", datatype: str = "FP
 
 def test_health_and_metadata(client: object) -> None:
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("iris", "v2") and not client.is_model_ready("rose")
+    assert client.is_model_ready("iris", "v2")
+    with pytest.raises(InferenceServerException) as info:  # as REST's 404
+        client.is_model_ready("rose")
+    assert info.value.status() == "StatusCode.NOT_FOUND"
     meta = client.get_server_metadata(as_json=True)
     assert meta["name"] == "infergate" and "binary_tensor_data" in meta["extensions"]
     model = client.get_model_metadata("iris", "v1", as_json=True)
@@ -100,16 +104,42 @@ def test_infer_matches_sklearn(client: object, server: tuple[Path, int, int], ve
     assert result.as_numpy("predict").tolist() == estimator.predict(x32.astype(float)).tolist()
 
 
+def _v3_metrics(http_port: int) -> dict[str, float]:
+    """The iris/v3 samples of the server's /metrics, as `name` or `name{label=value}`."""
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if labels.pop("model", None) == "iris" and labels.pop("version", None) == "v3":
+                samples[sample.name + "".join(f"{{{k}={v}}}" for k, v in labels.items())] = (
+                    sample.value
+                )
+    return samples
+
+
 def test_concurrent_batched_infer(client: object, server: tuple[Path, int, int]) -> None:
     estimator = joblib.load(server[0] / "iris" / "v3" / "model.joblib")
     rows = [X[i : i + 1 + i % 5] for i in range(0, 150, 3)]
+    before = _v3_metrics(server[1])
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda x: _infer(client, x, "v3"), rows))
     for x, result in zip(rows, results, strict=True):
         assert result.as_numpy("predict").tolist() == estimator.predict(x).tolist()
-    url = f"http://127.0.0.1:{server[1]}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    assert 'infergate_model_batch_requests_count{model="iris",version="v3"}' in text
+    after = _v3_metrics(server[1])
+
+    def added(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert added("infergate_model_requests_total{outcome=ok}") == len(rows)
+    # every request went through the batcher (max_batch_size=16 reached the server): the
+    # predict calls hold every request and row once, and none more than 16 rows
+    assert added("infergate_model_batch_requests_sum") == len(rows)
+    assert added("infergate_model_batch_size_sum") == sum(len(x) for x in rows)
+    calls = added("infergate_model_batch_size_count")
+    assert added("infergate_model_batch_size_bucket{le=16.0}") == calls
+    assert "infergate_model_queue_depth" in after  # only batching models have one
 
 
 def test_errors(client: object) -> None:

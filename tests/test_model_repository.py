@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from model_servers.onnx_runtime import MISSING_EXTRA
 from model_servers.repository import load_model
-from model_servers.runtimes import ModelLoadError
+from model_servers.runtime_base import ModelLoadError
 from model_servers.server import initial_models, make_app
 from model_servers.settings import Batching, SettingsError, load_settings, parse_settings
 
