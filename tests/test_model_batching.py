@@ -6,7 +6,8 @@ import asyncio
 import json
 import random
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 X, _ = load_iris(return_X_y=True)
 
 
+def value(text: str, name: str) -> float:
+    """A sample's value summed over all label sets."""
+    samples = (s for family in text_string_to_metric_families(text) for s in family.samples)
+    return sum(s.value for s in samples if s.name == name)
+
+
 def histogram(text: str, name: str) -> tuple[float, float]:
     """(sum, count) of a histogram summed over all label sets."""
-    total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == f"{name}_sum":
-                total += sample.value
-            elif sample.name == f"{name}_count":
-                count += sample.value
-    return total, count
+    return value(text, f"{name}_sum"), value(text, f"{name}_count")
 
 
 def random_request(rng: random.Random, i: int) -> dict[str, Any]:
@@ -126,12 +126,13 @@ async def test_thousand_random_requests_match_unbatched(repo: Path, version: str
 
 
 class _RecordingModel:
-    """Doubles its input; records the batch sizes it was called with."""
+    """Doubles its input; records the batch sizes it was called with. Calls wait for `gate`."""
 
     platform = "python"
 
     def __init__(self) -> None:
         self.calls: list[int] = []
+        self.entered = threading.Event()
         self.gate = threading.Event()
 
     def metadata(self) -> dict[str, list[dict[str, Any]]]:
@@ -141,7 +142,8 @@ class _RecordingModel:
         return None
 
     def predict(self, inputs: dict[str, np.ndarray], requested: Any) -> dict[str, np.ndarray]:
-        self.gate.wait(5)
+        self.entered.set()
+        self.gate.wait(30)
         x = inputs["x"]
         self.calls.append(len(x))
         if np.any(x < 0):
@@ -163,24 +165,36 @@ async def recording() -> AsyncIterator[tuple[TestClient, _RecordingModel]]:
     await client.close()
 
 
+async def _poll(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 20) -> None:
+    """Wait until `condition()` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.01)
+
+
 async def test_requests_queue_while_model_busy_and_merge(
     recording: tuple[TestClient, _RecordingModel],
 ) -> None:
     client, model = recording
+
+    async def metrics() -> str:
+        return await (await client.get("/metrics")).text()
+
+    async def entered() -> bool:
+        return model.entered.is_set()
+
+    async def all_queued() -> bool:
+        return value(await metrics(), "infergate_model_queue_depth") == 7
+
     first = asyncio.create_task(client.post("/v2/models/rec/infer", json=_body([1])))
-    while not model.calls and not first.done():
-        await asyncio.sleep(0.01)
-        if not model.gate.is_set():
-            await asyncio.sleep(0.05)
-            break
+    await _poll(entered, "the first request is inside predict()")
     rest = [
         asyncio.create_task(client.post("/v2/models/rec/infer", json=_body([i, i + 1])))
         for i in range(10, 16)
     ]
     bad = asyncio.create_task(client.post("/v2/models/rec/infer", json=_body([-1])))
-    await asyncio.sleep(0.2)  # all queued behind the blocked first call
-    text = await (await client.get("/metrics")).text()
-    assert "infergate_model_queue_depth" in text
+    await _poll(all_queued, "the queue depth rises to 7, behind the blocked first call")
     model.gate.set()
     responses = [await t for t in [first, *rest, bad]]
     bodies = [await r.json() for r in responses]
@@ -189,6 +203,10 @@ async def test_requests_queue_while_model_busy_and_merge(
     for i, body in zip(range(10, 16), bodies[1:7], strict=True):
         assert body["outputs"][0]["data"] == [2 * i, 2 * i + 2]
     assert "negative" in bodies[7]["error"]
-    # first alone, then 8 rows (4 requests), then the rest merged with the bad one, which
-    # fails the merged call and is rerun alone
-    assert model.calls[0] == 1 and model.calls[1] == 8 and max(model.calls) <= 8
+    # first alone; then 8 rows (4 requests); then 2 + 2 + 1 rows merged with the bad one,
+    # which fails the merged call: each of those three is rerun alone
+    assert model.calls == [1, 8, 5, 2, 2, 1]
+    text = await metrics()
+    assert histogram(text, "infergate_model_batch_requests") == (1 + 4 + 3, 3)
+    assert histogram(text, "infergate_model_batch_size") == (1 + 8 + 5, 3)
+    assert value(text, "infergate_model_queue_depth") == 0

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -401,18 +401,21 @@ def test_load_model_errors(repo: Path) -> None:
 
 # --- serve() in a subprocess ---------------------------------------------------------------
 
-SLOW_MODULE = """
+GATED_MODULE = """
 import time
+from pathlib import Path
 import numpy as np
 
-class SlowModel:
+class GatedModel:
     n_features_in_ = 4
 
-    def __init__(self, seconds):
-        self.seconds = seconds
+    def __init__(self, gate):
+        self.gate = Path(gate)
 
     def predict(self, x):
-        time.sleep(self.seconds)
+        deadline = time.monotonic() + 30
+        while not self.gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return np.ones(len(x), dtype=np.int64)
 """
 
@@ -449,33 +452,48 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str, proc: subproces
     raise AssertionError("server did not become ready")
 
 
+async def _poll(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 20) -> None:
+    """Wait until `condition()` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.02)
+
+
 async def test_serve_drains_in_flight_request_on_sigterm(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "infergate_slow_model.py").write_text(SLOW_MODULE)
+    """On SIGTERM readiness turns 503 while a request is in predict(); it still finishes."""
+    (tmp_path / "infergate_gated_model.py").write_text(GATED_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    from infergate_slow_model import SlowModel  # type: ignore[import-not-found]
+    from infergate_gated_model import GatedModel  # type: ignore[import-not-found]
 
-    (tmp_path / "repo" / "slow" / "v7").mkdir(parents=True)
-    joblib.dump(SlowModel(2.0), tmp_path / "repo" / "slow" / "v7" / "model.joblib")
+    gate = tmp_path / "gate"  # predict() returns once this file exists
+    (tmp_path / "repo" / "gated" / "v7").mkdir(parents=True)
+    joblib.dump(GatedModel(str(gate)), tmp_path / "repo" / "gated" / "v7" / "model.joblib")
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = _start_server(tmp_path / "repo", "slow", "v7", port, tmp_path, drain_grace=0.5)
+    proc = _start_server(tmp_path / "repo", "gated", "v7", port, tmp_path, drain_grace=2.0)
     try:
         async with aiohttp.ClientSession() as session:
+
+            async def inflight() -> bool:
+                async with session.get(f"{base}/metrics") as resp:
+                    return metric(await resp.text(), "infergate_model_inflight_requests") == 1
+
+            async def not_ready() -> bool:
+                async with session.get(f"{base}/v2/health/ready") as resp:
+                    return resp.status == 503 and await resp.json() == {"ready": False}
+
             await _wait_ready(session, base, proc)
             pending = asyncio.create_task(
-                session.post(f"{base}/v2/models/slow/versions/v7/infer", json=_tensor())
+                session.post(f"{base}/v2/models/gated/versions/v7/infer", json=_tensor())
             )
-            while True:  # wait until the request is inside predict()
-                async with session.get(f"{base}/metrics") as resp:
-                    if metric(await resp.text(), "infergate_model_inflight_requests") == 1:
-                        break
-                await asyncio.sleep(0.02)
+            await _poll(inflight, "the request is inside predict()")
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.1)
-            async with session.get(f"{base}/v2/health/ready") as resp:
-                assert resp.status == 503 and await resp.json() == {"ready": False}
+            await _poll(not_ready, "readiness turns 503")
+            assert not pending.done()
+            gate.touch()
             resp = await pending
             assert resp.status == 200
             body = await resp.json()
