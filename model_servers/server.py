@@ -161,18 +161,22 @@ class _RestHandlers:
         return _json([r for r in rows if r["state"] == "READY" or not only_ready])
 
     async def repository_load(self, request: web.Request) -> web.Response:
-        await self._json_body(request)
-        name, version = self._model(request)
-        versions = await self.core.registry.load(name, version)
-        log.info("loaded %s versions %s", name, versions)
-        return _json({"name": name, "versions": versions, "state": "READY"})
+        return await self._repository_change(request, self.core.registry.load, "READY")
 
     async def repository_unload(self, request: web.Request) -> web.Response:
+        return await self._repository_change(request, self.core.registry.unload, "UNAVAILABLE")
+
+    async def _repository_change(
+        self,
+        request: web.Request,
+        change: Callable[[str, str | None], Awaitable[list[str]]],
+        state: str,
+    ) -> web.Response:
         await self._json_body(request)
         name, version = self._model(request)
-        versions = await self.core.registry.unload(name, version)
-        log.info("unloaded %s versions %s", name, versions)
-        return _json({"name": name, "versions": versions, "state": "UNAVAILABLE"})
+        versions = await change(name, version)
+        log.info("%s %s versions %s", change.__name__, name, versions)
+        return _json({"name": name, "versions": versions, "state": state})
 
     @staticmethod
     async def _json_body(request: web.Request) -> dict[str, Any]:

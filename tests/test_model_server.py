@@ -73,22 +73,6 @@ async def test_server_metadata(client: TestClient) -> None:
     assert {"model_repository", "binary_tensor_data"} <= set(body["extensions"])
 
 
-@pytest.mark.parametrize("path", ["/v2/models/iris", "/v2/models/iris/versions/v1"])
-async def test_model_metadata(client: TestClient, path: str) -> None:
-    resp = await client.get(path)
-    assert resp.status == 200
-    assert await resp.json() == {
-        "name": "iris",
-        "versions": ["v1"],
-        "platform": "sklearn",
-        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}],
-        "outputs": [
-            {"name": "predict", "datatype": "INT64", "shape": [-1]},
-            {"name": "predict_proba", "datatype": "FP64", "shape": [-1, 3]},
-        ],
-    }
-
-
 # --- inference ---------------------------------------------------------------------------
 
 
