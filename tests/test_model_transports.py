@@ -20,7 +20,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -191,16 +190,6 @@ def infer(name: str, version: str, x: np.ndarray, expected: Any) -> Case:
     return Case(rest, grpc_, expected)
 
 
-EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters"]
-
-
-def _version() -> str:
-    try:
-        return package_version("infergate")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 IRIS_V1 = {
     "name": "iris",
     "versions": ["v1"],
@@ -223,7 +212,11 @@ CASES = {
     "server metadata": Case(
         lambda s: _rest(s, "GET", "/v2")[1],
         lambda c: c.get_server_metadata(as_json=True),
-        {"name": "infergate", "version": _version(), "extensions": EXTENSIONS},
+        {
+            "name": "infergate",
+            "version": package_version("infergate"),
+            "extensions": ["model_repository", "binary_tensor_data", "parameters"],
+        },
     ),
     "model ready": model_ready("iris", "v2", True),
     "newest model ready": model_ready("iris", "", True),
