@@ -164,8 +164,9 @@ def model_metadata(name: str, version: str, expected: Any) -> Case:
 
     def grpc_(client: Any) -> Any:
         meta = _grpc_outcome(lambda: client.get_model_metadata(name, version, as_json=True))
-        for tensor in meta["inputs"] + meta["outputs"] if isinstance(meta, dict) else ():
-            tensor["shape"] = [int(d) for d in tensor["shape"]]  # int64 is a string in JSON
+        if isinstance(meta, dict):  # not an error
+            for tensor in meta["inputs"] + meta["outputs"]:
+                tensor["shape"] = [int(d) for d in tensor["shape"]]  # int64: a JSON string
         return meta
 
     return Case(rest, grpc_, expected)
