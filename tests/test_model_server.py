@@ -304,6 +304,39 @@ async def test_health_and_metrics_answer_while_model_is_busy() -> None:
         await client.close()
 
 
+class _ThreadRecordingModel:
+    """Echoes its input; records the thread that validated each request (part of decoding)."""
+
+    platform = "python"
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def metadata(self) -> dict[str, list[dict[str, Any]]]:
+        return {"inputs": [], "outputs": []}
+
+    def validate(self, inputs: dict[str, np.ndarray], requested: Any) -> None:
+        self.threads.append(threading.current_thread().name)
+
+    def predict(self, inputs: dict[str, np.ndarray], requested: Any) -> dict[str, np.ndarray]:
+        return {"y": inputs["x"]}
+
+
+async def test_large_bodies_are_decoded_off_the_event_loop() -> None:
+    """Over 64 KiB (DataPlane's INLINE_BYTES, for both transports) decoding leaves the loop."""
+    model = _ThreadRecordingModel()
+    client = await _client(LoadedModel("echo", "1", model))
+    try:
+        for n in (10, 20_000):  # a JSON body of about 100 bytes, and of over 100 KiB
+            tensor = {"name": "x", "datatype": "INT64", "shape": [n], "data": list(range(n))}
+            resp = await client.post("/v2/models/echo/infer", json={"inputs": [tensor]})
+            assert resp.status == 200 and (await resp.json())["outputs"][0]["shape"] == [n]
+    finally:
+        await client.close()
+    loop_thread = threading.current_thread().name
+    assert model.threads[0] == loop_thread and model.threads[1].startswith("predict")
+
+
 # --- protocol and repository units ----------------------------------------------------------
 
 
