@@ -1,47 +1,83 @@
-"""What each connected Envoy (node) has been sent, has ACKed, and has rejected."""
+"""What each Envoy (node) has been sent, has ACKed and has rejected: the `Callbacks` of
+every xDS stream, kept per node for `/status` (and readable by metrics).
+
+A node that disconnects stays listed, as disconnected, for `FORGET_AFTER` seconds.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from control_plane.callbacks import NodeInfo
 from control_plane.snapshot import SHORT_NAMES
+
+FORGET_AFTER = 600.0  # seconds a disconnected node stays in the registry
+
+
+@dataclass
+class Nack:
+    version: str
+    message: str
+    at: float
 
 
 @dataclass
 class TypeStatus:
+    """One resource type (cds, eds, lds, rds) of one node; times are wall-clock seconds."""
+
     sent_count: int = 0
     sent_version: str | None = None
+    sent_resources: int = 0  # in the last response (Delta: changed resources only)
+    sent_at: float | None = None
+    acked_count: int = 0
     acked_version: str | None = None
-    nack: dict[str, Any] | None = None
+    acked_at: float | None = None
+    nack_count: int = 0
+    nack: Nack | None = None  # the last NACK, until a later version is ACKed
 
 
 @dataclass
 class NodeStatus:
     node_id: str
     cluster: str
+    mode: str  # "sotw" or "delta"
+    listen: str | None  # the node's own `gateway` address, if it set one
     connected_since: float
     streams: int = 0
     disconnected_at: float | None = None
     types: dict[str, TypeStatus] = field(default_factory=dict)
 
-    def type(self, type_url: str) -> TypeStatus:
-        return self.types.setdefault(SHORT_NAMES.get(type_url, type_url), TypeStatus())
+    @property
+    def connected(self) -> bool:
+        return self.streams > 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def type(self, type_url: str) -> TypeStatus:
+        return self.types.setdefault(SHORT_NAMES[type_url], TypeStatus())
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        gone = self.disconnected_at  # None while connected (a reconnect is a new status)
         return {
             "node_id": self.node_id,
             "cluster": self.cluster,
-            "connected": self.streams > 0,
+            "mode": self.mode,
+            "listen": self.listen,
+            "connected": self.connected,
             "connected_since": self.connected_since,
-            "disconnected_at": self.disconnected_at,
+            "disconnected_at": gone,
+            "disconnected_for": None if gone is None else round(now - gone, 1),
             "types": {
                 name: {
                     "sent_count": t.sent_count,
                     "sent_version": t.sent_version,
+                    "sent_at": t.sent_at,
+                    "acked_count": t.acked_count,
                     "acked_version": t.acked_version,
-                    "nack": t.nack,
+                    "acked_at": t.acked_at,
+                    "nack_count": t.nack_count,
+                    "nack": t.nack and t.nack.__dict__,
                 }
                 for name, t in sorted(self.types.items())
             },
@@ -49,23 +85,59 @@ class NodeStatus:
 
 
 class NodeRegistry:
-    """Per-node xDS state, kept after a node disconnects so that status can show it."""
+    """Per-node xDS state, fed by stream callbacks (`control_plane.callbacks.Callbacks`)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, forget_after: float = FORGET_AFTER
+    ) -> None:
+        self.clock = clock
+        self.forget_after = forget_after
         self.nodes: dict[str, NodeStatus] = {}
 
-    def connected(self, node_id: str, cluster: str) -> NodeStatus:
-        node = self.nodes.get(node_id)
-        if node is None or node.streams == 0:
-            node = NodeStatus(node_id, cluster, time.time())
-            self.nodes[node_id] = node
-        node.streams += 1
-        return node
+    def on_connect(self, node: NodeInfo, mode: str) -> None:
+        self.forget_old()
+        status = self.nodes.get(node.id)
+        if status is None or not status.connected:
+            listen = str(node.listen) if node.listen else None
+            status = NodeStatus(node.id, node.cluster, mode, listen, self.clock())
+            self.nodes[node.id] = status
+        status.streams += 1
 
-    def disconnected(self, node: NodeStatus) -> None:
-        node.streams -= 1
-        if node.streams == 0:
-            node.disconnected_at = time.time()
+    def on_disconnect(self, node: NodeInfo) -> None:
+        status = self.nodes[node.id]
+        status.streams -= 1
+        if not status.connected:
+            status.disconnected_at = self.clock()
+
+    def on_sent(self, node: NodeInfo, type_url: str, version: str, resources: int) -> None:
+        status = self.nodes[node.id].type(type_url)
+        status.sent_count += 1
+        status.sent_version, status.sent_resources, status.sent_at = (
+            version,
+            resources,
+            self.clock(),
+        )
+
+    def on_ack(self, node: NodeInfo, type_url: str, version: str) -> None:
+        status = self.nodes[node.id].type(type_url)
+        status.acked_count += 1
+        status.acked_version, status.acked_at = version, self.clock()
+        if status.nack and status.nack.version != version:
+            status.nack = None
+
+    def on_nack(self, node: NodeInfo, type_url: str, version: str, message: str) -> None:
+        status = self.nodes[node.id].type(type_url)
+        status.nack_count += 1
+        status.nack = Nack(version, message, self.clock())
+
+    def forget_old(self) -> None:
+        """Drop nodes disconnected for longer than `forget_after`."""
+        cutoff = self.clock() - self.forget_after
+        for node_id, status in list(self.nodes.items()):
+            if status.disconnected_at is not None and status.disconnected_at < cutoff:
+                del self.nodes[node_id]
 
     def as_list(self) -> list[dict[str, Any]]:
-        return [n.as_dict() for _, n in sorted(self.nodes.items())]
+        self.forget_old()
+        now = self.clock()
+        return [n.as_dict(now) for _, n in sorted(self.nodes.items())]

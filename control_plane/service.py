@@ -14,6 +14,7 @@ import grpc
 from aiohttp import web
 
 from control_plane.admin import make_admin_app
+from control_plane.callbacks import Fanout, LogCallbacks
 from control_plane.config import ConfigError, Endpoint, RoutingConfig, load
 from control_plane.endpoints import EndpointRegistry
 from control_plane.gc_pause import paused_gc
@@ -169,7 +170,9 @@ class ControlPlane:
         await self.publish()
         self._dirty.clear()
         self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
-        self._grpc.add_generic_rpc_handlers([AdsServer(self.cache, self.registry).handler()])
+        self._grpc.add_generic_rpc_handlers(
+            [AdsServer(self.cache, Fanout(LogCallbacks(), self.registry)).handler()]
+        )
         address = f"{self.xds_address[0]}:{self.xds_address[1]}"
         if self.tls:
             self._grpc.add_secure_port(address, self.tls.credentials())

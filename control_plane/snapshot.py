@@ -12,9 +12,14 @@ import asyncio
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from functools import cached_property
 
-from control_plane.translate import Resources
+from google.protobuf.message import Message
+
+from control_plane.config import Endpoint
+from control_plane.translate import LISTENER_NAME, Resources, gateway_listener
+from control_plane.wire import encode_any
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -28,38 +33,9 @@ SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def encode_field(number: int, payload: bytes) -> bytes:
-    """Protobuf length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def encode_any(type_url: str, value: bytes) -> bytes:
-    """The wire bytes of a google.protobuf.Any."""
-    return encode_field(1, type_url.encode()) + encode_field(2, value)
-
-
 def new_epoch() -> str:
     """A token unique to this control-plane instance."""
     return f"{time.time_ns():x}{os.getpid():x}"[-12:]
-
-
-@dataclass(frozen=True)
-class TypeSnapshot:
-    """All resources of one type: the type's version, and per name the Any-encoded bytes
-    and the resource's own version (used by Delta xDS)."""
-
-    version: str
-    resources: dict[str, bytes]
-    versions: dict[str, str]
 
 
 def content_version(epoch: str, resources: dict[str, bytes]) -> str:
@@ -71,13 +47,44 @@ def content_version(epoch: str, resources: dict[str, bytes]) -> str:
 
 
 @dataclass(frozen=True, eq=False)
+class TypeSnapshot:
+    """All resources of one type: the type's version, and per name the Any-encoded bytes
+    and the resource's own version (used by Delta xDS). Compared by identity."""
+
+    version: str
+    resources: dict[str, bytes]
+    versions: dict[str, str]
+
+    @cached_property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.resources)
+
+
+def _type_snapshot(epoch: str, encoded: dict[str, bytes]) -> TypeSnapshot:
+    versions = {
+        name: f"{epoch}-{hashlib.sha256(blob).hexdigest()[:16]}" for name, blob in encoded.items()
+    }
+    return TypeSnapshot(content_version(epoch, encoded), encoded, versions)
+
+
+def _encode(type_url: str, named: dict[str, Message]) -> dict[str, bytes]:
+    return {
+        name: encode_any(type_url, msg.SerializeToString(deterministic=True))
+        for name, msg in named.items()
+    }
+
+
+def _overall_version(epoch: str, types: dict[str, TypeSnapshot]) -> str:
+    digest = hashlib.sha256(b"".join(t.version.encode() for t in types.values()))
+    return f"{epoch}-{digest.hexdigest()[:16]}"
+
+
+@dataclass(frozen=True, eq=False)
 class Snapshot:
     epoch: str
     version: str
     types: dict[str, TypeSnapshot]
-    warmup: dict[str, float]  # per cluster: see Resources.warmup
-    # What streams derive from this snapshot, computed once for all of them.
-    memo: dict = field(default_factory=dict)
+    health_check_timeouts: dict[str, float]  # per cluster: see Resources
 
 
 def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
@@ -88,39 +95,48 @@ def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
         LISTENER: resources.listeners,
         ROUTE: resources.routes,
     }
-    types: dict[str, TypeSnapshot] = {}
-    overall = hashlib.sha256()
-    for type_url, named in by_type.items():
-        encoded = {
-            name: encode_any(type_url, msg.SerializeToString(deterministic=True))
-            for name, msg in named.items()
-        }
-        version = content_version(epoch, encoded)
-        overall.update(version.encode())
-        versions = {
-            name: f"{epoch}-{hashlib.sha256(blob).hexdigest()[:16]}"
-            for name, blob in encoded.items()
-        }
-        types[type_url] = TypeSnapshot(version, encoded, versions)
-    version = f"{epoch}-{overall.hexdigest()[:16]}"
-    return Snapshot(epoch, version, types, dict(resources.warmup))
+    types = {t: _type_snapshot(epoch, _encode(t, named)) for t, named in by_type.items()}
+    return Snapshot(
+        epoch, _overall_version(epoch, types), types, dict(resources.health_check_timeouts)
+    )
+
+
+def with_listen(snapshot: Snapshot, listen: Endpoint) -> Snapshot:
+    """The snapshot for a node that serves the `gateway` listener on its own address:
+    only the listeners differ; every other type is the same object."""
+    listeners = dict(snapshot.types[LISTENER].resources)
+    listeners |= _encode(LISTENER, {LISTENER_NAME: gateway_listener(listen)})
+    types = {**snapshot.types, LISTENER: _type_snapshot(snapshot.epoch, listeners)}
+    return replace(snapshot, version=_overall_version(snapshot.epoch, types), types=types)
 
 
 class SnapshotCache:
-    """Holds the current snapshot; streams wait here for the next one."""
+    """Holds the current snapshot; streams wait here for the next one. Per-node variants
+    (a node's own `listen`) are derived once per snapshot and address, on first use."""
 
     def __init__(self) -> None:
         self._snapshot: Snapshot | None = None
+        self._variants: dict[Endpoint, Snapshot] = {}
         self._changed = asyncio.Event()
 
     @property
     def snapshot(self) -> Snapshot | None:
         return self._snapshot
 
+    def for_node(self, listen: Endpoint | None) -> Snapshot | None:
+        """The current snapshot as the node with this `listen` override should see it."""
+        if listen is None or self._snapshot is None:
+            return self._snapshot
+        variant = self._variants.get(listen)
+        if variant is None:
+            variant = self._variants[listen] = with_listen(self._snapshot, listen)
+        return variant
+
     def set(self, snapshot: Snapshot) -> None:
         if self._snapshot and snapshot.version == self._snapshot.version:
             return
         self._snapshot = snapshot
+        self._variants = {}
         self._changed.set()
         self._changed = asyncio.Event()
 

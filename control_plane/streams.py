@@ -1,85 +1,63 @@
 """Per-stream xDS state machines: state of the world (SotW) and incremental (Delta).
 
-Both share the rules that keep Envoy serving (Envoy's xds_protocol docs):
+A stream is pure protocol state: the server hands it requests and the snapshot it should
+converge to (`target`), and asks it for the responses due now (`responses()`). It reads
+time only from its injected clock, and reports what happens through `Callbacks`.
+
+Both variants share the rules that keep Envoy serving (Envoy's xds_protocol docs):
 - ACK / NACK: a request answering the last response of its type; a NACK carries
-  `error_detail`. It is recorded with Envoy's message and the rejected content is not
+  `error_detail`. It is reported with Envoy's message and the rejected content is not
   resent; the next change is.
 - Stale nonces: a request answering an older response is not an ACK or NACK. SotW
   ignores it; Delta still applies its subscription changes.
 - Make-before-break: responses go out in CDS, EDS, LDS, RDS order, one in flight per
   type. RDS waits until Envoy has ACKed clusters and endpoints for every cluster the
   routes name (Envoy ACKs CDS once new clusters are warm, which needs their EDS, so
-  EDS never waits for the CDS ACK); clusters that the ACKed routes still name stay in
-  CDS until Envoy ACKs routes without them.
+  EDS never waits for the CDS ACK), then for the first health check of clusters that
+  the routes Envoy runs do not name yet (their timeout plus WARMUP_MARGIN after their
+  endpoints were ACKed). Clusters that the ACKed routes still name stay in CDS until
+  Envoy ACKs routes without them.
 - After a CDS push, EDS is resent (SotW: all; Delta: the changed clusters), so that
   re-warming clusters get their endpoints.
 """
 
 from __future__ import annotations
 
-import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
+from weakref import WeakKeyDictionary
 
 from envoy.service.discovery.v3.discovery_pb2 import (
     DeltaDiscoveryRequest,
     DiscoveryRequest,
 )
 
-from control_plane.nodes import NodeStatus
+from control_plane.callbacks import Callbacks, NodeInfo
 from control_plane.snapshot import (
     CLUSTER,
     ENDPOINT,
     PUSH_ORDER,
     ROUTE,
-    SHORT_NAMES,
     WILDCARD_TYPES,
     Snapshot,
-    SnapshotCache,
+    TypeSnapshot,
     content_version,
-    encode_field,
 )
-
-log = logging.getLogger("infergate.xds")
+from control_plane.wire import encode_delta_response, encode_sotw_body, with_nonce
 
 WILDCARD = "*"
+# Routes wait this long beyond a new cluster's health-check timeout (Envoy's first check
+# must have finished and marked the cluster warm).
+WARMUP_MARGIN = 0.05
 
-
-def encode_sotw_body(version: str, resources: list[bytes], type_url: str) -> bytes:
-    """A DiscoveryResponse from pre-encoded Any resources, all but its nonce: protobuf
-    fields may come in any order, so each stream appends its own nonce field."""
-    parts = [encode_field(1, version.encode())]
-    parts += [encode_field(2, blob) for blob in resources]
-    parts.append(encode_field(4, type_url.encode()))
-    return b"".join(parts)
+Clock = Callable[[], float]  # monotonic seconds
 
 
 def nack_message(req: DiscoveryRequest | DeltaDiscoveryRequest) -> str | None:
     """Envoy's error text when the request rejects the last response, else None."""
     error = req.error_detail
     return error.message if error.code or error.message else None
-
-
-def encode_delta_response(
-    version: str,
-    resources: dict[str, tuple[str, bytes]],
-    removed: list[str],
-    type_url: str,
-    nonce: str,
-) -> bytes:
-    """The wire bytes of a DeltaDiscoveryResponse; `resources` maps name -> (version, Any)."""
-    parts = [encode_field(1, version.encode())]
-    for name, (res_version, blob) in resources.items():
-        resource = (
-            encode_field(1, res_version.encode())
-            + encode_field(2, blob)
-            + encode_field(3, name.encode())
-        )
-        parts.append(encode_field(2, resource))
-    parts.append(encode_field(4, type_url.encode()))
-    parts.append(encode_field(5, nonce.encode()))
-    parts += [encode_field(6, name.encode()) for name in removed]
-    return b"".join(parts)
 
 
 @dataclass
@@ -99,7 +77,64 @@ class Desired:
         if self._sotw_body is None:
             blobs = [blob for _, blob in self.resources.values()]
             self._sotw_body = encode_sotw_body(self.version, blobs, type_url)
-        return self._sotw_body + encode_field(5, nonce.encode())
+        return with_nonce(self._sotw_body, nonce)
+
+
+DesiredKey = tuple[frozenset[str] | None, str | None]  # subscribed names, lingering version
+
+
+def _compute_desired(
+    epoch: str, typed: TypeSnapshot, names: frozenset[str] | None, lingering: TypeSnapshot | None
+) -> Desired:
+    available = {n: (typed.versions[n], b) for n, b in typed.resources.items()}
+    version = typed.version
+    if lingering is not None:
+        extras = {
+            n: (lingering.versions[n], b)
+            for n, b in lingering.resources.items()
+            if n not in available
+        }
+        if extras:
+            available.update(extras)
+            version = content_version(epoch, {n: b for n, (_, b) in available.items()})
+    if names is not None:
+        available = {n: available[n] for n in sorted(names) if n in available}
+    return Desired(version, available)
+
+
+class DesiredCache:
+    """What streams derive from snapshots: per type's resources, subscribed names and
+    lingering resources, the `Desired` answer, computed once and shared by every stream in
+    that state. Entries live as long as their snapshot's resources."""
+
+    def __init__(self) -> None:
+        self._by_type: WeakKeyDictionary[TypeSnapshot, dict[DesiredKey, Desired]] = (
+            WeakKeyDictionary()
+        )
+
+    def get(
+        self,
+        epoch: str,
+        typed: TypeSnapshot,
+        names: frozenset[str] | None,
+        lingering: TypeSnapshot | None,
+    ) -> Desired:
+        memo = self._by_type.get(typed)
+        if memo is None:
+            memo = self._by_type[typed] = {}
+        key = (names, lingering.version if lingering else None)
+        desired = memo.get(key)
+        if desired is None:
+            desired = memo[key] = _compute_desired(epoch, typed, names, lingering)
+        return desired
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """The responses due now, and when to look again if routes are held back."""
+
+    responses: list[bytes]
+    wake_after: float | None = None  # seconds until held-back routes may go out
 
 
 @dataclass
@@ -114,92 +149,67 @@ class TypeState:
     sent_names: frozenset[str] = frozenset()
     sent_snapshot: Snapshot | None = None
     acked_names: frozenset[str] | None = None
-    acked_at: dict[str, float] = field(default_factory=dict)  # name -> first ACKed (monotonic)
+    acked_at: dict[str, float] = field(default_factory=dict)  # name -> first ACKed (clock)
     known: dict[str, str] = field(default_factory=dict)  # Delta: name -> version Envoy has
 
 
-@dataclass
 class Stream:
     """What is common to both protocol variants."""
 
-    cache: SnapshotCache
-    node: NodeStatus | None = None
-    types: dict[str, TypeState] = field(default_factory=dict)
-    routes_acked: Snapshot | None = None  # snapshot of the last RDS that Envoy ACKed
-    nonce: int = 0
-    wake_after: float | None = None  # seconds until held-back routes may go out
+    mode: ClassVar[str]
+
+    def __init__(
+        self,
+        node: NodeInfo,
+        callbacks: Callbacks,
+        clock: Clock,
+        cache: DesiredCache | None = None,
+    ) -> None:
+        self.node = node
+        self.callbacks = callbacks
+        self.clock = clock
+        self.cache = cache or DesiredCache()
+        self.target: Snapshot | None = None  # the snapshot to converge to
+        self.types: dict[str, TypeState] = {}
+        self.routes_acked: Snapshot | None = None  # snapshot of the last RDS Envoy ACKed
+        self.nonce = 0
+
+    def open(self) -> None:
+        self.callbacks.on_connect(self.node, self.mode)
+
+    def close(self) -> None:
+        self.callbacks.on_disconnect(self.node)
 
     def _answer(self, type_url: str, state: TypeState, error_message: str | None) -> None:
         """Record the ACK or NACK of the last response of a type."""
         state.pending = False
         version = state.sent_version or ""
         if error_message is not None:
-            node_id = self.node.node_id if self.node else "?"
-            log.warning(
-                "NACK from %s for %s %s: %s", node_id, SHORT_NAMES[type_url], version, error_message
-            )
-            if self.node:
-                self.node.type(type_url).nack = {"version": version, "message": error_message}
+            self.callbacks.on_nack(self.node, type_url, version, error_message)
             return
-        now = time.monotonic()
+        now = self.clock()
         state.acked_at = {n: state.acked_at.get(n, now) for n in state.sent_names}
         state.acked_names = state.sent_names
         if type_url == ROUTE:
             self.routes_acked = state.sent_snapshot
-        if self.node:
-            status = self.node.type(type_url)
-            status.acked_version = version
-            if status.nack and status.nack["version"] != version:
-                status.nack = None
+        self.callbacks.on_ack(self.node, type_url, version)
 
-    def _desired(self, type_url: str, snapshot: Snapshot) -> Desired | None:
-        """What the stream should have for a type, or None to hold it back."""
-        if type_url == ROUTE:
-            wait = self._routes_wait(snapshot)
-            if wait is None or wait > 0:
-                self.wake_after = wait
-                return None
-        names = self.types[type_url].names
-        acked = self.routes_acked
-        lingering = type_url in (CLUSTER, ENDPOINT) and acked is not None and acked is not snapshot
-        key = (
-            type_url,
-            names,
-            acked.version if lingering else None,
-        )
-        desired = snapshot.memo.get(key)  # streams in the same state share one answer
-        if desired is None:
-            desired = snapshot.memo[key] = self._compute_desired(
-                type_url, snapshot, names, acked if lingering else None
-            )
-        return desired
-
-    @staticmethod
-    def _compute_desired(
-        type_url: str, snapshot: Snapshot, names: frozenset[str] | None, acked: Snapshot | None
-    ) -> Desired:
+    def _desired(self, type_url: str, snapshot: Snapshot) -> Desired:
+        """What the stream should have for a type: the snapshot's resources, plus, for
+        clusters and endpoints, those that the routes Envoy runs still name."""
         typed = snapshot.types[type_url]
-        available = {n: (typed.versions[n], b) for n, b in typed.resources.items()}
-        version = typed.version
-        if acked is not None:
-            old = acked.types[type_url]
-            extras = {
-                n: (old.versions[n], b) for n, b in old.resources.items() if n not in available
-            }
-            if extras:
-                available.update(extras)
-                version = content_version(snapshot.epoch, {n: b for n, (_, b) in available.items()})
-        if names is not None:
-            available = {n: available[n] for n in sorted(names) if n in available}
-        return Desired(version, available)
+        lingering = None
+        if type_url in (CLUSTER, ENDPOINT) and self.routes_acked is not None:
+            old = self.routes_acked.types[type_url]
+            lingering = old if old.version != typed.version else None
+        names = self.types[type_url].names
+        return self.cache.get(snapshot.epoch, typed, names, lingering)
 
     def _routes_wait(self, snapshot: Snapshot) -> float | None:
         """Seconds until routes may name every cluster of `snapshot`: None while Envoy has
         not ACKed clusters and endpoints for all of them; then the rest of the warm-up
         (first active health check) of clusters that the routes it runs do not name yet."""
-        needed = snapshot.memo.get("clusters")
-        if needed is None:
-            needed = snapshot.memo["clusters"] = frozenset(snapshot.types[CLUSTER].resources)
+        needed = snapshot.types[CLUSTER].names
         if not needed:
             return 0.0
         for type_url in (CLUSTER, ENDPOINT):
@@ -212,9 +222,14 @@ class Stream:
             return 0.0  # Envoy's own start-up waits for clusters to warm
         running = self.routes_acked.types[CLUSTER].resources
         acked_at = self.types[ENDPOINT].acked_at
-        now = time.monotonic()
+        timeouts = snapshot.health_check_timeouts
+        now = self.clock()
         return max(
-            [acked_at[n] + snapshot.warmup.get(n, 0.0) - now for n in needed if n not in running],
+            [
+                acked_at[n] + timeouts[n] + WARMUP_MARGIN - now
+                for n in needed
+                if n not in running and n in timeouts
+            ],
             default=0.0,
         )
 
@@ -231,32 +246,32 @@ class Stream:
         version: str,
         names: frozenset[str],
         snapshot: Snapshot,
+        resources: int,
     ) -> None:
         state.sent_version, state.sent_names, state.sent_snapshot = version, names, snapshot
-        if self.node:
-            status = self.node.type(type_url)
-            status.sent_version = version
-            status.sent_count += 1
+        self.callbacks.on_sent(self.node, type_url, version, resources)
 
-    def responses(self) -> list[bytes]:
+    def responses(self) -> Outgoing:
         """The responses due now, in make-before-break order. A type with a response in
         flight waits for its ACK or NACK; the next change then goes out as one response."""
-        snapshot = self.cache.snapshot
-        self.wake_after = None
+        snapshot = self.target
         if snapshot is None:
-            return []
+            return Outgoing([])
         out = []
+        wake_after = None
         for type_url in PUSH_ORDER:
             state = self.types.get(type_url)
             if state is None or state.pending:
                 continue
-            want = self._desired(type_url, snapshot)
-            if want is None:
-                continue
-            response = self._respond(type_url, state, want, snapshot)
+            if type_url == ROUTE:
+                wait = self._routes_wait(snapshot)
+                if wait is None or wait > 0:
+                    wake_after = wait
+                    continue
+            response = self._respond(type_url, state, self._desired(type_url, snapshot), snapshot)
             if response is not None:
                 out.append(response)
-        return out
+        return Outgoing(out, wake_after)
 
     def _respond(
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot
@@ -265,6 +280,8 @@ class Stream:
 
 
 class SotwStream(Stream):
+    mode = "sotw"
+
     def handle_request(self, req: DiscoveryRequest) -> None:
         state = self.types.setdefault(req.type_url, TypeState())
         if req.response_nonce and req.response_nonce != state.last_nonce:
@@ -282,13 +299,15 @@ class SotwStream(Stream):
             return None
         state.force = False
         nonce = self._next_nonce(state)
-        self._sent(type_url, state, want.version, names, snapshot)
+        self._sent(type_url, state, want.version, names, snapshot, len(names))
         if type_url == CLUSTER and ENDPOINT in self.types:
             self.types[ENDPOINT].force = True
         return want.sotw_response(type_url, nonce)
 
 
 class DeltaStream(Stream):
+    mode = "delta"
+
     def handle_request(self, req: DeltaDiscoveryRequest) -> None:
         state = self.types.get(req.type_url)
         if state is None:
@@ -329,5 +348,5 @@ class DeltaStream(Stream):
             for name in changed:  # re-warming clusters need their endpoints again
                 self.types[ENDPOINT].known.pop(name, None)
         nonce = self._next_nonce(state)
-        self._sent(type_url, state, want.version, frozenset(state.known), snapshot)
+        self._sent(type_url, state, want.version, frozenset(state.known), snapshot, len(changed))
         return encode_delta_response(want.version, changed, removed, type_url, nonce)

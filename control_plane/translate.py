@@ -82,7 +82,6 @@ from control_plane.resilience import Resilience, Retries
 
 LISTENER_NAME = "gateway"
 ROUTE_CONFIG_NAME = "gateway-routes"
-WARMUP_MARGIN = 0.05
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 LB_POLICIES = {
     "least_request": Cluster.LEAST_REQUEST,
@@ -99,9 +98,9 @@ class Resources:
     endpoints: dict[str, ClusterLoadAssignment]
     listeners: dict[str, Listener]
     routes: dict[str, RouteConfiguration]
-    # Seconds a new cluster may stay warming after its endpoints arrive (its first active
-    # health check); routes name a new cluster only after that.
-    warmup: dict[str, float]
+    # Per actively health-checked cluster, its health-check timeout: how long a new
+    # cluster may stay warming in Envoy after its endpoints arrive (its first check).
+    health_check_timeouts: dict[str, float]
 
 
 def cluster_name(model: str, version: str) -> str:
@@ -412,7 +411,7 @@ def _grpc_route_config(model: Model) -> RouteConfiguration:
 class _ModelResources:
     clusters: dict[str, Cluster]
     endpoints: dict[str, ClusterLoadAssignment]
-    warmup: dict[str, float]
+    health_check_timeouts: dict[str, float]
     routes: list[Route]
     listeners: dict[str, Listener]
     route_configs: dict[str, RouteConfiguration]
@@ -427,12 +426,12 @@ def _translate_model(model: Model) -> _ModelResources:
     for version in model.versions:
         name = cluster_name(model.name, version.name)
         out.clusters[name] = _cluster(name, model.resilience)
-        out.warmup[name] = check.timeout + WARMUP_MARGIN if check.enabled else 0.0
+        if check.enabled:
+            out.health_check_timeouts[name] = check.timeout
         out.endpoints[name] = _load_assignment(name, version.endpoints)
         if model.grpc_listen:
             name = grpc_cluster_name(model.name, version.name)
             out.clusters[name] = _grpc_cluster(name, model.resilience)
-            out.warmup[name] = 0.0
             out.endpoints[name] = _load_assignment(name, version.grpc_endpoints)
     if model.grpc_listen:
         routes = _grpc_route_config(model)
@@ -445,7 +444,7 @@ def translate(config: RoutingConfig) -> Resources:
     """Build every Envoy resource for a routing config."""
     clusters: dict[str, Cluster] = {}
     endpoints: dict[str, ClusterLoadAssignment] = {}
-    warmup: dict[str, float] = {}
+    timeouts: dict[str, float] = {}
     routes: list[Route] = []
     listeners: dict[str, Listener] = {}
     route_configs: dict[str, RouteConfiguration] = {}
@@ -453,7 +452,7 @@ def translate(config: RoutingConfig) -> Resources:
         part = _translate_model(model)
         clusters.update(part.clusters)
         endpoints.update(part.endpoints)
-        warmup.update(part.warmup)
+        timeouts.update(part.health_check_timeouts)
         routes += part.routes
         listeners.update(part.listeners)
         route_configs.update(part.route_configs)
@@ -463,11 +462,16 @@ def translate(config: RoutingConfig) -> Resources:
             VirtualHost(name="models", domains=["*"], routes=[*_health_routes(), *routes])
         ],
     )
-    listeners[LISTENER_NAME] = _listener(LISTENER_NAME, config.listen, ROUTE_CONFIG_NAME)
+    listeners[LISTENER_NAME] = gateway_listener(config.listen)
     return Resources(
         clusters=clusters,
         endpoints=endpoints,
         listeners=listeners,
         routes=route_configs,
-        warmup=warmup,
+        health_check_timeouts=timeouts,
     )
+
+
+def gateway_listener(address: ServerAddress) -> Listener:
+    """The `gateway` listener on `address` (the YAML's `listen`, or a node's own)."""
+    return _listener(LISTENER_NAME, address, ROUTE_CONFIG_NAME)

@@ -1,12 +1,15 @@
 """The ADS gRPC service: state-of-the-world and Delta streams over grpcio (asyncio).
 
-The server never builds resources: each stream's state machine (`streams.py`) picks
-bytes from the cache's current snapshot.
+The server only moves events: requests and new snapshots go into one stream's state
+machine (`streams.py`), which answers with bytes picked from the snapshot; what happens
+on the stream is reported through `Callbacks` (the node registry, the log).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,25 +18,29 @@ from envoy.service.discovery.v3.discovery_pb2 import (
     DiscoveryRequest,
 )
 
-from control_plane.nodes import NodeRegistry
+from control_plane.callbacks import Callbacks, NodeInfo
 from control_plane.snapshot import SnapshotCache
-from control_plane.streams import DeltaStream, SotwStream, Stream
+from control_plane.streams import Clock, DeltaStream, DesiredCache, SotwStream, Stream
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 WAKE = "wake"  # an event that only makes a stream look at its state again
+
+log = logging.getLogger("infergate.xds")
 
 
 class AdsServer:
     """grpcio handlers for AggregatedDiscoveryService, serving a SnapshotCache."""
 
-    def __init__(self, cache: SnapshotCache, registry: NodeRegistry):
+    def __init__(self, cache: SnapshotCache, callbacks: Callbacks, clock: Clock = time.monotonic):
         self.cache = cache
-        self.registry = registry
+        self.callbacks = callbacks
+        self.clock = clock
+        self.desired = DesiredCache()  # shared by all streams
 
     def handler(self) -> grpc.GenericRpcHandler:
         def method(stream_class: type[Stream], request_class) -> grpc.RpcMethodHandler:
             async def serve(requests, context):
-                async for response in self._serve(stream_class(self.cache), requests):
+                async for response in self._serve(stream_class, requests, context):
                     yield response
 
             return grpc.stream_stream_rpc_method_handler(
@@ -48,7 +55,20 @@ class AdsServer:
             },
         )
 
-    async def _serve(self, stream: Stream, requests: AsyncIterator) -> AsyncIterator[bytes]:
+    async def _open(self, stream_class: type[Stream], first, context) -> Stream:
+        """The stream of the node named in the first request; a bad node ends the call."""
+        try:
+            node = NodeInfo.from_proto(first.node)
+        except ValueError as exc:
+            log.warning("refused an xDS stream: %s", exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        stream = stream_class(node, self.callbacks, self.clock, self.desired)
+        stream.open()
+        return stream
+
+    async def _serve(
+        self, stream_class: type[Stream], requests: AsyncIterator, context
+    ) -> AsyncIterator[bytes]:
         """Feed requests and new snapshots into one stream; yield its responses."""
         events: asyncio.Queue[object] = asyncio.Queue()
 
@@ -68,22 +88,27 @@ class AdsServer:
         tasks = [asyncio.create_task(read()), asyncio.create_task(watch())]
         loop = asyncio.get_running_loop()
         wake: asyncio.TimerHandle | None = None
+        stream: Stream | None = None
         try:
             while (event := await events.get()) is not None:
                 if isinstance(event, DiscoveryRequest | DeltaDiscoveryRequest):
-                    if stream.node is None and event.HasField("node"):
-                        stream.node = self.registry.connected(event.node.id, event.node.cluster)
+                    if stream is None:
+                        stream = await self._open(stream_class, event, context)
                     stream.handle_request(event)
-                for response in stream.responses():
+                if stream is None:
+                    continue
+                stream.target = self.cache.for_node(stream.node.listen)
+                out = stream.responses()
+                for response in out.responses:
                     yield response
                 if wake:
                     wake.cancel()
-                if stream.wake_after:  # routes held back while new clusters warm up
-                    wake = loop.call_later(stream.wake_after, events.put_nowait, WAKE)
+                if out.wake_after:  # routes held back while new clusters warm up
+                    wake = loop.call_later(out.wake_after, events.put_nowait, WAKE)
         finally:
             if wake:
                 wake.cancel()
             for task in tasks:
                 task.cancel()
-            if stream.node:
-                self.registry.disconnected(stream.node)
+            if stream:
+                stream.close()

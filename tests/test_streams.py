@@ -1,0 +1,466 @@
+"""The xDS stream state machines driven directly: no sockets, no sleeps, a fake clock.
+
+A `Peer` plays Envoy's side of one ADS stream (SotW or Delta) and decodes what the
+stream sends; `Recorder` is the stream's callbacks. The node registry (the callbacks
+that `/status` reads) and per-node listener variants are tested here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.service.discovery.v3.discovery_pb2 import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    DiscoveryRequest,
+    DiscoveryResponse,
+)
+from google.protobuf.any_pb2 import Any
+
+from control_plane.callbacks import LISTEN_METADATA, NodeInfo
+from control_plane.config import Endpoint, parse
+from control_plane.nodes import FORGET_AFTER, NodeRegistry
+from control_plane.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SHORT_NAMES,
+    Snapshot,
+    SnapshotCache,
+    build_snapshot,
+)
+from control_plane.streams import WARMUP_MARGIN, DeltaStream, DesiredCache, SotwStream
+from control_plane.translate import LISTENER_NAME, ROUTE_CONFIG_NAME, translate
+from tests.test_config import BASE as TWO_VERSIONS
+
+EPOCH = "e1"
+NO_CHECKS = TWO_VERSIONS + "    resilience: {health_check: false}\n"
+MODES = pytest.mark.parametrize("mode", ["sotw", "delta"])
+MESSAGES = {
+    CLUSTER: (Cluster, "name"),
+    ENDPOINT: (ClusterLoadAssignment, "cluster_name"),
+    LISTENER: (Listener, "name"),
+    ROUTE: (RouteConfiguration, "name"),
+}
+
+
+def snap(text: str, epoch: str = EPOCH) -> Snapshot:
+    return build_snapshot(translate(parse(text)), epoch)
+
+
+def with_v3(text: str) -> str:
+    """A third version taking traffic."""
+    return text.replace("      v2:", "      v3: {endpoints: [127.0.0.1:9003]}\n      v2:").replace(
+        "v2: 10}", "v2: 5, v3: 5}"
+    )
+
+
+def without_v2(text: str) -> str:
+    return text.replace("      v2: {endpoints: [127.0.0.1:9002]}\n", "").replace(
+        "{v1: 90, v2: 10}", "{v1: 100}"
+    )
+
+
+def weights(text: str, v1: int, v2: int) -> str:
+    return text.replace("90, v2: 10", f"{v1}, v2: {v2}")
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Recorder:
+    """The stream's callbacks, as a list of events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_connect(self, node: NodeInfo, mode: str) -> None:
+        self.events.append(("connect", node.id, mode))
+
+    def on_disconnect(self, node: NodeInfo) -> None:
+        self.events.append(("disconnect", node.id))
+
+    def on_sent(self, node: NodeInfo, type_url: str, version: str, resources: int) -> None:
+        self.events.append(("sent", SHORT_NAMES[type_url], version))
+
+    def on_ack(self, node: NodeInfo, type_url: str, version: str) -> None:
+        self.events.append(("ack", SHORT_NAMES[type_url], version))
+
+    def on_nack(self, node: NodeInfo, type_url: str, version: str, message: str) -> None:
+        self.events.append(("nack", SHORT_NAMES[type_url], version, message))
+
+
+@dataclass
+class Sent:
+    """One decoded response: its type (cds, eds, lds, rds), resource names, removals."""
+
+    type: str
+    names: set[str]
+    removed: set[str]
+    version: str
+
+
+class Peer:
+    """Envoy's side of one stream: sends requests as Envoy does, decodes the responses."""
+
+    def __init__(self, mode: str, snapshot: Snapshot, clock: FakeClock | None = None) -> None:
+        self.delta = mode == "delta"
+        self.clock = clock or FakeClock()
+        self.callbacks = Recorder()
+        stream_class = DeltaStream if self.delta else SotwStream
+        self.stream = stream_class(NodeInfo("envoy-1"), self.callbacks, self.clock)
+        self.stream.target = snapshot
+        self.stream.open()
+        self.names: dict[str, list[str]] = {}
+        self.nonces: dict[str, str] = {}  # of the last response per type
+        self.wake_after: float | None = None
+
+    def request(
+        self,
+        type_url: str,
+        names: list[str] | None = None,
+        nonce: str | None = None,
+        error: str | None = None,
+        initial: dict[str, str] | None = None,
+    ) -> None:
+        """Subscribe to `names` (None: as before), answering the response with `nonce`
+        (default: the last one of this type)."""
+        nonce = self.nonces.get(type_url, "") if nonce is None else nonce
+        before = set(self.names.get(type_url, ()))
+        if names is not None:
+            self.names[type_url] = names
+        if self.delta:
+            req = DeltaDiscoveryRequest(
+                type_url=type_url, response_nonce=nonce, initial_resource_versions=initial or {}
+            )
+            if names is not None:
+                req.resource_names_subscribe.extend(sorted(set(names) - before))
+                req.resource_names_unsubscribe.extend(sorted(before - set(names)))
+        else:
+            req = DiscoveryRequest(
+                type_url=type_url, resource_names=self.names.get(type_url, []), response_nonce=nonce
+            )
+        if error:
+            req.error_detail.code, req.error_detail.message = 3, error
+        self.stream.handle_request(req)
+
+    def ack(self, type_url: str) -> None:
+        self.request(type_url)
+
+    def nack(self, type_url: str, message: str) -> None:
+        self.request(type_url, error=message)
+
+    def pump(self) -> list[Sent]:
+        """The responses due now, decoded."""
+        out = self.stream.responses()
+        self.wake_after = out.wake_after
+        sent = []
+        for blob in out.responses:
+            if self.delta:
+                resp = DeltaDiscoveryResponse.FromString(blob)
+                names = {r.name for r in resp.resources}
+                removed = set(resp.removed_resources)
+                version = resp.system_version_info
+            else:
+                resp = DiscoveryResponse.FromString(blob)
+                message, attribute = MESSAGES[resp.type_url]
+                names = {getattr(message.FromString(a.value), attribute) for a in resp.resources}
+                removed, version = set(), resp.version_info
+            self.nonces[resp.type_url] = resp.nonce
+            sent.append(Sent(SHORT_NAMES[resp.type_url], names, removed, version))
+        return sent
+
+    def types(self) -> list[str]:
+        return [s.type for s in self.pump()]
+
+    def retarget(self, text: str) -> None:
+        self.stream.target = snap(text)
+
+    def converge(self) -> dict[str, Sent]:
+        """The initial handshake in Envoy's order; returns the response per type."""
+        last = {}
+        self.request(CLUSTER)
+        (last["cds"],) = self.pump()
+        self.request(ENDPOINT, sorted(last["cds"].names))
+        (last["eds"],) = self.pump()
+        self.ack(ENDPOINT)
+        self.ack(CLUSTER)  # Envoy ACKs clusters once they are warm
+        self.request(LISTENER)
+        (last["lds"],) = self.pump()
+        self.ack(LISTENER)
+        self.request(ROUTE, [ROUTE_CONFIG_NAME])
+        (last["rds"],) = self.pump()
+        self.ack(ROUTE)
+        assert self.pump() == []
+        return last
+
+    def add_v3_and_subscribe(self, text: str) -> list[str]:
+        """Retarget to a config with v3; ask for its endpoints; ACK them. Returns the types
+        sent right after the retarget."""
+        self.retarget(with_v3(text))
+        first = self.types()
+        assert first[0] == "cds"
+        self.request(ENDPOINT, ["iris/v1", "iris/v2", "iris/v3"])
+        (eds,) = self.pump()
+        assert eds.type == "eds" and "iris/v3" in eds.names
+        self.ack(ENDPOINT)
+        return first
+
+
+# --- the rules -------------------------------------------------------------------------
+
+
+@MODES
+def test_handshake_sends_each_type_once_and_reports_every_event(mode):
+    peer = Peer(mode, snap(TWO_VERSIONS))
+    last = peer.converge()
+    assert last["cds"].names == last["eds"].names == {"iris/v1", "iris/v2"}
+    assert last["rds"].names == {ROUTE_CONFIG_NAME}
+    peer.stream.close()
+    events = peer.callbacks.events
+    assert events[0] == ("connect", "envoy-1", mode) and events[-1] == ("disconnect", "envoy-1")
+    assert [e[:2] for e in events[1:-1]] == [
+        ("sent", "cds"),
+        ("sent", "eds"),
+        ("ack", "eds"),
+        ("ack", "cds"),
+        ("sent", "lds"),
+        ("ack", "lds"),
+        ("sent", "rds"),
+        ("ack", "rds"),
+    ]
+    assert all(e[2].startswith(EPOCH + "-") for e in events[1:-1])
+
+
+@MODES
+def test_nack_is_reported_and_not_resent_until_the_next_change(mode):
+    peer = Peer(mode, snap(TWO_VERSIONS))
+    peer.converge()
+    peer.retarget(weights(TWO_VERSIONS, 50, 50))
+    (rejected,) = peer.pump()
+    assert rejected.type == "rds"
+    peer.nack(ROUTE, "weights rejected for test")
+    assert peer.callbacks.events[-1] == (
+        "nack",
+        "rds",
+        rejected.version,
+        "weights rejected for test",
+    )
+    assert peer.pump() == [] and peer.pump() == []  # never resent in a loop
+    peer.retarget(weights(TWO_VERSIONS, 40, 60))
+    (fixed,) = peer.pump()
+    assert fixed.type == "rds" and fixed.version != rejected.version
+    peer.ack(ROUTE)
+    assert peer.callbacks.events[-1] == ("ack", "rds", fixed.version)
+
+
+def test_sotw_ignores_a_request_with_a_stale_nonce():
+    peer = Peer("sotw", snap(TWO_VERSIONS))
+    last = peer.converge()
+    events = len(peer.callbacks.events)
+    # Answering an old response (here CDS's nonce on EDS), asking for other names.
+    peer.request(ENDPOINT, ["iris/v1"], nonce=peer.nonces[CLUSTER])
+    assert peer.pump() == [] and len(peer.callbacks.events) == events
+    peer.request(ENDPOINT, ["iris/v1"])  # the same with the current nonce
+    (eds,) = peer.pump()
+    assert eds.type == "eds" and eds.names == {"iris/v1"} and last["eds"].names != eds.names
+
+
+def test_delta_applies_subscriptions_even_with_a_stale_nonce():
+    peer = Peer("delta", snap(TWO_VERSIONS))
+    peer.converge()
+    peer.retarget(weights(TWO_VERSIONS, 50, 50))
+    (rds,) = peer.pump()
+    stale = peer.nonces[CLUSTER]
+    peer.request(ENDPOINT, ["iris/v1"], nonce=stale)
+    peer.request(ENDPOINT, ["iris/v1", "iris/v2"], nonce=stale)  # a resubscription
+    sent = peer.pump()
+    assert [(s.type, s.names) for s in sent] == [("eds", {"iris/v2"})]
+    assert not any(e[0] in ("ack", "nack") and e[1] == "eds" for e in peer.callbacks.events[9:])
+
+
+@MODES
+def test_one_response_in_flight_per_type_and_changes_coalesce(mode):
+    peer = Peer(mode, snap(TWO_VERSIONS))
+    peer.converge()
+    peer.retarget(weights(TWO_VERSIONS, 70, 30))
+    assert peer.types() == ["rds"]  # a weight change: routes alone
+    peer.retarget(weights(TWO_VERSIONS, 60, 40))
+    peer.retarget(weights(TWO_VERSIONS, 50, 50))
+    assert peer.pump() == []  # the first is not answered yet
+    peer.ack(ROUTE)
+    (rds,) = peer.pump()
+    assert rds.version == snap(weights(TWO_VERSIONS, 50, 50)).types[ROUTE].version
+
+
+@MODES
+def test_endpoint_change_pushes_endpoints_alone(mode):
+    peer = Peer(mode, snap(TWO_VERSIONS))
+    peer.converge()
+    peer.retarget(TWO_VERSIONS.replace("9002", "9012"))
+    (eds,) = peer.pump()
+    assert eds.type == "eds"
+    assert eds.names == ({"iris/v2"} if mode == "delta" else {"iris/v1", "iris/v2"})
+
+
+@MODES
+def test_routes_wait_until_envoy_acked_the_new_clusters_and_endpoints(mode):
+    """Make-before-break alone: without health checks nothing else delays the routes."""
+    peer = Peer(mode, snap(NO_CHECKS))
+    peer.converge()
+    first = peer.add_v3_and_subscribe(NO_CHECKS)
+    # SotW resends all endpoints right behind CDS; Delta waits for the subscription.
+    assert first == (["cds", "eds"] if mode == "sotw" else ["cds"])
+    assert peer.pump() == [] and peer.wake_after is None  # CDS is not ACKed yet
+    peer.ack(CLUSTER)
+    (rds,) = peer.pump()
+    assert rds.type == "rds"
+
+
+@MODES
+def test_routes_to_a_new_cluster_wait_for_its_first_health_check(mode):
+    clock = FakeClock()
+    peer = Peer(mode, snap(TWO_VERSIONS), clock)
+    peer.converge()
+    peer.add_v3_and_subscribe(TWO_VERSIONS)  # endpoints ACKed now
+    peer.ack(CLUSTER)
+    timeout = 1.0  # the default health-check timeout
+    assert peer.pump() == [] and peer.wake_after == pytest.approx(timeout + WARMUP_MARGIN)
+    clock.advance(timeout)
+    assert peer.pump() == [] and peer.wake_after == pytest.approx(WARMUP_MARGIN)
+    clock.advance(WARMUP_MARGIN)
+    assert peer.types() == ["rds"] and peer.wake_after is None
+
+
+@MODES
+def test_removed_clusters_linger_until_envoy_acks_routes_without_them(mode):
+    peer = Peer(mode, snap(TWO_VERSIONS))
+    peer.converge()
+    peer.retarget(without_v2(TWO_VERSIONS))
+    assert peer.types() == ["rds"]  # clusters the running routes name stay
+    peer.ack(ROUTE)
+    cds, eds = peer.pump()
+    if mode == "sotw":
+        assert (cds.type, cds.names, eds.names) == ("cds", {"iris/v1"}, {"iris/v1"})
+    else:
+        assert (cds.type, cds.removed, eds.removed) == ("cds", {"iris/v2"}, {"iris/v2"})
+
+
+@MODES
+def test_endpoints_follow_every_cluster_push(mode):
+    """A changed cluster re-warms in Envoy and needs its endpoints again."""
+    peer = Peer(mode, snap(TWO_VERSIONS))
+    peer.converge()
+    peer.retarget(TWO_VERSIONS + "    resilience: {load_balancing: random}\n")
+    cds, eds = peer.pump()
+    assert (cds.type, eds.type) == ("cds", "eds")
+    assert cds.names == eds.names == {"iris/v1", "iris/v2"}
+
+
+def test_delta_reconnect_with_initial_resource_versions_gets_only_what_differs():
+    current = snap(TWO_VERSIONS)
+    held = dict(current.types[CLUSTER].versions)
+    peer = Peer("delta", current)
+    peer.request(CLUSTER, initial=held)
+    assert peer.pump() == []  # it has every cluster at these versions
+    other = Peer("delta", current)
+    other.request(CLUSTER, initial={**held, "iris/v2": "0-old", "iris/gone": "0-old"})
+    (cds,) = other.pump()
+    assert (cds.names, cds.removed) == ({"iris/v2"}, {"iris/gone"})
+    restarted = Peer("delta", snap(TWO_VERSIONS, epoch="e2"))  # another instance's versions
+    restarted.request(CLUSTER, initial=held)
+    (cds,) = restarted.pump()
+    assert cds.names == {"iris/v1", "iris/v2"}
+
+
+def test_streams_in_the_same_state_share_one_answer():
+    cache, snapshot = DesiredCache(), snap(TWO_VERSIONS)
+    peers = [Peer("sotw", snapshot) for _ in range(2)]
+    for peer in peers:
+        peer.stream.cache = cache
+        peer.converge()
+    typed = snapshot.types[ENDPOINT]
+    names = frozenset({"iris/v1", "iris/v2"})
+    assert cache.get(EPOCH, typed, names, None) is cache.get(EPOCH, typed, names, None)
+    assert len(cache._by_type[typed]) == 1
+
+
+# --- per-node listen -------------------------------------------------------------------
+
+
+def test_a_node_with_its_own_listen_gets_its_own_listener_and_shares_the_rest():
+    cache = SnapshotCache()
+    base = snap(TWO_VERSIONS)
+    cache.set(base)
+    own = Endpoint("127.0.0.1", 8082)
+    variant = cache.for_node(own)
+    assert cache.for_node(None) is base and cache.for_node(own) is variant
+    for type_url in (CLUSTER, ENDPOINT, ROUTE):
+        assert variant.types[type_url] is base.types[type_url]
+    assert variant.types[LISTENER].version != base.types[LISTENER].version
+    blob = variant.types[LISTENER].resources[LISTENER_NAME]
+    listener = Listener.FromString(Any.FromString(blob).value)
+    assert listener.address.socket_address.port_value == 8082
+
+
+def test_node_metadata_names_its_listen_address_or_a_clear_error():
+    node = Node(id="envoy-2", cluster="c")
+    assert NodeInfo.from_proto(node).listen is None
+    node.metadata.fields[LISTEN_METADATA].string_value = "127.0.0.1:8082"
+    assert NodeInfo.from_proto(node).listen == Endpoint("127.0.0.1", 8082)
+    node.metadata.fields[LISTEN_METADATA].string_value = "localhost:8082"
+    with pytest.raises(ValueError, match="node 'envoy-2': metadata infergate.listen: .*127.0.0.1"):
+        NodeInfo.from_proto(node)
+
+
+# --- the node registry -----------------------------------------------------------------
+
+
+def test_registry_shows_a_disconnected_node_then_forgets_it():
+    clock = FakeClock()
+    registry = NodeRegistry(clock=clock)
+    node = NodeInfo("envoy-1", "c")
+    registry.on_connect(node, "delta")
+    registry.on_sent(node, ROUTE, "e-1", 1)
+    registry.on_ack(node, ROUTE, "e-1")
+    clock.advance(5)
+    registry.on_disconnect(node)
+    clock.advance(30)
+    (status,) = registry.as_list()
+    assert (status["connected"], status["mode"], status["disconnected_for"]) == (False, "delta", 30)
+    assert status["types"]["rds"]["acked_version"] == "e-1"
+    clock.advance(FORGET_AFTER - 30)
+    assert registry.as_list() != []  # exactly FORGET_AFTER: still shown
+    clock.advance(1)
+    assert registry.as_list() == []
+
+
+def test_registry_counts_streams_and_clears_a_nack_once_a_later_version_is_acked():
+    registry = NodeRegistry(clock=FakeClock())
+    node = NodeInfo("envoy-1")
+    registry.on_connect(node, "sotw")
+    registry.on_connect(node, "sotw")  # a new stream before the old one closed
+    registry.on_disconnect(node)
+    registry.on_nack(node, ROUTE, "e-2", "bad")
+    status = registry.nodes["envoy-1"]
+    assert status.connected and status.type(ROUTE).nack.message == "bad"
+    registry.on_ack(node, ROUTE, "e-2")  # the NACKed version: the NACK stays
+    assert status.type(ROUTE).nack is not None
+    registry.on_ack(node, ROUTE, "e-3")
+    assert status.type(ROUTE).nack is None
+    assert (status.type(ROUTE).acked_count, status.type(ROUTE).nack_count) == (2, 1)
