@@ -170,9 +170,8 @@ class ControlPlane:
         await self.publish()
         self._dirty.clear()
         self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
-        self._grpc.add_generic_rpc_handlers(
-            [AdsServer(self.cache, Fanout(LogCallbacks(), self.registry)).handler()]
-        )
+        ads = AdsServer(self.cache, Fanout(LogCallbacks(), self.registry))
+        self._grpc.add_generic_rpc_handlers([ads.handler()])
         address = f"{self.xds_address[0]}:{self.xds_address[1]}"
         if self.tls:
             self._grpc.add_secure_port(address, self.tls.credentials())
