@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from control_plane.callbacks import LISTEN_METADATA
+
 ADS_CLUSTER = "xds_cluster"
 
 
@@ -45,12 +47,17 @@ def envoy_bootstrap(
     cluster: str = "infergate",
     delta: bool = False,
     tls: XdsTls | None = None,
+    listen: str | None = None,
 ) -> dict[str, Any]:
     """Bootstrap config: everything else (listeners, routes, clusters) comes over ADS,
-    state of the world by default, incremental (Delta xDS) with `delta`."""
+    state of the world by default, incremental (Delta xDS) with `delta`. With `listen`
+    (ip:port), this Envoy serves the gateway there instead of at the YAML's `listen`."""
     ads_source = {"ads": {}, "resource_api_version": "V3"}
+    node: dict[str, Any] = {"id": node_id, "cluster": cluster}
+    if listen:
+        node["metadata"] = {LISTEN_METADATA: listen}
     bootstrap = {
-        "node": {"id": node_id, "cluster": cluster},
+        "node": node,
         "admin": {
             "address": {"socket_address": {"address": admin[0], "port_value": admin[1]}},
         },

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from control_plane.config import ConfigError, load
+from control_plane.config import ConfigError, load, parse_endpoint
 from control_plane.schema import routing_schema
 
 
@@ -21,6 +21,13 @@ def host_port(text: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not host:port")
     return host, int(port)
+
+
+def listen_address(text: str) -> str:
+    try:
+        return str(parse_endpoint(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -111,7 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from gateway.bootstrap import envoy_bootstrap
 
-    bootstrap = envoy_bootstrap(args.node_id, args.xds, args.envoy_admin, delta=args.delta)
+    bootstrap = envoy_bootstrap(
+        args.node_id, args.xds, args.envoy_admin, delta=args.delta, listen=args.listen
+    )
     print(json.dumps(bootstrap, indent=2))
     return 0
 
@@ -147,12 +156,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     error = status["config"].get("error")
     if error:
         print(f"config error (last good config still serving):\n{error['message']}")
-    print(f"{'NODE':24} {'CONNECTED':9} {'TYPE':4} {'ACKED':7} NACK")
+    print(f"{'NODE':24} {'CONNECTED':16} {'TYPE':4} {'ACKED':7} NACK")
     for node in status["nodes"]:
+        gone = node["disconnected_for"]  # None while connected
+        connected = "yes" if gone is None else f"no, {round(gone)}s ago"
         for name, t in node["types"].items():
             acked = "yes" if t["acked_version"] == snap.get("types", {}).get(name) else "no"
             nack = t["nack"]["message"][:60] if t["nack"] else ""
-            print(f"{node['node_id']:24} {node['connected']!s:9} {name:4} {acked:7} {nack}")
+            print(f"{node['node_id']:24} {connected:16} {name:4} {acked:7} {nack}")
     return 0
 
 
@@ -244,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds", type=host_port, default=("127.0.0.1", 18000))
     p.add_argument("--envoy-admin", type=host_port, default=("127.0.0.1", 9901))
     p.add_argument("--delta", action="store_true", help="use Delta (incremental) xDS")
+    p.add_argument(
+        "--listen",
+        type=listen_address,
+        help="serve the gateway on this ip:port instead of the routing file's `listen` "
+        "(for a second Envoy on the same machine)",
+    )
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("run", help="run control plane, Envoy and model servers locally")

@@ -69,13 +69,6 @@ class AdsClient:
     async def recv(self, timeout: float = 5.0) -> DiscoveryResponse:
         return await asyncio.wait_for(self.responses.get(), timeout)
 
-    async def no_response(self, within: float = 0.5) -> bool:
-        try:
-            resp = await asyncio.wait_for(self.responses.get(), within)
-        except TimeoutError:
-            return True
-        raise AssertionError(f"unexpected response {resp.type_url} {resp.version_info}")
-
     async def ack(self, resp: DiscoveryResponse, names=()) -> None:
         await self.send(resp.type_url, names, resp.version_info, resp.nonce)
 

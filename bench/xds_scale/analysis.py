@@ -12,16 +12,11 @@ from typing import Any
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from bench.xds_scale.configs import routing_yaml
+from control_plane.callbacks import NodeInfo
 from control_plane.config import parse
-from control_plane.snapshot import (
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
-    ROUTE,
-    SnapshotCache,
-    build_snapshot,
-)
-from control_plane.streams import DeltaStream, SotwStream, Stream
+from control_plane.nodes import NodeRegistry
+from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, build_snapshot
+from control_plane.streams import DeltaStream, DesiredCache, SotwStream, Stream
 from control_plane.translate import ROUTE_CONFIG_NAME, translate
 
 
@@ -64,7 +59,7 @@ def _converged(stream: Stream, delta: bool) -> None:
                 )
             )
 
-    snapshot = stream.cache.snapshot
+    snapshot = stream.target
     assert snapshot is not None
     clusters = sorted(snapshot.types[CLUSTER].resources)
     steps = [
@@ -84,20 +79,21 @@ def _converged(stream: Stream, delta: bool) -> None:
 def per_stream_push_ms(models: int, streams: int = 20, delta: bool = False) -> float:
     """Control-plane CPU per stream for one weight edit: the snapshot event, the RDS
     response, and handling the ACK (median per stream, milliseconds; no gRPC)."""
-    cache = SnapshotCache()
     text = routing_yaml(models)
     first = build_snapshot(translate(parse(text)), "e")
     second = build_snapshot(translate(parse(routing_yaml(models, 1))), "e")
-    cache.set(first)
     cls = DeltaStream if delta else SotwStream
-    fleet = [cls(cache) for _ in range(streams)]
+    desired, registry = DesiredCache(), NodeRegistry()
+    fleet = [cls(NodeInfo(f"n{i}"), registry, time.monotonic, desired) for i in range(streams)]
     for stream in fleet:
+        stream.open()
+        stream.target = first
         _converged(stream, delta)
-    cache._snapshot = second  # what SnapshotCache.set does, without an event loop
     runs = []
     for stream in fleet:
         started = time.perf_counter()
-        out = stream.responses()
+        stream.target = second
+        out = stream.responses().responses
         nonce = stream.types[ROUTE].last_nonce or ""
         if delta:
             stream.handle_request(DeltaDiscoveryRequest(type_url=ROUTE, response_nonce=nonce))

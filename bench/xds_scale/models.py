@@ -11,8 +11,8 @@ from typing import Any
 from bench.xds_scale.configs import routing_yaml
 from control_plane.config import parse
 from control_plane.snapshot import PUSH_ORDER, ROUTE, SHORT_NAMES, Snapshot, build_snapshot
-from control_plane.streams import encode_delta_response, encode_sotw_body
 from control_plane.translate import translate
+from control_plane.wire import encode_delta_response, encode_sotw_body
 
 EPOCH = "bench"
 
