@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
-
-from envoy.config.core.v3.base_pb2 import Node
+from typing import TYPE_CHECKING, Protocol
 
 from control_plane.config import Endpoint, parse_endpoint
-from control_plane.snapshot import SHORT_NAMES
+
+if TYPE_CHECKING:  # kept light: gateway/bootstrap.py imports LISTEN_METADATA
+    from envoy.config.core.v3.base_pb2 import Node
 
 # Node metadata key: this Envoy serves the `gateway` listener here instead of `listen`.
 LISTEN_METADATA = "infergate.listen"
@@ -70,7 +70,8 @@ class LogCallbacks:
         pass
 
     def on_nack(self, node: NodeInfo, type_url: str, version: str, message: str) -> None:
-        log.warning("NACK from %s for %s %s: %s", node.id, SHORT_NAMES[type_url], version, message)
+        kind = type_url.rsplit(".", 1)[-1]  # Cluster, RouteConfiguration, ...
+        log.warning("NACK from %s for %s %s: %s", node.id, kind, version, message)
 
 
 class Fanout:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from control_plane.callbacks import NodeInfo
@@ -77,7 +77,7 @@ class NodeStatus:
                     "acked_version": t.acked_version,
                     "acked_at": t.acked_at,
                     "nack_count": t.nack_count,
-                    "nack": t.nack and t.nack.__dict__,
+                    "nack": t.nack and asdict(t.nack),
                 }
                 for name, t in sorted(self.types.items())
             },
