@@ -163,12 +163,12 @@ class Stream:
         node: NodeInfo,
         callbacks: Callbacks,
         clock: Clock,
-        cache: DesiredCache | None = None,
+        desired: DesiredCache | None = None,
     ) -> None:
         self.node = node
         self.callbacks = callbacks
         self.clock = clock
-        self.cache = cache or DesiredCache()
+        self.desired = desired or DesiredCache()  # shared by the server's streams
         self.target: Snapshot | None = None  # the snapshot to converge to
         self.types: dict[str, TypeState] = {}
         self.routes_acked: Snapshot | None = None  # snapshot of the last RDS Envoy ACKed
@@ -203,7 +203,7 @@ class Stream:
             old = self.routes_acked.types[type_url]
             lingering = old if old.version != typed.version else None
         names = self.types[type_url].names
-        return self.cache.get(snapshot.epoch, typed, names, lingering)
+        return self.desired.get(snapshot.epoch, typed, names, lingering)
 
     def _routes_wait(self, snapshot: Snapshot) -> float | None:
         """Seconds until routes may name every cluster of `snapshot`: None while Envoy has

@@ -23,6 +23,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 )
 from google.protobuf.any_pb2 import Any
 
+from control_plane import streams
 from control_plane.callbacks import LISTEN_METADATA, NodeInfo
 from control_plane.config import Endpoint, parse
 from control_plane.nodes import FORGET_AFTER, NodeRegistry
@@ -388,16 +389,16 @@ def test_delta_reconnect_with_initial_resource_versions_gets_only_what_differs()
     assert cds.names == {"iris/v1", "iris/v2"}
 
 
-def test_streams_in_the_same_state_share_one_answer():
-    cache, snapshot = DesiredCache(), snap(TWO_VERSIONS)
-    peers = [Peer("sotw", snapshot) for _ in range(2)]
+def test_streams_in_the_same_state_share_one_answer(monkeypatch):
+    computed = []
+    compute = streams._compute_desired
+    monkeypatch.setattr(streams, "_compute_desired", lambda *a: computed.append(a) or compute(*a))
+    shared, snapshot = DesiredCache(), snap(TWO_VERSIONS)
+    peers = [Peer("sotw", snapshot) for _ in range(3)]
     for peer in peers:
-        peer.stream.cache = cache
+        peer.stream.desired = shared
         peer.converge()
-    typed = snapshot.types[ENDPOINT]
-    names = frozenset({"iris/v1", "iris/v2"})
-    assert cache.get(EPOCH, typed, names, None) is cache.get(EPOCH, typed, names, None)
-    assert len(cache._by_type[typed]) == 1
+    assert len(computed) == 4  # one answer per type, for all three streams
 
 
 # --- per-node listen -------------------------------------------------------------------
