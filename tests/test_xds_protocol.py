@@ -157,3 +157,18 @@ async def test_a_bad_listen_in_node_metadata_refuses_the_stream_with_the_reason(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "node 'bad-1': metadata infergate.listen" in error.value.details()
     await client.close()
+
+
+async def test_held_back_routes_go_out_when_the_warm_up_ends_without_a_request(plane, client):
+    """The server's timer: routes held for a new cluster's first health check are sent
+    when `wake_after` has passed, with no request or snapshot to trigger it."""
+    checked = TWO_VERSIONS + "    resilience: {health_check: {timeout: 200ms}}\n"
+    await converge(client)
+    edit(plane, checked.replace("      v2:", "      v3: {endpoints: [127.0.0.1:9003]}\n      v2:"))
+    cds = await client.recv()
+    forced = await client.recv()  # EDS right behind CDS
+    names = sorted(cluster_names(cds))
+    await client.send(ENDPOINT, names, forced.version_info, forced.nonce)
+    await client.ack(await client.recv(), names)
+    await client.ack(cds)
+    assert (await client.recv()).type_url == ROUTE
