@@ -4,6 +4,7 @@ snapshots (coalescing changes that arrive during a build), serve ADS and the adm
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from control_plane.callbacks import Fanout, LogCallbacks
 from control_plane.config import ConfigError, Endpoint, RoutingConfig, load
 from control_plane.endpoints import EndpointRegistry
 from control_plane.gc_pause import paused_gc
+from control_plane.health import HealthMonitor
 from control_plane.nodes import NodeRegistry
+from control_plane.ports import AddressInUse, ensure_free
 from control_plane.snapshot import SHORT_NAMES, Snapshot, SnapshotCache, build_snapshot, new_epoch
 from control_plane.translate import translate
 from control_plane.watcher import ConfigWatcher
@@ -31,6 +34,9 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # grpcio shares ports (SO_REUSEPORT) by default: a second control plane on the same
+    # address would silently take half of the Envoys. Fail to start instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -61,12 +67,14 @@ class ControlPlane:
         admin_token: str | None = None,
         tls: TlsFiles | None = None,
         watch_mode: str = "auto",
+        health_interval: float = 1.0,
     ):
         self.config_path = Path(config_path)
         self.xds_address = xds_address
         self.admin_address = admin_address
         self.admin_token = admin_token
         self.tls = tls
+        self.health = HealthMonitor(interval=health_interval) if health_interval > 0 else None
         self.epoch = new_epoch()
         self.cache = SnapshotCache()
         self.registry = NodeRegistry()
@@ -119,6 +127,8 @@ class ControlPlane:
         config = self.endpoints.merge(self.file_config)
         snapshot = await asyncio.to_thread(self._build, config)
         self.cache.set(snapshot)
+        if self.health:
+            self.health.set_config(config)
         self.builds += 1
         self.applied_at = time.time()
         log.info(
@@ -158,33 +168,47 @@ class ControlPlane:
                 "types": {SHORT_NAMES[t]: ts.version for t, ts in snap.types.items()},
             },
             "registered_endpoints": self.endpoints.as_list(),
+            "versions": self.health.versions() if self.health else None,
             "nodes": self.registry.as_list(),
         }
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
-        """Load the file (raising ConfigError if invalid), then serve."""
+        """Load the file (raising ConfigError if invalid), then serve; AddressInUse if the
+        xDS or admin address is taken."""
         self.watcher.check()
         if self.file_config is None:
             load(self.config_path)  # raises the ConfigError that names the problem
         await self.publish()
         self._dirty.clear()
+        ensure_free(self.xds_address, "xDS")
+        ensure_free(self.admin_address, "admin")
         self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
         ads = AdsServer(self.cache, Fanout(LogCallbacks(), self.registry))
         self._grpc.add_generic_rpc_handlers([ads.handler()])
         address = f"{self.xds_address[0]}:{self.xds_address[1]}"
-        if self.tls:
-            self._grpc.add_secure_port(address, self.tls.credentials())
-        else:
-            self._grpc.add_insecure_port(address)
+        try:
+            if self.tls:
+                self._grpc.add_secure_port(address, self.tls.credentials())
+            else:
+                self._grpc.add_insecure_port(address)
+        except RuntimeError:  # taken since ensure_free looked
+            raise AddressInUse(self.xds_address, "xDS") from None
         await self._grpc.start()
         self._admin = web.AppRunner(make_admin_app(self, self.admin_token), access_log=None)
         await self._admin.setup()
-        await web.TCPSite(self._admin, *self.admin_address).start()
+        try:
+            await web.TCPSite(self._admin, *self.admin_address, reuse_port=False).start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise AddressInUse(self.admin_address, "admin") from None
         self._tasks = [
             asyncio.create_task(self.watcher.run()),
             asyncio.create_task(self._publisher()),
         ]
+        if self.health:
+            self._tasks.append(asyncio.create_task(self.health.run()))
         log.info(
             "xDS on %s (%s), admin on http://%s:%d",
             address,
@@ -201,8 +225,8 @@ class ControlPlane:
             await self._admin.cleanup()
 
     async def run_forever(self) -> None:
-        await self.start()
         try:
+            await self.start()
             await asyncio.Event().wait()
         finally:
             await self.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import urllib.error
@@ -13,7 +12,13 @@ import urllib.request
 from pathlib import Path
 
 from control_plane.config import ConfigError, load, parse_endpoint
+from control_plane.ports import AddressInUse, ensure_free
 from control_plane.schema import routing_schema
+from gateway import logs
+
+
+class CliError(Exception):
+    """A mistake in the command line or its files: one line on stderr, exit code 2."""
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -50,7 +55,13 @@ def cmd_schema(_: argparse.Namespace) -> int:
 def admin_token(args: argparse.Namespace) -> str | None:
     """The admin API's bearer token: --admin-token-file, else $INFERGATE_ADMIN_TOKEN."""
     if getattr(args, "admin_token_file", None):
-        return Path(args.admin_token_file).read_text().strip()
+        try:
+            token = Path(args.admin_token_file).read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read --admin-token-file: {exc}") from None
+        if not token:
+            raise CliError(f"--admin-token-file {args.admin_token_file} is empty")
+        return token
     return os.environ.get("INFERGATE_ADMIN_TOKEN") or None
 
 
@@ -81,6 +92,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.registration import Registration
     from model_servers.server import serve
 
+    ensure_free((args.host, args.port), "model server")
+    if args.grpc_port is not None:
+        ensure_free((args.host, args.grpc_port), "model server gRPC")
     registration = None
     if args.register_with:
         if not (args.model and args.version):
@@ -126,17 +140,28 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.supervisor import StackAddresses, Supervisor
+    from gateway.supervisor import RunFolderInUse, StackAddresses, StartFailed, Supervisor
 
+    token_file = None
+    if args.admin_token_file:
+        admin_token(args)  # fails now, in one line, if the file cannot be read
+        token_file = Path(args.admin_token_file).resolve()
     addresses = StackAddresses(args.xds, args.admin, args.envoy_admin)
     try:
         supervisor = Supervisor(
-            Path(args.file), Path(args.repository), Path(args.workdir), addresses
+            Path(args.file), Path(args.repository), Path(args.workdir), addresses, token_file
         )
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    supervisor.run()
+    except (RunFolderInUse, AddressInUse) as exc:
+        print(f"infergate run: {exc}", file=sys.stderr)
+        return 1
+    try:
+        supervisor.run()
+    except StartFailed as exc:
+        print(f"infergate run: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -156,6 +181,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     error = status["config"].get("error")
     if error:
         print(f"config error (last good config still serving):\n{error['message']}")
+    if status.get("versions") is not None:
+        print(f"{'MODEL/VERSION':24} {'TAKES':12} {'HEALTHY':9} PROBLEM")
+        for v in status["versions"]:
+            counts = [c for c in (v["http"], v["grpc"]) if c]
+            healthy = sum(c["healthy"] for c in counts)
+            total = sum(c["total"] for c in counts)
+            down = [p.upper() for p in ("http", "grpc") if v[p] and not v[p]["healthy"]]
+            problem = f"no healthy {'/'.join(down)} endpoint" if down else ""
+            name = f"{v['model']}/{v['version']}"
+            print(f"{name:24} {v['role']:12} {f'{healthy}/{total}':9} {problem}")
     print(f"{'NODE':24} {'CONNECTED':16} {'TYPE':4} {'ACKED':7} NACK")
     for node in status["nodes"]:
         gone = node["disconnected_for"]  # None while connected
@@ -167,9 +202,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+PREFIXES = {"run": "infergate", "control-plane": "control plane", "serve": "model server"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infergate", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-file", help="log here; the terminal gets warnings and errors only, one line each"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a routing YAML file")
@@ -269,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="run", help="bootstrap and log files (default ./run)")
     p.add_argument("--envoy-admin", type=host_port, default=("127.0.0.1", 9901))
     xds_admin(p)
+    p.add_argument(
+        "--admin-token-file",
+        help="bearer token for the control plane's admin API writes (self-registration)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="show what each Envoy has applied")
@@ -280,10 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    return args.func(args)
+    log_file = args.log_file
+    if args.command == "run" and not log_file:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        log_file = str(Path(args.workdir) / "supervisor.log")
+    logs.configure(args.log_level, log_file, f"{PREFIXES.get(args.command, args.command)}: ")
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"infergate {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except AddressInUse as exc:
+        print(f"infergate {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

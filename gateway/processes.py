@@ -48,11 +48,13 @@ class Child:
         argv: Sequence[str],
         log_path: str | None = None,
         ready_url: str | None = None,
+        terminal: bool = False,
     ):
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.ready_url = ready_url  # answers 200 once the process serves
+        self.terminal = terminal  # stderr goes to our stderr, not to the log file
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Child:
@@ -61,7 +63,7 @@ class Child:
             self.proc = subprocess.Popen(
                 self.argv,
                 stdout=out,
-                stderr=subprocess.STDOUT if out else None,
+                stderr=subprocess.STDOUT if out and not self.terminal else None,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
             )

@@ -14,6 +14,15 @@ from gateway.processes import wait_http
 log = logging.getLogger("infergate.registration")
 
 
+def refusal(exc: urllib.error.HTTPError) -> str:
+    """`HTTP 403: <the control plane's {"error"} text>`."""
+    try:
+        reason = json.loads(exc.read())["error"]
+    except (ValueError, KeyError, TypeError, OSError):
+        reason = exc.reason
+    return f"HTTP {exc.code}: {reason}"
+
+
 @dataclass(frozen=True)
 class Registration:
     admin_url: str
@@ -41,8 +50,20 @@ class Registration:
                 wait_http(f"http://{self.address}/v2/health/ready", timeout=60)
                 self._call("POST")
                 log.info("registered %s for %s/%s", self.address, self.model, self.version)
+                return
+            except urllib.error.HTTPError as exc:
+                why = f"the control plane refused the registration ({refusal(exc)})"
             except (OSError, TimeoutError, urllib.error.URLError) as exc:
-                log.error("could not register with %s: %s", self.admin_url, exc)
+                why = f"could not register ({exc})"
+            log.error(
+                "%s at %s: this server keeps serving %s/%s on %s, but the gateway sends it "
+                "no request until it is registered",
+                why,
+                self.admin_url,
+                self.model,
+                self.version,
+                self.address,
+            )
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -52,5 +73,7 @@ class Registration:
         try:
             self._call("DELETE")
             log.info("deregistered %s", self.address)
+        except urllib.error.HTTPError as exc:
+            log.warning("deregistering %s was refused (%s)", self.address, refusal(exc))
         except (OSError, urllib.error.URLError) as exc:
             log.warning("could not deregister from %s: %s", self.admin_url, exc)

@@ -1,22 +1,36 @@
 """The embedded default: control plane, one Envoy and the model servers on one machine.
 
-Children run in their own sessions and die with the supervisor; on Ctrl-C or SIGTERM
-the supervisor stops Envoy first, then the control plane, then the model servers
-(which drain), and leaves no process behind. A child that exits on its own is
-restarted, at most once every few seconds.
+Before starting anything, the supervisor locks its run folder (a second `infergate run`
+on the same folder stops there, leaving the first one's files alone) and checks that
+every address it will listen on is free. Children run in their own sessions and die with
+the supervisor; on Ctrl-C or SIGTERM the supervisor stops Envoy first, then the control
+plane, then the model servers (which drain), and leaves no process behind.
+
+A child that exits is restarted; while it keeps failing soon after its start the delay
+doubles (1 s, 2 s, ... up to 30 s), and each restart says why, with the end of the
+child's log. If the control plane or Envoy cannot start at all, `run` fails.
+
+The supervisor starts model servers only at its start; when a saved edit adds an
+endpoint on this machine, it says that the endpoint is not served until a restart.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from control_plane.config import RoutingConfig, load
+from control_plane.config import ConfigError, RoutingConfig, load
+from control_plane.ports import ensure_free
 from gateway.envoy_proxy import envoy_child
+from gateway.logs import one_line
 from gateway.processes import (
     Child,
     host_port,
@@ -26,8 +40,19 @@ from gateway.processes import (
 )
 
 log = logging.getLogger("infergate.supervisor")
+TERMINAL = {"terminal": True}
 
-RESTART_BACKOFF = 3.0
+FIRST_DELAY = 1.0  # seconds before the first restart
+MAX_DELAY = 30.0  # the doubling stops here: a broken child costs little, a fixed one returns soon
+STABLE_AFTER = 10.0  # a child that ran this long before exiting starts a new series
+
+
+class StartFailed(Exception):
+    """The control plane or Envoy could not start; the message says why in one line."""
+
+
+class RunFolderInUse(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -37,32 +62,120 @@ class StackAddresses:
     envoy_admin: tuple[str, int] = ("127.0.0.1", 9901)
 
 
-def model_server_children(config: RoutingConfig, repository: Path, logdir: Path) -> list[Child]:
-    """One model server per loopback endpoint whose model version is in the repository;
-    the version's n-th gRPC endpoint, if any, is the n-th server's gRPC port."""
-    children = []
+@dataclass(frozen=True)
+class LocalServer:
+    """A model server that `run` starts: one loopback endpoint of a version (with the
+    version's n-th gRPC endpoint, if any, as its gRPC port)."""
+
+    model: str
+    version: str
+    address: tuple[str, int]
+    grpc_port: int | None
+
+    def __str__(self) -> str:
+        grpc = f" (gRPC port {self.grpc_port})" if self.grpc_port else ""
+        return f"{self.model}/{self.version} at {host_port(self.address)}{grpc}"
+
+
+def local_servers(config: RoutingConfig) -> Iterator[LocalServer]:
     for model in config.models:
         for version in model.versions:
-            if not (repository / model.name / version.name).is_dir():
-                log.warning("no %s/%s in %s: not starting it", model.name, version.name, repository)
-                continue
             grpc_ports = [g.port for g in version.grpc_endpoints]
             for i, ep in enumerate(version.endpoints):
-                if not ep.host.startswith("127."):
-                    continue
-                logfile = logdir / f"model-{model.name}-{version.name}-{ep.port}.log"
-                grpc_port = grpc_ports[i] if i < len(grpc_ports) else None
-                children.append(
-                    model_server_child(
-                        str(repository),
-                        model.name,
-                        version.name,
-                        (ep.host, ep.port),
-                        str(logfile),
-                        grpc_port,
-                    )
-                )
-    return children
+                if ep.host.startswith("127."):
+                    grpc_port = grpc_ports[i] if i < len(grpc_ports) else None
+                    yield LocalServer(model.name, version.name, (ep.host, ep.port), grpc_port)
+
+
+def listen_addresses(config: RoutingConfig) -> Iterator[tuple[tuple[str, int], str]]:
+    """Every address that Envoy will listen on for this config, with what it is for."""
+    yield (config.listen.host, config.listen.port), "gateway (listen)"
+    for model in config.models:
+        if model.grpc_listen:
+            address = (model.grpc_listen.host, model.grpc_listen.port)
+            yield address, f"{model.name} gRPC gateway (grpc_listen)"
+
+
+def lock_run_folder(workdir: Path) -> IO[str]:
+    """Hold an exclusive lock on `workdir/lock` (with our pid in it) while we run."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = open(workdir / "lock", "a+")  # noqa: SIM115 (held until the supervisor exits)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        raise RunFolderInUse(
+            f"{workdir}/ is in use by another infergate run (pid {pid}): "
+            "stop that one, or give this one another --workdir and other ports"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def log_tail(child: Child, lines: int = 3) -> str:
+    """The last lines of a child's log, as one line."""
+    if not child.log_path:
+        return ""
+    try:
+        with open(child.log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return one_line(" | ".join(tail), 400)
+
+
+@dataclass
+class _Restarts:
+    failures: int = 0  # exits in a row, each soon after its start
+    started_at: float = 0.0
+    restart_at: float | None = None  # scheduled restart of an exited child
+
+
+@dataclass
+class Restarter:
+    """Restart children that exit, backing off exponentially while they keep failing."""
+
+    children: list[Child]
+    state: dict[str, _Restarts] = field(default_factory=dict)
+
+    def started(self, child: Child, now: float) -> None:
+        self.state[child.name] = _Restarts(self.state.get(child.name, _Restarts()).failures, now)
+
+    def check(self, now: float) -> None:
+        for child in self.children:
+            state = self.state.setdefault(child.name, _Restarts(started_at=now))
+            if child.running:
+                if state.failures and now - state.started_at >= STABLE_AFTER:
+                    state.failures = 0
+            elif state.restart_at is None:
+                self._exited(child, state, now)
+            elif now >= state.restart_at:
+                child.start()
+                self.started(child, now)
+
+    def _exited(self, child: Child, state: _Restarts, now: float) -> None:
+        ran = now - state.started_at
+        state.failures = state.failures + 1 if ran < STABLE_AFTER else 1
+        delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (state.failures - 1))
+        state.restart_at = now + delay
+        code = child.proc.returncode if child.proc else None
+        again = f", {state.failures} times in a row" if state.failures > 1 else ""
+        tail = log_tail(child)
+        log.warning(
+            "%s exited with code %s after %.1f s%s; restarting in %.0f s%s",
+            child.name,
+            code,
+            ran,
+            again,
+            delay,
+            f". Its log ends: {tail}" if tail else "",
+        )
 
 
 class Supervisor:
@@ -72,46 +185,139 @@ class Supervisor:
         repository: Path,
         workdir: Path,
         addresses: StackAddresses = StackAddresses(),
+        admin_token_file: Path | None = None,
     ):
         self.config_path = config_path
+        self.repository = repository
         self.addresses = addresses
         self.workdir = workdir
         config = load(config_path)
         self.listen = config.listen
-        self.models = model_server_children(config, repository, workdir)
+        self._lock = lock_run_folder(workdir)
+        try:
+            self._check_addresses(config)
+        except OSError:
+            self._lock.close()
+            raise
+        self.servers = self._servers_to_start(config)
+        self.models = [
+            model_server_child(
+                str(repository),
+                s.model,
+                s.version,
+                s.address,
+                str(workdir / f"model-{s.model}-{s.version}-{s.address[1]}.log"),
+                s.grpc_port,
+            )
+            for s in self.servers
+        ]
+        token = ["--admin-token-file", str(admin_token_file)] if admin_token_file else []
         self.control_plane = Child(
             "control plane",
             infergate_command(
+                "--log-file",
+                str(workdir / "control-plane.log"),
                 "control-plane",
                 str(config_path),
                 "--xds",
                 host_port(addresses.xds),
                 "--admin",
                 host_port(addresses.admin),
+                *token,
             ),
             str(workdir / "control-plane.log"),
+            terminal=True,
         )
         self.envoy = envoy_child("infergate-local", addresses.xds, addresses.envoy_admin, workdir)
+        self.restarter = Restarter(self.children)
+        self._config_stat: tuple[int, int] | None = None
+        self._told: set[LocalServer] = set()
         self._stop = threading.Event()
+
+    def _check_addresses(self, config: RoutingConfig) -> None:
+        """Raise AddressInUse for the first address that something else listens on."""
+        own = [
+            (self.addresses.xds, "xDS"),
+            (self.addresses.admin, "control-plane admin"),
+            (self.addresses.envoy_admin, "Envoy admin"),
+            *listen_addresses(config),
+        ]
+        for server in local_servers(config):
+            own.append((server.address, f"model server {server.model}/{server.version}"))
+            if server.grpc_port:
+                own.append(((server.address[0], server.grpc_port), f"{server} gRPC"))
+        for address, what in own:
+            ensure_free(address, what)
+
+    def _servers_to_start(self, config: RoutingConfig) -> list[LocalServer]:
+        servers = []
+        for server in local_servers(config):
+            if (self.repository / server.model / server.version).is_dir():
+                servers.append(server)
+            else:
+                self._told.add(server)
+                log.warning(
+                    "no %s/%s in %s: not starting %s",
+                    server.model,
+                    server.version,
+                    self.repository,
+                    server,
+                )
+        return servers
 
     @property
     def children(self) -> list[Child]:
         return [*self.models, self.control_plane, self.envoy]
 
     def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        """Start model servers, control plane, then Envoy; StartFailed if the control plane
+        or Envoy does not come up (a model server that fails is restarted later)."""
+        now = time.monotonic()
         for child in self.models:
             child.start()
+            self.restarter.started(child, now)
         for child in self.models:  # Envoy's first health checks would find them down
-            wait_http(child.ready_url, timeout=60, child=child)
-        self.control_plane.start()
-        wait_http(f"http://{host_port(self.addresses.admin)}/healthz", child=self.control_plane)
-        self.envoy.start()
-        wait_http(f"http://{host_port(self.addresses.envoy_admin)}/ready", child=self.envoy)
+            try:
+                wait_http(child.ready_url, timeout=60, child=child)
+            except (RuntimeError, TimeoutError) as exc:
+                tail = log_tail(child)
+                log.warning("%s did not start: %s. Its log ends: %s", child.name, exc, tail)
+        for child, url in (
+            (self.control_plane, f"http://{host_port(self.addresses.admin)}/healthz"),
+            (self.envoy, f"http://{host_port(self.addresses.envoy_admin)}/ready"),
+        ):
+            child.start()
+            self.restarter.started(child, time.monotonic())
+            try:
+                wait_http(url, child=child)
+            except (RuntimeError, TimeoutError) as exc:
+                tail = log_tail(child)
+                raise StartFailed(f"{exc}" + (f". Its log ends: {tail}" if tail else "")) from None
 
     def stop(self) -> None:
         for child in (self.envoy, self.control_plane, *self.models):
             child.stop()
+        self._lock.close()
+
+    def follow_file(self) -> None:
+        """Say so when a saved edit adds a local endpoint that nothing started."""
+        try:
+            st = self.config_path.stat()
+            if (st.st_mtime_ns, st.st_size) == self._config_stat:
+                return
+            self._config_stat = (st.st_mtime_ns, st.st_size)
+            config = load(self.config_path)
+        except (OSError, ConfigError):
+            return  # the control plane reports a bad file
+        for server in local_servers(config):
+            if server not in self.servers and server not in self._told:
+                self._told.add(server)
+                log.warning(
+                    "%s is in %s but was not started by infergate run, which starts model "
+                    "servers only when it starts: start it yourself or restart infergate run",
+                    server,
+                    self.config_path,
+                )
 
     def run(self) -> None:
         """Start everything, keep it running until SIGINT or SIGTERM, then stop it all."""
@@ -128,20 +334,10 @@ class Supervisor:
                 "  Ctrl-C stops everything",
                 flush=True,
             )
-            last_restart: dict[str, float] = {}
+            self.follow_file()
             while not self._stop.wait(0.5):
-                for child in self.children:
-                    if (
-                        not child.running
-                        and time.monotonic() - last_restart.get(child.name, 0) > RESTART_BACKOFF
-                    ):
-                        log.warning(
-                            "%s exited with %s; restarting it",
-                            child.name,
-                            child.proc.returncode if child.proc else None,
-                        )
-                        last_restart[child.name] = time.monotonic()
-                        child.start()
+                self.restarter.check(time.monotonic())
+                self.follow_file()
         finally:
             self.stop()
             print("infergate: stopped", flush=True)

@@ -1,0 +1,212 @@
+"""Which versions can answer: the control plane probes every endpoint it routes to.
+
+Every version takes traffic in some way (a weight, the shadow, or a pin by path or
+header), so a version without a healthy endpoint is reported, in the log and in
+`/status`. The control plane probes by itself instead of asking Envoy (health discovery
+service) because that covers versions at weight 0, gRPC ports and any number of Envoys
+alike; the limit is that the control plane must reach the model servers.
+
+HTTP endpoints answer `GET /v2/health/ready`; gRPC endpoints must accept a TCP connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from control_plane.config import Endpoint, Model, RoutingConfig
+
+log = logging.getLogger("infergate.health")
+TERMINAL = {"terminal": True}  # an INFO line that the terminal shows too
+
+
+@dataclass(frozen=True)
+class Target:
+    model: str
+    version: str
+    protocol: str  # "http" or "grpc"
+    address: Endpoint
+
+
+# A probe returns None when the target is healthy, otherwise the reason it is not.
+Probe = Callable[[Target], Awaitable[str | None]]
+
+
+@dataclass
+class EndpointHealth:
+    healthy: bool | None = None  # None until probed
+    failures: int = 0
+    reason: str | None = None
+
+
+def role(model: Model, version: str) -> str:
+    """How a version takes traffic: its weight, the shadow, or only when pinned."""
+    weight = dict(model.traffic).get(version, 0)
+    if weight:
+        return f"weight {weight}"
+    if model.shadow and model.shadow.version == version:
+        return f"shadow {model.shadow.percent:g}%"
+    return "pinned only"
+
+
+def targets(config: RoutingConfig) -> list[Target]:
+    found = []
+    for model in config.models:
+        for version in model.versions:
+            found += [Target(model.name, version.name, "http", ep) for ep in version.endpoints]
+            if model.grpc_listen:
+                found += [
+                    Target(model.name, version.name, "grpc", ep) for ep in version.grpc_endpoints
+                ]
+    return found
+
+
+class HealthMonitor:
+    """Probe the endpoints of the current config; an endpoint turns unhealthy after
+    `unhealthy_after` failed probes in a row (the first probe decides at once) and healthy
+    after one good probe. Changes are logged, one line each."""
+
+    def __init__(self, probe: Probe | None = None, interval: float = 1.0, unhealthy_after: int = 2):
+        self.probe = probe
+        self.interval = interval
+        self.unhealthy_after = unhealthy_after
+        self.config: RoutingConfig | None = None
+        self.endpoints: dict[Target, EndpointHealth] = {}
+        self._down: set[tuple[str, str, str]] = set()  # (model, version, protocol) reported
+
+    def set_config(self, config: RoutingConfig) -> None:
+        """Probe this config's endpoints from now on (keeping what is known of old ones)."""
+        self.config = config
+        self.endpoints = {t: self.endpoints.get(t, EndpointHealth()) for t in targets(config)}
+
+    async def check(self) -> None:
+        """Probe every endpoint once, concurrently, and report what changed."""
+        assert self.probe is not None
+        checked = list(self.endpoints)
+        results = await asyncio.gather(*(self.probe(t) for t in checked))
+        for target, reason in zip(checked, results, strict=True):
+            if target in self.endpoints:  # the config may have changed meanwhile
+                self._record(target, self.endpoints[target], reason)
+        self._report_versions()
+
+    def _record(self, target: Target, state: EndpointHealth, reason: str | None) -> None:
+        name = f"{target.model}/{target.version} {target.protocol} endpoint {target.address}"
+        if reason is None:
+            if state.healthy is False:
+                log.info("%s is healthy again", name, extra=TERMINAL)
+            state.healthy, state.failures, state.reason = True, 0, None
+            return
+        state.failures += 1
+        state.reason = reason
+        if state.healthy is not False and (
+            state.healthy is None or state.failures >= self.unhealthy_after
+        ):
+            state.healthy = False
+            log.warning("%s is unhealthy: %s", name, reason)
+
+    def _report_versions(self) -> None:
+        for entry in self.versions():
+            for protocol in ("http", "grpc"):
+                counts = entry[protocol]
+                if counts is None:
+                    continue
+                key = (entry["model"], entry["version"], protocol)
+                down = counts["healthy"] == 0 and counts["unknown"] == 0
+                if down and key not in self._down:
+                    self._down.add(key)
+                    log.warning(
+                        "%s/%s (%s) has no healthy %s endpoint (0 of %d): "
+                        "its requests fail with 503",
+                        entry["model"],
+                        entry["version"],
+                        entry["role"],
+                        protocol.upper(),
+                        counts["total"],
+                    )
+                elif not down and counts["healthy"] and key in self._down:
+                    self._down.discard(key)
+                    log.info(
+                        "%s/%s serves %s again (%d of %d endpoints healthy)",
+                        entry["model"],
+                        entry["version"],
+                        protocol.upper(),
+                        counts["healthy"],
+                        counts["total"],
+                        extra=TERMINAL,
+                    )
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Per version: its role, and per protocol healthy/unknown/total endpoint counts."""
+        if self.config is None:
+            return []
+        out = []
+        for model in self.config.models:
+            for version in model.versions:
+                entry: dict[str, Any] = {
+                    "model": model.name,
+                    "version": version.name,
+                    "role": role(model, version.name),
+                    "http": None,
+                    "grpc": None,
+                    "endpoints": [],
+                }
+                for protocol in ("http", "grpc") if model.grpc_listen else ("http",):
+                    states = [
+                        (t, s)
+                        for t, s in self.endpoints.items()
+                        if (t.model, t.version, t.protocol) == (model.name, version.name, protocol)
+                    ]
+                    entry[protocol] = {
+                        "healthy": sum(s.healthy is True for _, s in states),
+                        "unknown": sum(s.healthy is None for _, s in states),
+                        "total": len(states),
+                    }
+                    entry["endpoints"] += [
+                        {
+                            "address": str(t.address),
+                            "protocol": protocol,
+                            "healthy": s.healthy,
+                            "reason": s.reason,
+                        }
+                        for t, s in states
+                    ]
+                out.append(entry)
+        return out
+
+    async def run(self) -> None:
+        """Probe every `interval` seconds until cancelled (HTTP and TCP probes by default)."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+            if self.probe is None:
+                self.probe = default_probe(session)
+            while True:
+                await self.check()
+                await asyncio.sleep(self.interval)
+
+
+def default_probe(session: aiohttp.ClientSession) -> Probe:
+    async def probe(target: Target) -> str | None:
+        host, port = target.address.host, target.address.port
+        try:
+            if target.protocol == "grpc":
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+                writer.close()
+                return None
+            async with session.get(f"http://{target.address}/v2/health/ready") as resp:
+                return None if resp.status == 200 else f"/v2/health/ready answered {resp.status}"
+        except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+            return describe(exc)
+
+    return probe
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError) or "Connect call failed" in str(exc):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "no answer within 1 s"
+    return str(exc) or type(exc).__name__
