@@ -9,10 +9,15 @@ MODEL_FILE := $(MODELS)/iris/v1/model.joblib
 
 venv: $(VENV)/.installed
 
+# Running needs the runtime dependencies only; tests and benchmarks add their extras.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-%: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[$*]'
 	touch $@
 
 model: $(MODEL_FILE)
@@ -23,10 +28,10 @@ $(MODEL_FILE): examples/train_iris.py | venv
 run: venv model
 	$(VENV)/bin/infergate run examples/routing.yaml --repository $(MODELS)
 
-test: venv model
+test: $(VENV)/.installed-test model
 	$(PY) -m pytest -q
 
-lint: venv
+lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 
 bench: bench-gateway bench-model-server bench-xds
@@ -34,13 +39,13 @@ bench: bench-gateway bench-model-server bench-xds
 bench-tools:
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk
 
-bench-gateway: venv model bench-tools
+bench-gateway: $(VENV)/.installed-bench model bench-tools
 	$(PY) -m bench
 
-bench-model-server: venv model bench-tools
+bench-model-server: $(VENV)/.installed-bench model bench-tools
 	$(PY) -m bench.model_server
 
-bench-xds: venv
+bench-xds: $(VENV)/.installed-bench
 	$(PY) -m bench.xds_scale
 
 images: venv

@@ -176,13 +176,13 @@ class ControlPlane:
     async def start(self) -> None:
         """Load the file (raising ConfigError if invalid), then serve; AddressInUse if the
         xDS or admin address is taken."""
+        ensure_free(self.xds_address, "xDS")
+        ensure_free(self.admin_address, "admin")
         self.watcher.check()
         if self.file_config is None:
             load(self.config_path)  # raises the ConfigError that names the problem
         await self.publish()
         self._dirty.clear()
-        ensure_free(self.xds_address, "xDS")
-        ensure_free(self.admin_address, "admin")
         self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
         ads = AdsServer(self.cache, Fanout(LogCallbacks(), self.registry))
         self._grpc.add_generic_rpc_handlers([ads.handler()])

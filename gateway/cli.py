@@ -76,7 +76,13 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         ca = Path(args.tls_client_ca) if args.tls_client_ca else None
         tls = TlsFiles(Path(args.tls_cert), Path(args.tls_key), ca)
     plane = ControlPlane(
-        Path(args.file), args.xds, args.admin, admin_token(args), tls, watch_mode=args.watch
+        Path(args.file),
+        args.xds,
+        args.admin,
+        admin_token(args),
+        tls,
+        watch_mode=args.watch,
+        health_interval=args.health_interval,
     )
     try:
         asyncio.run(plane.run_forever())
@@ -251,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="how to see edits of the file: kernel notifications, polling, or "
         "notifications with polling as the fallback (default)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        default=1.0,
+        help="seconds between probes of every model server endpoint (0: no probes)",
     )
     p.set_defaults(func=cmd_control_plane)
 

@@ -199,6 +199,7 @@ class Supervisor:
         except OSError:
             self._lock.close()
             raise
+        self._told: set[LocalServer] = set()  # servers we said we would not start
         self.servers = self._servers_to_start(config)
         self.models = [
             model_server_child(
@@ -231,7 +232,6 @@ class Supervisor:
         self.envoy = envoy_child("infergate-local", addresses.xds, addresses.envoy_admin, workdir)
         self.restarter = Restarter(self.children)
         self._config_stat: tuple[int, int] | None = None
-        self._told: set[LocalServer] = set()
         self._stop = threading.Event()
 
     def _check_addresses(self, config: RoutingConfig) -> None:
@@ -290,9 +290,10 @@ class Supervisor:
             self.restarter.started(child, time.monotonic())
             try:
                 wait_http(url, child=child)
-            except (RuntimeError, TimeoutError) as exc:
+            except (RuntimeError, TimeoutError) as exc:  # it exited, or never answered
+                why = str(exc) if isinstance(exc, RuntimeError) else f"{child.name}: {exc}"
                 tail = log_tail(child)
-                raise StartFailed(f"{exc}" + (f". Its log ends: {tail}" if tail else "")) from None
+                raise StartFailed(why + (f". Its log ends: {tail}" if tail else "")) from None
 
     def stop(self) -> None:
         for child in (self.envoy, self.control_plane, *self.models):
