@@ -18,6 +18,11 @@ _ENDPOINT = {
     "pattern": r"^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]|[0-9a-fA-F:]+):\d{1,5}$",
     "description": "ip:port of a model server (an IP address, not a host name)",
 }
+
+
+def _listen(what: str) -> dict:
+    """An ip:port where Envoy listens (the same syntax as a model server's endpoint)."""
+    return {**_ENDPOINT, "description": f"ip:port (an IP address) where Envoy serves {what}"}
 _DURATION = {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m)$"}
 
 
@@ -89,7 +94,7 @@ def routing_schema() -> dict[str, Any]:
             "pin_header": {"type": "string", "pattern": HEADER_RE.pattern},
             "timeout": _DURATION,
             "resilience": _resilience(),
-            "grpc_listen": _ENDPOINT,
+            "grpc_listen": _listen("this model's KServe V2 gRPC API"),
         },
     }
     return {
@@ -99,7 +104,7 @@ def routing_schema() -> dict[str, Any]:
         "additionalProperties": False,
         "required": ["models"],
         "properties": {
-            "listen": _ENDPOINT,
+            "listen": _listen("the HTTP API of every model"),
             "resilience": _resilience(),
             "models": {
                 "type": "object",
