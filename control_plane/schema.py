@@ -23,6 +23,8 @@ _ENDPOINT = {
 def _listen(what: str) -> dict:
     """An ip:port where Envoy listens (the same syntax as a model server's endpoint)."""
     return {**_ENDPOINT, "description": f"ip:port (an IP address) where Envoy serves {what}"}
+
+
 _DURATION = {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m)$"}
 
 
