@@ -81,6 +81,11 @@ def test_second_control_plane_on_the_same_xds_port_fails_clearly(tmp_path):
     ).start()
     try:
         wait_http(f"http://127.0.0.1:{admin}/healthz", child=first)
+        for port in (int(xds.rsplit(":", 1)[1]), admin):  # neither server shares its port
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                with pytest.raises(OSError, match="Address already in use"):
+                    sock.bind(("127.0.0.1", port))
         # Another admin port: only the xDS port is shared (grpcio would share it silently).
         second = infergate(
             "control-plane", str(config), "--xds", xds, "--admin", f"127.0.0.1:{free_port()}"
