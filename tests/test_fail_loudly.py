@@ -433,7 +433,7 @@ def test_run_terminal_shows_errors_unserved_versions_and_restarts(
         os.kill(model_server_pid(proc.pid, v1), signal.SIGKILL)
         line = wait_for(f"model iris/v1 @127.0.0.1:{v1} exited with code -9 after")
         assert "restarting in 1 s. Its log ends: " in line
-        wait_for("iris/v1 http endpoint", timeout=60)  # the prober saw it go (and return)
+        wait_http(f"http://127.0.0.1:{v1}/v2/health/ready", timeout=60)  # restarted
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
