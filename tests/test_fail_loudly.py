@@ -124,6 +124,19 @@ def test_run_with_a_taken_address_fails_at_once_and_starts_nothing(tmp_path, lis
     assert not list(workdir.glob("model-*.log")) and not list(workdir.glob("envoy-*.json"))
 
 
+def test_serve_on_a_taken_port_and_run_with_a_bad_file_fail_in_one_line(tmp_path, listening):
+    result = infergate("serve", "--repository", str(tmp_path), "--port", str(listening))
+    assert result.returncode == 1
+    assert lines(result.stderr) == [
+        f"infergate serve: model server address 127.0.0.1:{listening} is already in use "
+        f"by pid {os.getpid()} ({' '.join(psutil.Process().cmdline())[:120]})"
+    ]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:1]}}\n  x: [\n")
+    result = infergate("run", str(bad), "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 1 and lines(result.stderr)[0].startswith(f"{bad}:5:1: ")
+
+
 def test_second_run_on_the_same_folder_fails_and_leaves_its_files_alone(tmp_path):
     workdir = tmp_path / "run"
     lock = lock_run_folder(workdir)  # the first `infergate run`, as far as the lock goes
