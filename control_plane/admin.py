@@ -3,7 +3,8 @@
 Reads are open (the API binds to 127.0.0.1 by default); writes need
 `Authorization: Bearer <token>` and are refused when no token is configured.
 
-- `GET /status`: config state, snapshot versions, and per node what it was sent,
+- `GET /status`: config state, snapshot versions, per version its role and healthy/total
+  endpoints (`versions`, from the control plane's probes), and per node what it was sent,
   ACKed and rejected.
 - `GET /endpoints`, `POST /endpoints`, `DELETE /endpoints`: endpoints registered at run
   time; the body is `{"model": ..., "version": ..., "address": "ip:port"}`.
