@@ -144,6 +144,10 @@ class HealthMonitor:
         """Per version: its role, and per protocol healthy/unknown/total endpoint counts."""
         if self.config is None:
             return []
+        grouped: dict[tuple[str, str, str], list[tuple[Target, EndpointHealth]]] = {}
+        for target, state in self.endpoints.items():
+            key = (target.model, target.version, target.protocol)
+            grouped.setdefault(key, []).append((target, state))
         out = []
         for model in self.config.models:
             for version in model.versions:
@@ -156,11 +160,7 @@ class HealthMonitor:
                     "endpoints": [],
                 }
                 for protocol in ("http", "grpc") if model.grpc_listen else ("http",):
-                    states = [
-                        (t, s)
-                        for t, s in self.endpoints.items()
-                        if (t.model, t.version, t.protocol) == (model.name, version.name, protocol)
-                    ]
+                    states = grouped.get((model.name, version.name, protocol), [])
                     entry[protocol] = {
                         "healthy": sum(s.healthy is True for _, s in states),
                         "unknown": sum(s.healthy is None for _, s in states),
