@@ -310,15 +310,21 @@ class Supervisor:
             config = load(self.config_path)
         except (OSError, ConfigError):
             return  # the control plane reports a bad file
+        running = {(s.model, s.version, s.address): s for s in self.servers}
         for server in local_servers(config):
-            if server not in self.servers and server not in self._told:
-                self._told.add(server)
-                log.warning(
-                    "%s is in %s but was not started by infergate run, which starts model "
-                    "servers only when it starts: start it yourself or restart infergate run",
-                    server,
-                    self.config_path,
-                )
+            if server in self.servers or server in self._told:
+                continue
+            self._told.add(server)
+            old = running.get((server.model, server.version, server.address))
+            if old:
+                what = f"{old} runs, but {self.config_path} now wants {server}"
+            else:
+                what = f"{server} is in {self.config_path} but was not started by infergate run"
+            log.warning(
+                "%s: infergate run starts model servers only when it starts, "
+                "so start it yourself or restart infergate run",
+                what,
+            )
 
     def run(self) -> None:
         """Start everything, keep it running until SIGINT or SIGTERM, then stop it all."""

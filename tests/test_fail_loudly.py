@@ -338,6 +338,39 @@ def test_run_fails_when_envoy_cannot_start(tmp_path):
     )
 
 
+def test_edits_that_need_a_model_server_restart_say_so(tmp_path, caplog):
+    config = tmp_path / "routing.yaml"
+    http, v4 = free_port(), free_port()
+    config.write_text(one_model(free_port(), http))
+    (tmp_path / "models" / "iris" / "v1").mkdir(parents=True)
+    addresses = StackAddresses(*(("127.0.0.1", free_port()) for _ in range(3)))
+    supervisor = Supervisor(config, tmp_path / "models", tmp_path / "run", addresses)
+    caplog.set_level(logging.WARNING, "infergate.supervisor")
+    try:
+        supervisor.follow_file()
+        assert caplog.records == []  # the file it started with
+        grpc, grpc4 = free_port(), free_port()
+        config.write_text(
+            f"listen: 127.0.0.1:{free_port()}\nmodels:\n  iris:\n"
+            f"    grpc_listen: 127.0.0.1:{free_port()}\n    versions:\n"
+            f"      v1: {{endpoints: [127.0.0.1:{http}], grpc_endpoints: [127.0.0.1:{grpc}]}}\n"
+            f"      v4: {{endpoints: [127.0.0.1:{v4}], grpc_endpoints: [127.0.0.1:{grpc4}]}}\n"
+            "    traffic: {v1: 50, v4: 50}\n"
+        )
+        supervisor.follow_file()
+        supervisor.follow_file()  # said once only
+    finally:
+        supervisor.stop()
+    restart = "infergate run starts model servers only when it starts, so start it yourself or "
+    assert [r.getMessage() for r in caplog.records] == [
+        f"iris/v1 at 127.0.0.1:{http} runs, but {config} now wants iris/v1 at "
+        f"127.0.0.1:{http} (gRPC port {grpc}): {restart}restart infergate run",
+        f"iris/v4 at 127.0.0.1:{v4} (gRPC port {grpc4}) is in {config} but was not started "
+        "by infergate run: "
+        f"{restart}restart infergate run",
+    ]
+
+
 # --- 5. admin token, refused registration ------------------------------------------------
 @pytest.mark.parametrize("command", ["run", "control-plane"])
 def test_a_missing_token_file_is_one_line(tmp_path, command):
