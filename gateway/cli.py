@@ -154,18 +154,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         token_file = Path(args.admin_token_file).resolve()
     addresses = StackAddresses(args.xds, args.admin, args.envoy_admin)
     try:
-        supervisor = Supervisor(
+        Supervisor(
             Path(args.file), Path(args.repository), Path(args.workdir), addresses, token_file
-        )
+        ).run()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    except (RunFolderInUse, AddressInUse) as exc:
-        print(f"infergate run: {exc}", file=sys.stderr)
-        return 1
-    try:
-        supervisor.run()
-    except StartFailed as exc:
+    except (RunFolderInUse, StartFailed) as exc:
         print(f"infergate run: {exc}", file=sys.stderr)
         return 1
     return 0
