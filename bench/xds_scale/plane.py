@@ -42,7 +42,9 @@ class PlaneProcess:
         self.admin = (LOCAL, free_port())
         self.log = log
         args = ["control-plane", str(config), "--xds", host_port(self.xds)]
-        args += ["--admin", host_port(self.admin)]
+        # No endpoint probes: the simulated models have no servers, and probing thousands of
+        # dead endpoints every second would be measured as control-plane cost.
+        args += ["--admin", host_port(self.admin), "--health-interval", "0"]
         self.child = Child("control-plane", [sys.executable, "-m", module, *args], str(log))
 
     @property
