@@ -5,6 +5,7 @@ MODELS := examples/models
 MODEL_FILE := $(MODELS)/iris/v1/model.joblib
 
 .PHONY: venv model run test lint bench bench-tools bench-gateway bench-model-server bench-xds \
+	bench-telemetry \
 	images clean
 
 venv: $(VENV)/.installed
@@ -34,7 +35,7 @@ test: $(VENV)/.installed-test model
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 
-bench: bench-gateway bench-model-server bench-xds
+bench: bench-gateway bench-model-server bench-xds bench-telemetry
 
 bench-tools:
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk
@@ -47,6 +48,9 @@ bench-model-server: $(VENV)/.installed-bench model bench-tools
 
 bench-xds: $(VENV)/.installed-bench
 	$(PY) -m bench.xds_scale
+
+bench-telemetry: venv model bench-tools
+	$(PY) -m bench.telemetry
 
 images: venv
 	bash docker/build.sh

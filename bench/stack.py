@@ -38,8 +38,11 @@ class BenchStack:
     weight edits change routes only (no new clusters or endpoints).
     """
 
-    def __init__(self, workdir: Path, repository: Path):
+    def __init__(
+        self, workdir: Path, repository: Path, control_plane_options: tuple[str, ...] = ()
+    ):
         self.workdir = workdir
+        self.control_plane_options = control_plane_options
         self.repository = repository
         self.config = workdir / "routing.yaml"
         self.model = (LOCAL, free_port())
@@ -92,6 +95,7 @@ class BenchStack:
                     host_port(self.admin),
                     "--watch",
                     watch,
+                    *self.control_plane_options,
                 ),
                 str(self.workdir / f"control-plane-{watch}.log"),
             )

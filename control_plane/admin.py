@@ -8,17 +8,25 @@ Reads are open (the API binds to 127.0.0.1 by default); writes need
   ACKed and rejected.
 - `GET /endpoints`, `POST /endpoints`, `DELETE /endpoints`: endpoints registered at run
   time; the body is `{"model": ..., "version": ..., "address": "ip:port"}`.
+- `GET /traffic[?history=1]`: per model and version, the last 10 s and 60 s of traffic
+  as Envoy reported it (see docs/telemetry.md).
+- `GET /metrics`: Prometheus text. `GET /ui`: the live dashboard (one static page).
 """
 
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from control_plane.config import Endpoint, parse_endpoint
 from control_plane.endpoints import UnknownVersion
+from control_plane.metrics import CONTENT_TYPE, exposition
+
+DASHBOARD = Path(__file__).with_name("ui") / "index.html"
 
 
 class Plane(Protocol):
@@ -26,6 +34,7 @@ class Plane(Protocol):
     def registered(self) -> list[dict[str, str]]: ...
     def register(self, model: str, version: str, ep: Endpoint) -> bool: ...
     def deregister(self, model: str, version: str, ep: Endpoint) -> bool: ...
+    def traffic(self, history: bool = False) -> dict[str, Any]: ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -40,7 +49,9 @@ def _parse_endpoint(body: Any) -> tuple[str, str, Endpoint]:
     return body["model"], body["version"], parse_endpoint(body["address"])
 
 
-def make_admin_app(plane: Plane, token: str | None) -> web.Application:
+def make_admin_app(
+    plane: Plane, token: str | None, metrics: CollectorRegistry | None = None
+) -> web.Application:
     def authorized(request: web.Request) -> web.Response | None:
         if not token:
             return _error(
@@ -80,10 +91,23 @@ def make_admin_app(plane: Plane, token: str | None) -> web.Application:
             {"model": model, "version": version, "address": str(ep), "changed": changed}
         )
 
+    async def traffic(request: web.Request) -> web.Response:
+        return web.json_response(plane.traffic(request.query.get("history") == "1"))
+
+    async def get_metrics(_: web.Request) -> web.Response:
+        body = exposition(metrics) if metrics else b""
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def dashboard(_: web.Request) -> web.Response:
+        return web.FileResponse(DASHBOARD, headers={"Cache-Control": "no-store"})
+
     app = web.Application()
     app.router.add_get("/status", get_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/endpoints", list_endpoints)
     app.router.add_post("/endpoints", change_endpoint)
     app.router.add_delete("/endpoints", change_endpoint)
+    app.router.add_get("/traffic", traffic)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/ui", dashboard)
     return app

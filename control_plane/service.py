@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,18 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from control_plane.access_log import AccessLogServer, with_access_log
 from control_plane.admin import make_admin_app
 from control_plane.callbacks import Fanout, LogCallbacks
 from control_plane.config import ConfigError, Endpoint, RoutingConfig, load
 from control_plane.endpoints import EndpointRegistry
 from control_plane.gc_pause import paused_gc
 from control_plane.health import HealthMonitor
+from control_plane.metrics import XdsMetrics, make_registry
 from control_plane.nodes import NodeRegistry
 from control_plane.ports import AddressInUse, ensure_free
 from control_plane.snapshot import SHORT_NAMES, Snapshot, SnapshotCache, build_snapshot, new_epoch
+from control_plane.telemetry import TelemetryStore, traffic_report
 from control_plane.translate import translate
 from control_plane.watcher import ConfigWatcher
 from control_plane.xds_server import AdsServer
@@ -68,6 +72,8 @@ class ControlPlane:
         tls: TlsFiles | None = None,
         watch_mode: str = "auto",
         health_interval: float = 1.0,
+        telemetry_sample: float | None = 1.0,
+        telemetry_max_rate: float = 4000.0,
     ):
         self.config_path = Path(config_path)
         self.xds_address = xds_address
@@ -83,6 +89,15 @@ class ControlPlane:
         self.last_error: dict[str, Any] | None = None
         self.applied_at: float | None = None
         self.builds = 0
+        self.reloads: Counter[str] = Counter()
+        self.last_reload_ok: float | None = None
+        self.store = TelemetryStore()
+        # The fraction of requests Envoy logs (None: none); above `telemetry_max_rate`
+        # logged requests/s the control plane warns (docs/telemetry.md).
+        self.telemetry_sample = telemetry_sample
+        self.telemetry_max_rate = telemetry_max_rate
+        self.access_logs = AccessLogServer(self.store)
+        self.xds_metrics = XdsMetrics()
         self.watcher = ConfigWatcher(
             self.config_path, self.set_file_config, self.reject, mode=watch_mode
         )
@@ -95,9 +110,12 @@ class ControlPlane:
     def set_file_config(self, config: RoutingConfig) -> None:
         self.file_config = config
         self.last_error = None
+        self.reloads["ok"] += 1
+        self.last_reload_ok = time.monotonic()
         self._dirty.set()
 
     def reject(self, error: ConfigError) -> None:
+        self.reloads["error"] += 1
         self.last_error = {
             "at": time.time(),
             "message": str(error),
@@ -141,7 +159,10 @@ class ControlPlane:
 
     def _build(self, config: RoutingConfig) -> Snapshot:
         with paused_gc():
-            return build_snapshot(translate(config), self.epoch)
+            resources = translate(config)
+            if self.telemetry_sample is not None:
+                resources = with_access_log(resources, self.telemetry_sample)
+            return build_snapshot(resources, self.epoch)
 
     async def _publisher(self) -> None:
         """Build from the newest inputs as soon as they change. Changes that arrive while a
@@ -151,6 +172,26 @@ class ControlPlane:
             await self._dirty.wait()
             self._dirty.clear()
             await self.publish()
+
+    async def _watch_log_rate(self, period: float = 10.0) -> None:
+        """Warn while Envoys log more requests/s than `telemetry_max_rate`."""
+        while True:
+            await asyncio.sleep(period)
+            logged = self.store.total_rate(period) * self.sampler_fraction
+            if logged > self.telemetry_max_rate:
+                log.warning(
+                    "telemetry: Envoys log %.0f requests/s, over --telemetry-max-rate %.0f: "
+                    "sample with --telemetry-sample (see docs/telemetry.md)",
+                    logged,
+                    self.telemetry_max_rate,
+                )
+
+    @property
+    def sampler_fraction(self) -> float:
+        return self.telemetry_sample or 0.0
+
+    def traffic(self, history: bool = False) -> dict[str, Any]:
+        return traffic_report(self.store, self.file_config, self.sampler_fraction, history)
 
     def status(self) -> dict[str, Any]:
         snap = self.cache.snapshot
@@ -184,8 +225,8 @@ class ControlPlane:
         await self.publish()
         self._dirty.clear()
         self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
-        ads = AdsServer(self.cache, Fanout(LogCallbacks(), self.registry))
-        self._grpc.add_generic_rpc_handlers([ads.handler()])
+        ads = AdsServer(self.cache, Fanout(LogCallbacks(), self.registry, self.xds_metrics))
+        self._grpc.add_generic_rpc_handlers([ads.handler(), self.access_logs.handler()])
         address = f"{self.xds_address[0]}:{self.xds_address[1]}"
         try:
             if self.tls:
@@ -195,7 +236,9 @@ class ControlPlane:
         except RuntimeError:  # taken since ensure_free looked
             raise AddressInUse(self.xds_address, "xDS") from None
         await self._grpc.start()
-        self._admin = web.AppRunner(make_admin_app(self, self.admin_token), access_log=None)
+        self._admin = web.AppRunner(
+            make_admin_app(self, self.admin_token, make_registry(self)), access_log=None
+        )
         await self._admin.setup()
         try:
             await web.TCPSite(self._admin, *self.admin_address, reuse_port=False).start()
@@ -209,6 +252,8 @@ class ControlPlane:
         ]
         if self.health:
             self._tasks.append(asyncio.create_task(self.health.run()))
+        if self.telemetry_sample is not None:
+            self._tasks.append(asyncio.create_task(self._watch_log_rate()))
         log.info(
             "xDS on %s (%s), admin on http://%s:%d",
             address,

@@ -52,6 +52,13 @@ def cmd_schema(_: argparse.Namespace) -> int:
     return 0
 
 
+def sample_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction in (0, 1]")
+    return value
+
+
 def admin_token(args: argparse.Namespace) -> str | None:
     """The admin API's bearer token: --admin-token-file, else $INFERGATE_ADMIN_TOKEN."""
     if getattr(args, "admin_token_file", None):
@@ -83,6 +90,8 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         tls,
         watch_mode=args.watch,
         health_interval=args.health_interval,
+        telemetry_sample=None if args.no_telemetry else args.telemetry_sample,
+        telemetry_max_rate=args.telemetry_max_rate,
     )
     try:
         asyncio.run(plane.run_forever())
@@ -203,6 +212,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from gateway.top import top
+
+    return top(args.admin_url, once=args.once)
+
+
 PREFIXES = {"run": "infergate", "control-plane": "control plane", "serve": "model server"}
 
 
@@ -258,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="seconds between probes of every model server endpoint (0: no probes)",
+    )
+    p.add_argument(
+        "--telemetry-max-rate",
+        type=float,
+        default=4000.0,
+        help="warn when Envoys log more requests/s than this (default 4000, measured in "
+        "docs/telemetry.md); then sample with --telemetry-sample",
+    )
+    p.add_argument(
+        "--telemetry-sample",
+        type=sample_fraction,
+        default=1.0,
+        help="fraction of requests Envoy logs to the control plane (default 1: all)",
+    )
+    p.add_argument(
+        "--no-telemetry", action="store_true", help="Envoys log no requests to the control plane"
     )
     p.set_defaults(func=cmd_control_plane)
 
@@ -327,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-url", default="http://127.0.0.1:18001")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("top", help="live traffic per model version (refreshes every second)")
+    p.add_argument("--admin-url", default="http://127.0.0.1:18001")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.set_defaults(func=cmd_top)
     return parser
 
 
