@@ -40,10 +40,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def control_plane_pid(stack: BenchStack) -> int:
-    child = next(c for c in stack.children if c.name == "control plane")
+def pid_of(stack: BenchStack, name: str) -> int:
+    child = next(c for c in stack.children if c.name.startswith(name))
     assert child.proc is not None
     return child.proc.pid
+
+
+def control_plane_pid(stack: BenchStack) -> int:
+    return pid_of(stack, "control plane")
 
 
 def logged(stack: BenchStack) -> float:
@@ -63,11 +67,14 @@ def overhead(on: BenchStack, off: BenchStack, load, rounds: int, seconds: float)
         load.run(stack.gateway_url, CONCURRENCY, 1.0)  # warm up
     runs: dict[str, list[LoadResult]] = {name: [] for name in stacks}
     cpu_on = cpu_idle = requests_logged = 0.0
+    envoy_cpu = {name: 0.0 for name in stacks}  # CPU time is steadier than rates when shared
     for i in range(rounds):
         for name in ("off", "on") if i % 2 == 0 else ("on", "off"):
             before = {n: cpu_seconds(control_plane_pid(s)) for n, s in stacks.items()}
             count = logged(on)
+            envoy_before = cpu_seconds(pid_of(stacks[name], "envoy"))
             result = load.run(stacks[name].gateway_url, CONCURRENCY, seconds)
+            envoy_cpu[name] += cpu_seconds(pid_of(stacks[name], "envoy")) - envoy_before
             if name == "on":
                 time.sleep(0.5)  # Envoy's last batch (flushed every 200 ms)
                 requests_logged += logged(on) - count
@@ -82,6 +89,9 @@ def overhead(on: BenchStack, off: BenchStack, load, rounds: int, seconds: float)
     pairs = list(zip(runs["off"], runs["on"], strict=True))
     on_m, off_m = _medians(runs["on"]), _medians(runs["off"])
     served = sum(r.requests for r in runs["on"])
+    envoy_per_10k = {
+        name: envoy_cpu[name] / sum(r.requests for r in runs[name]) * 10_000 for name in stacks
+    }
     return {
         "concurrency": CONCURRENCY,
         "seconds_per_run": seconds,
@@ -90,6 +100,8 @@ def overhead(on: BenchStack, off: BenchStack, load, rounds: int, seconds: float)
         "telemetry_on": on_m,
         "on_over_off_rps": round(median([b.rps / a.rps for a, b in pairs]), 3),
         "on_over_off_p99": round(on_m["p99_ms"] / off_m["p99_ms"], 3),
+        "envoy_cpu_seconds_per_10k_requests": {k: round(v, 3) for k, v in envoy_per_10k.items()},
+        "envoy_cpu_on_over_off": round(envoy_per_10k["on"] / envoy_per_10k["off"], 3),
         "requests_served_on": served,
         "requests_logged_on": round(requests_logged),
         "control_plane_cpu_seconds_on": round(cpu_on, 3),
