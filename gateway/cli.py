@@ -105,8 +105,25 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.registration import Registration
+    from model_servers.admin import ServerTls
     from model_servers.server import serve
 
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            print(
+                "--tls-cert and --tls-key go together (and --tls-client-ca needs them)",
+                file=sys.stderr,
+            )
+            return 2
+        client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
+        tls = ServerTls(Path(args.tls_cert), Path(args.tls_key), client_ca)
+    if args.record_answers and args.processes > 1:
+        print(
+            "--record-answers needs --processes 1 (each process would keep its own log)",
+            file=sys.stderr,
+        )
+        return 2
     ensure_free((args.host, args.port), "model server")
     if args.grpc_port is not None:
         ensure_free((args.host, args.grpc_port), "model server gRPC")
@@ -137,6 +154,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             processes=args.processes,
             workers=args.workers,
             drain_grace=args.drain_grace,
+            record_answers=args.record_answers,
+            answers_max_bytes=args.record_answers_max_mib * 1024 * 1024,
+            admin_token=admin_token(args),
+            tls=tls,
         )
     finally:
         if registration:
@@ -324,7 +345,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="register with the control plane at this admin URL once ready, and "
         "deregister on exit (token: --admin-token-file or INFERGATE_ADMIN_TOKEN)",
     )
-    p.add_argument("--admin-token-file")
+    p.add_argument(
+        "--admin-token-file",
+        help="the admin token (also $INFERGATE_ADMIN_TOKEN): for --register-with, and "
+        "required by repository load/unload and /v2/answers (without one these are open "
+        "on a loopback --host and refused on any other)",
+    )
+    p.add_argument(
+        "--record-answers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the newest N answers by x-request-id for GET /v2/answers (default: off)",
+    )
+    p.add_argument(
+        "--record-answers-max-mib",
+        type=int,
+        default=64,
+        help="cap on the recorded outputs' size (MiB, default 64)",
+    )
+    p.add_argument("--tls-cert", help="serve REST and gRPC over TLS with this certificate")
+    p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    p.add_argument(
+        "--tls-client-ca", help="accept only clients with a certificate this CA signed (PEM)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

@@ -104,13 +104,15 @@ def model_server_child(
     address: tuple[str, int],
     log_path: str,
     grpc_port: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Child:
     """An unstarted `infergate serve` for one model version (serving the gRPC API too when
-    `grpc_port` is given), ready once it reports ready."""
+    `grpc_port` is given; `extra`: more `serve` options), ready once it reports ready."""
     host, port = address
     options = ["--model", model, "--version", version, "--host", host, "--port", str(port)]
     if grpc_port is not None:
         options += ["--grpc-port", str(grpc_port)]
+    options += extra
     argv = infergate_command("serve", "--repository", repository, *options)
     ready = f"http://{host}:{port}/v2/health/ready"
     return Child(f"model {model}/{version} @{host}:{port}", argv, log_path, ready_url=ready)

@@ -18,6 +18,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from model_servers.answers import AnswerLog
 from model_servers.load_report import LoadReporter
 from model_servers.metrics import ServerMetrics
 from model_servers.protocol import InferenceRequest, ProtocolError
@@ -61,8 +62,9 @@ def _server_version() -> str:
 class DataPlane:
     """Readiness, metadata and inference over a ModelRegistry, for any transport."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, answers: AnswerLog | None = None) -> None:
         self.registry = registry
+        self.answers = answers  # None: answers are not recorded
         self.metrics = registry.metrics
         self.draining = False
         self.inflight = 0
@@ -85,13 +87,15 @@ class DataPlane:
         repository: Path | None,
         workers: int,
         batching: Batching | None,
+        answers: AnswerLog | None = None,
     ) -> DataPlane:
-        """A data plane serving `models`, predicting on `workers` threads."""
+        """A data plane serving `models`, predicting on `workers` threads, recording its
+        answers in `answers` if given."""
         executor = ThreadPoolExecutor(workers, thread_name_prefix="predict")
         registry = ModelRegistry(repository, ServerMetrics(), executor, batching)
         for model in models:
             registry.add(model)
-        return cls(registry)
+        return cls(registry, answers)
 
     async def close(self) -> None:
         """Finish queued batches, then stop the predict threads."""
@@ -123,15 +127,24 @@ class DataPlane:
         """OIP model metadata: name, versions, platform, inputs, outputs."""
         return self.resolve(name, version).metadata
 
-    async def infer(self, served: ServedModel, codec: Codec[T]) -> T:
+    async def infer(
+        self,
+        served: ServedModel,
+        codec: Codec[T],
+        request_id: str | None = None,
+        shadow: bool | None = False,
+    ) -> T:
         """Decode, validate, predict and encode one request, counting it in the metrics and
-        the load report; a failure is a ProtocolError (unexpected ones become a 500)."""
+        the load report; a failure is a ProtocolError (unexpected ones become a 500).
+
+        With a `request_id` (`x-request-id`) and answer recording on, a successful answer
+        is recorded, marked as one to a mirrored request if `shadow` (None: unknown)."""
         start = time.perf_counter()
         served.metrics.inflight.inc()
         self.inflight += 1
         status = 500
         try:
-            result = await self._infer(served, codec)
+            result = await self._infer(served, codec, request_id, shadow)
             status = 200
             return result
         except ProtocolError as exc:
@@ -146,7 +159,9 @@ class DataPlane:
             served.metrics.observe(status, time.perf_counter() - start)
             self.load_report.record()
 
-    async def _infer(self, served: ServedModel, codec: Codec[T]) -> T:
+    async def _infer(
+        self, served: ServedModel, codec: Codec[T], request_id: str | None, shadow: bool | None
+    ) -> T:
         inline = await codec.read() <= INLINE_BYTES
         executor = self.registry.executor
         loop = asyncio.get_running_loop()
@@ -159,5 +174,11 @@ class DataPlane:
         request = decode() if inline else await loop.run_in_executor(executor, decode)
         outputs = await served.predict(request, executor)
         if inline:
-            return codec.encode(served.model, request, outputs)
-        return await loop.run_in_executor(executor, codec.encode, served.model, request, outputs)
+            response = codec.encode(served.model, request, outputs)
+        else:
+            args = (served.model, request, outputs)
+            response = await loop.run_in_executor(executor, codec.encode, *args)
+        if request_id and self.answers is not None:
+            model = served.model
+            self.answers.add(request_id, model.name, model.version, shadow, outputs)
+        return response

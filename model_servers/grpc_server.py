@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from model_servers.admin import OPEN_ON_LOOPBACK, AdminGuard, ServerTls
 from model_servers.binary_data import tensor_from_bytes, tensor_to_bytes
 from model_servers.dataplane import DataPlane
 from model_servers.grpc_stubs import load
@@ -29,6 +30,8 @@ pb, services = load()
 # the gRPC status of each ProtocolError status; anything else is INTERNAL
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -135,8 +138,9 @@ def _aborts_on_error(rpc: _Rpc) -> _Rpc:
 class InferenceServicer(services.GRPCInferenceServiceServicer):
     """The six KServe V2 RPCs over a DataPlane: decode, call it, encode."""
 
-    def __init__(self, core: DataPlane) -> None:
+    def __init__(self, core: DataPlane, admin: AdminGuard) -> None:
         self.core = core
+        self.admin = admin
 
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802
         return pb.ServerLiveResponse(live=True)
@@ -159,20 +163,58 @@ class InferenceServicer(services.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         """Inference; the ORCA load report goes out in the trailing metadata."""
         served = self.core.resolve(request.model_name, request.model_version)
+        request_id = None  # grpcio does not expose :authority: whether a shadow is unknown
+        if self.core.answers is not None:
+            request_id = dict(context.invocation_metadata() or ()).get("x-request-id")
         try:
-            return await self.core.infer(served, _GrpcCodec(request))
+            return await self.core.infer(served, _GrpcCodec(request), request_id, None)
         finally:
             context.set_trailing_metadata([(LOAD_REPORT_HEADER, self.core.load_report.value())])
 
+    @_aborts_on_error
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
+        await self._repository_change(request, context, self.core.registry.load)
+        return pb.RepositoryModelLoadResponse()
 
-def make_grpc_server(core: DataPlane, address: str) -> grpc.aio.Server:
-    """An unstarted grpc.aio server for `core`, listening on `address` (host:port)."""
+    @_aborts_on_error
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
+        await self._repository_change(request, context, self.core.registry.unload)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _repository_change(
+        self, request: Any, context: Any, change: Callable[[str, str | None], Awaitable[Any]]
+    ) -> None:
+        self.admin.check(dict(context.invocation_metadata() or ()).get("authorization"))
+        version = request.parameters.get("version")
+        await change(request.model_name, version.string_param if version else None)
+
+
+def make_grpc_server(
+    core: DataPlane,
+    address: str,
+    admin: AdminGuard = OPEN_ON_LOOPBACK,
+    tls: ServerTls | None = None,
+) -> grpc.aio.Server:
+    """An unstarted grpc.aio server for `core`, listening on `address` (host:port), over
+    TLS if `tls` is given (then requiring a client certificate if it names a client CA)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ]
     )
-    services.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
-    server.add_insecure_port(address)
+    services.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, admin), server)
+    if tls is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, _credentials(tls))
     return server
+
+
+def _credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    ca = tls.client_ca.read_bytes() if tls.client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )

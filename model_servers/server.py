@@ -2,8 +2,8 @@
 
 Endpoints (every model path also under `/versions/<v>`): health, server and model metadata,
 model readiness, `infer` (JSON or the binary tensor data extension), the repository
-extension (`/v2/repository/index`, `/v2/repository/models/<m>[/versions/<v>]/load|unload`)
-and Prometheus `/metrics`.
+extension (`/v2/repository/index`, `/v2/repository/models/<m>[/versions/<v>]/load|unload`),
+recorded answers (`/v2/answers`) and Prometheus `/metrics`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
+from model_servers.admin import OPEN_ON_LOOPBACK, AdminGuard, ServerTls
+from model_servers.answers import DEFAULT_MAX_BYTES as DEFAULT_ANSWERS_MAX_BYTES
+from model_servers.answers import AnswerLog, is_shadow
 from model_servers.dataplane import DataPlane
 from model_servers.load_report import HEADER as LOAD_REPORT_HEADER
 from model_servers.processes import run_processes
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
 BINARY_HEADER = "Inference-Header-Content-Length"
+MAX_ANSWERS_LIMIT = 10_000
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -112,9 +116,10 @@ class _RestCodec:
 class _RestHandlers:
     """The OIP REST endpoints over a DataPlane: decode, call it, encode."""
 
-    def __init__(self, core: DataPlane, max_body_size: int) -> None:
+    def __init__(self, core: DataPlane, max_body_size: int, admin: AdminGuard) -> None:
         self.core = core
         self.max_body_size = max_body_size
+        self.admin = admin
         self.server_metadata_body = json.dumps(core.server_metadata).encode()
 
     @staticmethod
@@ -145,8 +150,13 @@ class _RestHandlers:
 
     async def infer(self, request: web.Request) -> web.Response:
         served = self.core.resolve(*self._model(request))
+        codec = _RestCodec(request, self.max_body_size)
+        request_id, shadow = None, False
+        if self.core.answers is not None:
+            request_id = request.headers.get("x-request-id")
+            shadow = is_shadow(request.headers.get("Host"))
         try:
-            response = await self.core.infer(served, _RestCodec(request, self.max_body_size))
+            response = await self.core.infer(served, codec, request_id, shadow)
         except ProtocolError as exc:
             response = _error(exc.status, exc.message)
         response.headers[LOAD_REPORT_HEADER] = self.core.load_report.value()
@@ -172,11 +182,28 @@ class _RestHandlers:
         change: Callable[[str, str | None], Awaitable[list[str]]],
         state: str,
     ) -> web.Response:
+        self.admin.check(request.headers.get("Authorization"))
         await self._json_body(request)
         name, version = self._model(request)
         versions = await change(name, version)
         log.info("%s %s versions %s", change.__name__, name, versions)
         return _json({"name": name, "versions": versions, "state": state})
+
+    async def answers(self, request: web.Request) -> web.Response:
+        """Recorded answers: `?ids=a,b` by request id, else `?since=<cursor>&limit=<n>`."""
+        self.admin.check(request.headers.get("Authorization"))
+        log = self.core.answers
+        if log is None:
+            raise ProtocolError(404, "answers are not recorded: start with --record-answers N")
+        query = request.query
+        if "ids" in query:
+            return _json(log.lookup({i for i in query["ids"].split(",") if i}))
+        since, limit = query.get("since", "0"), query.get("limit", "1000")
+        if not (since.isdigit() and limit.isdigit() and 1 <= int(limit) <= MAX_ANSWERS_LIMIT):
+            raise ProtocolError(
+                400, f"'since' must be a cursor >= 0 and 'limit' 1-{MAX_ANSWERS_LIMIT}"
+            )
+        return _json(log.since(int(since), int(limit)))
 
     @staticmethod
     async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -203,15 +230,18 @@ def make_app(
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     workers: int = 4,
     batching: Batching | None = None,
+    answers: AnswerLog | None = None,
+    admin: AdminGuard = OPEN_ON_LOOPBACK,
 ) -> web.Application:
     """Build the OIP application serving `models`; predictions run on `workers` threads.
 
     `repository` enables loading more versions at run time; `batching` overrides the
-    batching settings of every model. `app[CORE]` is its DataPlane.
+    batching settings of every model; `answers` records answers; `admin` guards the
+    admin endpoints (default: open, as on loopback). `app[CORE]` is its DataPlane.
     """
     models = [models] if isinstance(models, LoadedModel) else models
-    core = DataPlane.create(models, repository, workers, batching)
-    handlers = _RestHandlers(core, max_body_size)
+    core = DataPlane.create(models, repository, workers, batching, answers)
+    handlers = _RestHandlers(core, max_body_size, admin)
     app = web.Application(client_max_size=max_body_size, middlewares=[_json_errors])
     app[CORE] = core
 
@@ -226,6 +256,7 @@ def make_app(
     app.router.add_get("/v2/health/ready", handlers.ready)
     app.router.add_get("/v2", handlers.server_metadata)
     app.router.add_get("/metrics", handlers.prometheus)
+    app.router.add_get("/v2/answers", handlers.answers)
     app.router.add_get("/v2/repository/index", handlers.repository_index)
     app.router.add_post("/v2/repository/index", handlers.repository_index)
     for prefix in (model, version):
@@ -265,6 +296,10 @@ def serve(
     reuse_port: bool = False,
     drain_grace: float = 0.0,
     shutdown_timeout: float = 30.0,
+    record_answers: int = 0,
+    answers_max_bytes: int = DEFAULT_ANSWERS_MAX_BYTES,
+    admin_token: str | None = None,
+    tls: ServerTls | None = None,
 ) -> None:
     """Serve one model version (or, with None, every version / every model) until
     SIGTERM/SIGINT, then drain and return.
@@ -274,10 +309,17 @@ def serve(
     server processes sharing the ports through SO_REUSEPORT (metrics are per process).
     On a signal, readiness turns false; after `drain_grace` seconds the listener closes and
     in-flight requests get up to `shutdown_timeout` seconds to finish.
+    `record_answers` > 0 keeps that many of the newest answers (at most `answers_max_bytes`
+    of outputs) for `/v2/answers`. `admin_token` guards the admin endpoints (see
+    `AdminGuard`); `tls` serves both APIs over TLS.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if record_answers and processes > 1:
+        raise ValueError("recording answers needs one process: each would keep its own log")
     if processes > 1:
         options = {
+            "admin_token": admin_token,
+            "tls": tls,
             "max_body_size": max_body_size,
             "workers": workers,
             "max_batch_size": max_batch_size,
@@ -294,15 +336,19 @@ def serve(
     repository = Path(repository)
     loaded = initial_models(repository, model, version)
     batching = None if max_batch_size is None else Batching(max_batch_size, max_batch_delay_ms)
+    admin = AdminGuard(host, admin_token)
     app = make_app(
         loaded,
         repository=repository,
         max_body_size=max_body_size,
         workers=workers,
         batching=batching,
+        answers=AnswerLog(record_answers, answers_max_bytes) if record_answers else None,
+        admin=admin,
     )
+    listen = _Listen(host, port, grpc_port, reuse_port, admin, tls)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_run(app, host, port, grpc_port, reuse_port, drain_grace, shutdown_timeout))
+        runner.run(_run(app, listen, drain_grace, shutdown_timeout))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -314,29 +360,41 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+class _Listen(NamedTuple):
+    host: str
+    port: int
+    grpc_port: int | None
+    reuse_port: bool
+    admin: AdminGuard
+    tls: ServerTls | None
+
+
 async def _run(
-    app: web.Application,
-    host: str,
-    port: int,
-    grpc_port: int | None,
-    reuse_port: bool,
-    drain_grace: float,
-    shutdown_timeout: float,
+    app: web.Application, listen: _Listen, drain_grace: float, shutdown_timeout: float
 ) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     core = app[CORE]
     grpc_server = None
+    host, tls = listen.host, listen.tls
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
-        if grpc_port is not None:
+        ssl_context = tls.ssl_context() if tls else None
+        reuse_port = listen.reuse_port or None
+        site = web.TCPSite(
+            runner, host, listen.port, ssl_context=ssl_context, reuse_port=reuse_port
+        )
+        await site.start()
+        if listen.grpc_port is not None:
             from model_servers.grpc_server import make_grpc_server  # grpc only when asked for
 
-            grpc_server = make_grpc_server(core, f"{host}:{grpc_port}")
+            address = f"{host}:{listen.grpc_port}"
+            grpc_server = make_grpc_server(core, address, listen.admin, tls)
             await grpc_server.start()
-            log.info("gRPC on %s:%d", host, grpc_port)
+            log.info("gRPC on %s", address)
         names = [f"{s.model.name}/{s.model.version}" for s in core.registry.served]
-        log.info("serving %s on http://%s:%d", ", ".join(names) or "nothing yet", host, port)
+        scheme = "https" if tls else "http"
+        where = f"{scheme}://{host}:{listen.port}"
+        log.info("serving %s on %s", ", ".join(names) or "nothing yet", where)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
