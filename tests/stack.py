@@ -182,8 +182,10 @@ class Stack:
         delta: bool = False,
         replicas: dict[str, int] | None = None,
         grpc: bool = False,
+        model_options: tuple[str, ...] = (),
     ):
         self.delta = delta
+        self.model_options = model_options  # more `infergate serve` options
         self.workdir = workdir
         self.repository = repository
         self.config = workdir / "routing.yaml"
@@ -208,8 +210,15 @@ class Stack:
             for port in ports:
                 log = str(self.workdir / f"model-{version}-{port}.log")
                 grpc_port = self.grpc[1][port] if self.grpc else None
+                address = ("127.0.0.1", port)
                 child = model_server_child(
-                    str(self.repository), "iris", version, ("127.0.0.1", port), log, grpc_port
+                    str(self.repository),
+                    "iris",
+                    version,
+                    address,
+                    log,
+                    grpc_port,
+                    self.model_options,
                 )
                 self.models[port] = child.start()
         for port, child in self.models.items():
