@@ -52,13 +52,19 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
 
 
 def start_infergate(
-    repo: Path, port: int, workdir: Path, *, max_batch_size: int | None, processes: int = 1
+    repo: Path,
+    port: int,
+    workdir: Path,
+    *,
+    max_batch_size: int | None,
+    processes: int = 1,
+    **options: Any,
 ) -> Running:
-    """`serve(repo, "iris", "v1")` in its own process (or `processes` of them)."""
+    """`serve(repo, "iris", "v1", **options)` in its own process (or `processes` of them)."""
     code = (
         "from model_servers.server import serve; "
         f"serve({str(repo)!r}, 'iris', 'v1', '127.0.0.1', {port}, "
-        f"max_batch_size={max_batch_size!r}, processes={processes})"
+        f"max_batch_size={max_batch_size!r}, processes={processes}, **{options!r})"
     )
     log = workdir / f"infergate-{port}.log"
     proc = subprocess.Popen(

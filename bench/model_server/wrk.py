@@ -15,14 +15,22 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(
-    url: str, body: str, workdir: Path, *, connections: int, seconds: int, threads: int = 1
+    url: str,
+    body: str,
+    workdir: Path,
+    *,
+    connections: int,
+    seconds: int,
+    threads: int = 1,
+    lua: str = "",
 ) -> dict[str, float]:
-    """Requests/s, p50/p99 latency in ms and non-2xx count for one wrk run."""
+    """Requests/s, p50/p99 latency in ms and non-2xx count for one wrk run (`lua` is
+    appended to the script, e.g. a `request` function)."""
     script = workdir / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = [[{body}]]\n"
+        f"wrk.body = [[{body}]]\n" + lua
     )
     out = subprocess.run(
         [
