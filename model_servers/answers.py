@@ -33,7 +33,7 @@ def is_shadow(authority: str | None) -> bool:
     return host.endswith(SHADOW_SUFFIX)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is 5x slower to create
 class Answer:
     cursor: int
     request_id: str
@@ -98,7 +98,7 @@ class AnswerLog:
         self, request_id: str, model: str, version: str, shadow: bool | None, outputs: Tensors
     ) -> None:
         """Record one answer (copies of the arrays: a batch's outputs are views of one)."""
-        kept = {name: np.array(array, copy=True) for name, array in outputs.items()}
+        kept = {name: array.copy() for name, array in outputs.items()}
         size = sum(_size(a) for a in kept.values()) + len(request_id)
         self._last += 1
         self._answers.append(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -137,13 +138,27 @@ def answers(port: int) -> list[dict]:
         return json.load(resp)["answers"]
 
 
+def by_id(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda a: a["request_id"])
+
+
+def grpc_infer(client, grpcclient, n: int) -> None:
+    x = np.array([[5.1, 3.5, 1.4, 0.2]])
+    for _ in range(n):
+        tensor = grpcclient.InferInput("input-0", list(x.shape), "FP64")
+        tensor.set_data_from_numpy(x)
+        assert client.infer("iris", [tensor]).get_response().model_version == "v1"
+
+
 def test_envoy_sends_the_same_request_id_to_the_primary_and_the_mirror(
     tmp_path: Path, model_repository: Path, envoy_binary: str
 ) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
     stack = Stack(
         tmp_path,
         model_repository,
         replicas={"v1": 1, "v3": 1},
+        grpc=True,
         model_options=("--record-answers", "1000"),
     )
     try:
@@ -151,15 +166,21 @@ def test_envoy_sends_the_same_request_id_to_the_primary_and_the_mirror(
         stack.apply({"v1": 100}, shadow=("v3", 100))
         n = 30
         assert count_versions(stack.listen, n) == {"v1": n}
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{stack.grpc[0]}") as client:
+            grpc_infer(client, grpcclient, n)
         (primary_port,), (shadow_port,) = stack.model_ports["v1"], stack.model_ports["v3"]
         deadline = time.monotonic() + 10  # mirrored requests finish after the client's answer
-        while len(answers(shadow_port)) < n and time.monotonic() < deadline:
+        while len(answers(shadow_port)) < 2 * n and time.monotonic() < deadline:
             time.sleep(0.1)
         primary, shadow = answers(primary_port), answers(shadow_port)
-        assert len(primary) == len(shadow) == n
+        assert len(primary) == len(shadow) == 2 * n
         assert {a["request_id"] for a in primary} == {a["request_id"] for a in shadow}
-        assert len({a["request_id"] for a in primary}) == n  # Envoy made one id per request
-        assert {(a["version"], a["shadow"]) for a in primary} == {("v1", False)}
-        assert {(a["version"], a["shadow"]) for a in shadow} == {("v3", True)}
+        assert len({a["request_id"] for a in primary}) == 2 * n  # one id per request
+        # over REST the Host tells the mirror; over gRPC it is unknown (null)
+        pairs = Counter(
+            (p["version"], p["shadow"], s["version"], s["shadow"])
+            for p, s in zip(by_id(primary), by_id(shadow), strict=True)
+        )
+        assert pairs == {("v1", False, "v3", True): n, ("v1", None, "v3", None): n}
     finally:
         stack.stop()
