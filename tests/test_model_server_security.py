@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import grpc
 import numpy as np
 import pytest
 
+from gateway.cli import main
 from gateway.processes import free_port, infergate_command
 from model_servers.admin import AdminGuard
 from model_servers.answers import AnswerLog
@@ -28,6 +30,7 @@ from tests.app_client import app_client
 from tests.certs import CertificateAuthority
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,5 +230,31 @@ def test_grpc_repository_changes_need_the_admin_token(server: Server) -> None:
         client.unload_model("iris", headers=bearer)
         with pytest.raises(InferenceServerException):
             client.is_model_ready("iris")  # NOT_FOUND: unloaded
-        client.load_model("iris", headers=bearer)
-        assert client.is_model_ready("iris")
+        client.load_model("iris", headers=bearer)  # every version: v1-v3
+        assert client.is_model_ready("iris", "v3")
+        # one version: parameter "version" (tritonclient's load_model cannot send it)
+        cert, key = server.certs.client
+        credentials = grpc.ssl_channel_credentials(
+            server.certs.ca.read_bytes(), key.read_bytes(), cert.read_bytes()
+        )
+        with grpc.secure_channel(f"localhost:{server.grpc_port}", credentials) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            version = {"version": service_pb2.ModelRepositoryParameter(string_param="v3")}
+            unload = service_pb2.RepositoryModelUnloadRequest(model_name="iris", parameters=version)
+            stub.RepositoryModelUnload(unload, metadata=list(bearer.items()))
+        assert client.is_model_ready("iris", "v1")
+        with pytest.raises(InferenceServerException):
+            client.is_model_ready("iris", "v3")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--tls-client-ca", "ca.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--record-answers", "10", "--processes", "2"], "--record-answers needs --processes 1"),
+    ],
+)
+def test_serve_refuses_incomplete_options(options: list[str], message: str, capsys) -> None:
+    assert main(["serve", "--repository", "unused", *options]) == 2
+    assert message in capsys.readouterr().err
