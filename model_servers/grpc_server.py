@@ -136,7 +136,7 @@ def _aborts_on_error(rpc: _Rpc) -> _Rpc:
 
 
 class InferenceServicer(services.GRPCInferenceServiceServicer):
-    """The six KServe V2 RPCs over a DataPlane: decode, call it, encode."""
+    """The KServe V2 RPCs, and Triton's repository load/unload, over a DataPlane."""
 
     def __init__(self, core: DataPlane, admin: AdminGuard) -> None:
         self.core = core
