@@ -118,6 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
         tls = ServerTls(Path(args.tls_cert), Path(args.tls_key), client_ca)
+    if args.record_answers < 0 or args.record_answers_max_mib < 1:
+        print("--record-answers must be >= 0 and --record-answers-max-mib >= 1", file=sys.stderr)
+        return 2
     if args.record_answers and args.processes > 1:
         print(
             "--record-answers needs --processes 1 (each process would keep its own log)",

@@ -253,6 +253,8 @@ def test_grpc_repository_changes_need_the_admin_token(server: Server) -> None:
         (["--tls-client-ca", "ca.pem"], "--tls-cert and --tls-key go together"),
         (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
         (["--record-answers", "10", "--processes", "2"], "--record-answers needs --processes 1"),
+        (["--record-answers", "-1"], "--record-answers must be >= 0"),
+        (["--record-answers-max-mib", "0"], "--record-answers-max-mib >= 1"),
     ],
 )
 def test_serve_refuses_incomplete_options(options: list[str], message: str, capsys) -> None:
