@@ -29,6 +29,7 @@ __all__ = [
     "Endpoint",
     "Model",
     "Problem",
+    "Rollout",
     "RoutingConfig",
     "load",
     "parse",
@@ -56,6 +57,38 @@ class Shadow:
 
 
 @dataclass(frozen=True)
+class RolloutShadow:
+    """The optional phase before step one: the canary gets mirrored traffic only."""
+
+    percent: float = 100.0
+    min_pairs: int = 300
+    min_agreement: float = 0.99
+    rtol: float = 1e-5
+    atol: float = 1e-6
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A canary rollout: weights step by step, each step judged against the baseline."""
+
+    canary: str
+    baseline: str  # the non-canary version that has the traffic in the file
+    steps: tuple[int, ...] = (10, 25, 50, 100)
+    interval: float = 10.0
+    min_requests: int = 100
+    max_error_rate: float = 0.01
+    max_p99: float | None = None
+    max_p99_ratio: float = 1.5
+    failure_limit: int = 1
+    hold_timeout: float | None = None  # None: 10 intervals
+    shadow: RolloutShadow | None = None
+
+    @property
+    def hold_limit(self) -> float:
+        return self.hold_timeout if self.hold_timeout is not None else 10 * self.interval
+
+
+@dataclass(frozen=True)
 class Model:
     name: str
     versions: tuple[Version, ...]
@@ -67,6 +100,7 @@ class Model:
     # Where Envoy serves this model's KServe V2 gRPC API (the model name travels in the
     # request body, which Envoy does not route on: one listener per model instead).
     grpc_listen: Endpoint | None = None
+    rollout: Rollout | None = None
 
     def version(self, name: str) -> Version:
         return next(v for v in self.versions if v.name == name)
@@ -78,7 +112,16 @@ class RoutingConfig:
     models: tuple[Model, ...] = field(default_factory=tuple)
 
 
-MODEL_KEYS = {"versions", "traffic", "shadow", "pin_header", "timeout", "resilience", "grpc_listen"}
+MODEL_KEYS = {
+    "versions",
+    "traffic",
+    "shadow",
+    "pin_header",
+    "timeout",
+    "resilience",
+    "grpc_listen",
+    "rollout",
+}
 
 
 def _read_model(
@@ -131,10 +174,21 @@ def _read_model(
     grpc_listen = None
     if "grpc_listen" in keys:
         grpc_listen = r.endpoint(keys["grpc_listen"][1], f"{where}.grpc_listen")
+    rollout = None
+    if "rollout" in keys:
+        rollout = _read_rollout(r, f"{where}.rollout", keys["rollout"][1], known, traffic)
     if len(r.problems) > before:
         return None
     return Model(
-        name, tuple(versions), traffic, shadow, pin_header, timeout, resilience, grpc_listen
+        name,
+        tuple(versions),
+        traffic,
+        shadow,
+        pin_header,
+        timeout,
+        resilience,
+        grpc_listen,
+        rollout=rollout,
     )
 
 
@@ -186,6 +240,102 @@ def _read_shadow(r: Reader, where: str, node: yaml.Node, known: set[str]) -> Sha
         r.fail(keys["percent"][1], f"{where}.percent", f"must be a number 0-100, got {percent!r}")
         return None
     return Shadow(str(version), float(percent))
+
+
+def _number(
+    r: Reader, node: yaml.Node, where: str, low: float, high: float, *, integer: bool = False
+) -> float | None:
+    """A number in [low, high] (an int if `integer`), or None after reporting a problem."""
+    value = r.scalar(node, where)
+    kind = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        bound = f"at least {low:g}" if high == float("inf") else f"{low:g}-{high:g}"
+        r.fail(node, where, f"must be {what} {bound}, got {value!r}")
+        return None
+    return value
+
+
+ROLLOUT_NUMBERS = {  # key: (low, high, integer)
+    "min_requests": (1, float("inf"), True),
+    "max_error_rate": (0, 1, False),
+    "max_p99_ratio": (1, float("inf"), False),
+    "failure_limit": (1, float("inf"), True),
+}
+SHADOW_NUMBERS = {
+    "percent": (1, 100, False),
+    "min_pairs": (1, float("inf"), True),
+    "min_agreement": (0, 1, False),
+    "rtol": (0, 1, False),
+    "atol": (0, float("inf"), False),
+}
+
+
+def _numbers(
+    r: Reader, keys: dict[str, tuple[yaml.Node, yaml.Node]], where: str, rules: dict
+) -> dict[str, float]:
+    out = {}
+    for key, (low, high, integer) in rules.items():
+        if key in keys:
+            value = _number(r, keys[key][1], f"{where}.{key}", low, high, integer=integer)
+            if value is not None:
+                out[key] = value
+    return out
+
+
+def _read_rollout(
+    r: Reader, where: str, node: yaml.Node, known: set[str], traffic: tuple[tuple[str, int], ...]
+) -> Rollout | None:
+    """The `rollout` block; the baseline is the one other version with traffic in the file."""
+    allowed = {"canary", "shadow", "steps", "interval", "max_p99", "hold_timeout"}
+    keys = r.mapping(node, where, allowed | set(ROLLOUT_NUMBERS))
+    before = len(r.problems)
+    if "canary" not in keys:
+        if isinstance(node, yaml.MappingNode):
+            r.fail(node, where, "missing required key 'canary'")
+        return None
+    canary_node = keys["canary"][1]
+    canary = r.scalar(canary_node, f"{where}.canary")
+    holders = [v for v, w in traffic if w > 0 and v != canary]
+    if canary not in known:
+        listed = ", ".join(sorted(known))
+        r.fail(canary_node, f"{where}.canary", f"unknown version {canary!r} (versions: {listed})")
+    elif not holders:
+        r.fail(
+            canary_node,
+            f"{where}.canary",
+            f"{canary!r} already has all the traffic, so it equals the baseline",
+        )
+    elif len(holders) > 1:
+        r.fail(
+            canary_node,
+            f"{where}.canary",
+            f"needs one baseline, but traffic gives weight to {', '.join(holders)}",
+        )
+    values: dict = _numbers(r, keys, where, ROLLOUT_NUMBERS)
+    if "steps" in keys:
+        steps_node = keys["steps"][1]
+        items = r.sequence(steps_node, f"{where}.steps")
+        steps = [_number(r, n, f"{where}.steps", 1, 100, integer=True) for n in items]
+        if not items:
+            r.fail(steps_node, f"{where}.steps", "needs at least one step")
+        elif None not in steps and any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            r.fail(steps_node, f"{where}.steps", f"must be increasing, got {steps}")
+        values["steps"] = tuple(steps)
+    for key in ("interval", "max_p99", "hold_timeout"):
+        if key in keys:
+            values[key] = r.duration(keys[key][1], f"{where}.{key}")
+    hold, interval = values.get("hold_timeout"), values.get("interval", Rollout.interval)
+    if hold and interval and hold < interval:
+        r.fail(keys["hold_timeout"][1], f"{where}.hold_timeout", "must be at least the interval")
+    if "shadow" in keys:
+        shadow_keys = r.mapping(keys["shadow"][1], f"{where}.shadow", set(SHADOW_NUMBERS))
+        values["shadow"] = RolloutShadow(
+            **_numbers(r, shadow_keys, f"{where}.shadow", SHADOW_NUMBERS)
+        )
+    if len(r.problems) > before:
+        return None
+    return Rollout(canary=canary, baseline=holders[0], **values)
 
 
 def parse(text: str, path: str = "<string>") -> RoutingConfig:

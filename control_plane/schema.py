@@ -1,7 +1,8 @@
 """JSON Schema of the routing YAML, for editors and external checks.
 
-It mirrors the rules in `config.py`; cross-field rules (a traffic or shadow version
-must exist, not all weights zero) can only be checked by `infergate validate`.
+It mirrors the rules in `config.py`; cross-field rules (a traffic, shadow or canary version
+must exist, not all weights zero, a canary that is not the baseline, increasing steps) can
+only be checked by `infergate validate`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from control_plane.config import HEADER_RE, NAME_RE
+from control_plane.config import HEADER_RE, NAME_RE, ROLLOUT_NUMBERS, SHADOW_NUMBERS
 from control_plane.resilience import LOAD_BALANCING, RETRY_CONDITIONS, Resilience
 
 _NAME = NAME_RE.pattern
@@ -56,6 +57,43 @@ def _resilience() -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "properties": props}
 
 
+def _numbers(rules: dict[str, tuple[float, float, bool]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (low, high, integer) in rules.items():
+        out[key] = {"type": "integer" if integer else "number", "minimum": low}
+        if high != float("inf"):
+            out[key]["maximum"] = high
+    return out
+
+
+def _rollout() -> dict[str, Any]:
+    shadow = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": _numbers(SHADOW_NUMBERS),
+    }
+    props = {
+        "canary": {"type": "string", "pattern": _NAME},
+        "shadow": shadow,
+        "steps": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "integer", "minimum": 1, "maximum": 100},
+            "description": "canary weight per step, increasing",
+        },
+        "interval": _DURATION,
+        "max_p99": _DURATION,
+        "hold_timeout": _DURATION,
+        **_numbers(ROLLOUT_NUMBERS),
+    }
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["canary"],
+        "properties": props,
+    }
+
+
 def routing_schema() -> dict[str, Any]:
     """Return the JSON Schema (draft 2020-12) for a routing file."""
     version = {
@@ -97,6 +135,7 @@ def routing_schema() -> dict[str, Any]:
             "timeout": _DURATION,
             "resilience": _resilience(),
             "grpc_listen": _listen("this model's KServe V2 gRPC API"),
+            "rollout": _rollout(),
         },
     }
     return {

@@ -154,3 +154,68 @@ def test_grpc_listen_needs_grpc_endpoints_and_a_free_address():
     assert [str(e) for e in model.version("v2").grpc_endpoints] == ["127.0.0.1:9102"]
     clash = "listen: 127.0.0.1:8081\n" + ok
     assert any("already used by listen" in p for p in problems(clash))
+
+
+ROLLOUT = BASE.replace("{v1: 90, v2: 10}", "{v1: 100}") + "    rollout: {canary: v2%s}\n"
+
+
+def test_rollout_block_in_the_issues_shape_is_typed():
+    block = (
+        ", shadow: {percent: 50, min_pairs: 300, min_agreement: 0.99}, steps: [10, 25, 50, 100],"
+        " interval: 10s, min_requests: 100, max_error_rate: 0.01, max_p99: 500ms,"
+        " max_p99_ratio: 1.5, failure_limit: 1, hold_timeout: 2m"
+    )
+    text = ROLLOUT % block
+    rollout = parse(text).models[0].rollout
+    assert (rollout.canary, rollout.baseline, rollout.steps) == ("v2", "v1", (10, 25, 50, 100))
+    assert (rollout.interval, rollout.max_p99, rollout.hold_limit) == (10.0, 0.5, 120.0)
+    assert (rollout.shadow.percent, rollout.shadow.min_pairs, rollout.shadow.rtol) == (
+        50,
+        300,
+        1e-5,
+    )
+    jsonschema.validate(yaml.safe_load(text), routing_schema())
+    assert parse(ROLLOUT % ", interval: 30s").models[0].rollout.hold_limit == 300.0
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        (", steps: [10, 10, 50]", "r.yaml:7:34: models.iris.rollout.steps: must be increasing"),
+        (", steps: [0, 50]", "r.yaml:7:35: models.iris.rollout.steps: must be an integer 1-100"),
+        (", steps: [50, 101]", "r.yaml:7:39: models.iris.rollout.steps: must be an integer 1-100"),
+        (", steps: []", "r.yaml:7:34: models.iris.rollout.steps: needs at least one step"),
+        (", interval: 0s", "r.yaml:7:37: models.iris.rollout.interval: '0s' is not a positive"),
+        (", interval: -5s", "r.yaml:7:37: models.iris.rollout.interval: '-5s' is not a positive"),
+        (", max_error_rate: 1.5", "r.yaml:7:43: models.iris.rollout.max_error_rate: must be a"),
+        (", max_p99_ratio: 0.9", "r.yaml:7:42: models.iris.rollout.max_p99_ratio: must be a"),
+        (", min_requests: 0", "r.yaml:7:41: models.iris.rollout.min_requests: must be an integer"),
+        (", failure_limit: 0", "r.yaml:7:42: models.iris.rollout.failure_limit: must be an"),
+        (", max_p99: fast", "r.yaml:7:36: models.iris.rollout.max_p99: 'fast' is not a positive"),
+        (", hold_timeout: 1s", "r.yaml:7:41: models.iris.rollout.hold_timeout: must be at least"),
+        (", shadow: {min_agreement: 1.2}", "r.yaml:7:51: models.iris.rollout.shadow.min_agreement"),
+        (", shadow: {percent: 0}", "r.yaml:7:45: models.iris.rollout.shadow.percent: must be a"),
+        (", speed: 3", "r.yaml:7:27: models.iris.rollout.speed: unknown key 'speed'"),
+    ],
+)
+def test_rollout_errors_are_positioned(block, expected):
+    found = problems(ROLLOUT % block)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_rollout_canary_must_be_a_known_version_other_than_the_baseline():
+    unknown = problems(ROLLOUT.replace("canary: v2", "canary: v9") % "")
+    assert any(
+        p.startswith("r.yaml:7:23: models.iris.rollout.canary: unknown version 'v9'")
+        for p in unknown
+    )
+    same = problems(ROLLOUT.replace("canary: v2", "canary: v1") % "")
+    assert any("'v1' already has all the traffic, so it equals the baseline" in p for p in same), (
+        same
+    )
+    three = BASE.replace("v2: 10}", "v2: 10, v3: 5}").replace(
+        "    traffic", "      v3: {endpoints: [127.0.0.1:9003]}\n    traffic"
+    )
+    two_baselines = problems(three + "    rollout: {canary: v3}\n")
+    assert any("needs one baseline, but traffic gives weight to v1, v2" in p for p in two_baselines)
+    assert parse(BASE + "    rollout: {canary: v2}\n").models[0].rollout.baseline == "v1"
