@@ -1,0 +1,190 @@
+"""Judge a canary against its baseline over one analysis window.
+
+Each check pairs a statistical test with the operator's limit, so that noise alone does
+not roll a canary back and a significant but harmless difference does not either:
+
+- `error_rate`: the canary's error rate is above `max_error_rate` with confidence
+  (one-sided binomial test of its errors against that rate);
+- `errors_vs_baseline`: the canary fails more often than the baseline in the same window
+  (one-sided Fisher's exact test on the 2x2 table of errors and successes);
+- `p99`: more than 1% of canary requests are slower than `max_p99`, with confidence
+  (one-sided binomial test; this is "the canary's p99 is above the limit");
+- `latency_vs_baseline`: the canary's p99 exceeds `max_p99_ratio` times the baseline's
+  and its durations are stochastically larger (one-sided Mann-Whitney U, as Kayenta does).
+
+A check fails only when its p-value is below `ALPHA`. `docs/rollouts.md` gives the
+false-alarm rate this yields (measured by `bench/rollout_aa.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from scipy.stats import binomtest, fisher_exact, mannwhitneyu
+
+from control_plane.config import Rollout, RolloutShadow
+
+ALPHA = 0.01  # per check and window
+TAIL = 0.01  # the share of requests allowed above a p99 limit
+
+
+class Window(Protocol):
+    """One version's measurements over the window (telemetry's IntervalStats)."""
+
+    requests: float
+    errors: float
+    durations: Sequence[float]
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """What was measured for one version, as shown in status and history."""
+
+    requests: int
+    errors: int
+    error_rate: float | None
+    p99: float | None
+
+    @classmethod
+    def of(cls, window: Window) -> Numbers:
+        requests = round(window.requests)
+        errors = min(round(window.errors), requests)
+        rate = errors / requests if requests else None
+        p99 = float(np.percentile(window.durations, 99)) if len(window.durations) else None
+        return cls(requests, errors, rate, p99)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    reason: str
+    p_value: float | None = None
+    limit: float | None = None
+
+
+@dataclass(frozen=True)
+class Analysis:
+    canary: Numbers
+    baseline: Numbers
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.passed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "canary": asdict(self.canary),
+            "baseline": asdict(self.baseline),
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+def _pct(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.2%}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f}ms"
+
+
+def _p(p: float) -> str:
+    return f"p={p:.2g}"
+
+
+def error_rate(c: Numbers, limit: float) -> Check:
+    if not c.requests:
+        return Check("error_rate", True, "no canary requests", None, limit)
+    p = binomtest(c.errors, c.requests, limit, alternative="greater").pvalue
+    said = f"{c.errors} errors in {c.requests} requests ({_pct(c.error_rate)})"
+    if p < ALPHA:
+        return Check(
+            "error_rate", False, f"{said} is above the {limit:.2%} limit ({_p(p)})", p, limit
+        )
+    return Check("error_rate", True, f"{said}: not above the {limit:.2%} limit", p, limit)
+
+
+def errors_vs_baseline(c: Numbers, b: Numbers) -> Check:
+    if not b.requests:
+        return Check("errors_vs_baseline", True, "no baseline requests to compare with")
+    table = [[c.errors, c.requests - c.errors], [b.errors, b.requests - b.errors]]
+    p = fisher_exact(table, alternative="greater").pvalue
+    said = f"canary {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} errors"
+    if p < ALPHA:
+        return Check("errors_vs_baseline", False, f"{said}: canary fails more ({_p(p)})", p)
+    return Check("errors_vs_baseline", True, f"{said}: no significant difference", p)
+
+
+def p99(c: Numbers, durations: Sequence[float], limit: float) -> Check:
+    slow = sum(1 for d in durations if d > limit)
+    p = binomtest(slow, len(durations), TAIL, alternative="greater").pvalue
+    said = f"p99 {_ms(c.p99)}; {slow} of {len(durations)} requests slower than {_ms(limit)}"
+    if p < ALPHA:
+        return Check("p99", False, f"{said}: p99 is above the limit ({_p(p)})", p, limit)
+    return Check("p99", True, f"{said}: within the limit", p, limit)
+
+
+def latency_vs_baseline(
+    c: Numbers, b: Numbers, canary: Sequence[float], baseline: Sequence[float], limit: float
+) -> Check:
+    if c.p99 is None or b.p99 is None:
+        return Check("latency_vs_baseline", True, "no baseline durations to compare with")
+    ratio = c.p99 / b.p99 if b.p99 > 0 else math.inf
+    p = mannwhitneyu(canary, baseline, alternative="greater").pvalue
+    said = f"p99 canary {_ms(c.p99)} vs baseline {_ms(b.p99)} (x{ratio:.2f}, limit x{limit:g})"
+    if ratio > limit and p < ALPHA:
+        return Check("latency_vs_baseline", False, f"{said}, canary slower ({_p(p)})", p, limit)
+    verdict = "within the ratio" if ratio <= limit else "not significantly slower"
+    return Check("latency_vs_baseline", True, f"{said}: {verdict} ({_p(p)})", p, limit)
+
+
+def analyse(canary: Window, baseline: Window, rollout: Rollout) -> Analysis:
+    """Run every check of `rollout` on one window of canary and baseline measurements."""
+    c, b = Numbers.of(canary), Numbers.of(baseline)
+    checks = [error_rate(c, rollout.max_error_rate), errors_vs_baseline(c, b)]
+    if canary.durations:
+        if rollout.max_p99 is not None:
+            checks.append(p99(c, canary.durations, rollout.max_p99))
+        checks.append(
+            latency_vs_baseline(c, b, canary.durations, baseline.durations, rollout.max_p99_ratio)
+        )
+    return Analysis(c, b, tuple(checks))
+
+
+FLOAT_TYPES = {"FP16", "FP32", "FP64", "BF16"}
+
+
+def compare_outputs(
+    primary: Sequence[dict], shadow: Sequence[dict], tolerance: RolloutShadow
+) -> str | None:
+    """Compare two Open Inference Protocol `outputs` lists tensor by tensor: floats within
+    `rtol`/`atol`, everything else (integers, booleans, bytes) exactly. Returns None when they
+    agree, else what differs first."""
+    by_name = {o["name"]: o for o in shadow}
+    if sorted(by_name) != sorted(o["name"] for o in primary):
+        return f"output names differ: {sorted(o['name'] for o in primary)} vs {sorted(by_name)}"
+    for a in primary:
+        b = by_name[a["name"]]
+        for key in ("datatype", "shape"):
+            if a.get(key) != b.get(key):
+                return f"{a['name']}: {key} {a.get(key)} vs {b.get(key)}"
+        if a.get("datatype") in FLOAT_TYPES:
+            x, y = np.asarray(a["data"], dtype=float), np.asarray(b["data"], dtype=float)
+            if x.shape != y.shape or not np.allclose(
+                x, y, rtol=tolerance.rtol, atol=tolerance.atol, equal_nan=True
+            ):
+                return (
+                    f"{a['name']}: values differ beyond rtol={tolerance.rtol} atol={tolerance.atol}"
+                )
+        elif a["data"] != b["data"]:
+            return f"{a['name']}: values differ"
+    return None
