@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,15 +38,22 @@ class StateStore(Protocol):
         ...
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(
+    path: Path, data: bytes, before_replace: Callable[[], None] | None = None
+) -> None:
     """Replace `path` with `data` so that readers see the old or the new file, never a mix,
-    even after a crash: temporary file in the same directory, fsync, rename, fsync dir."""
+    even after a crash: temporary file in the same directory, fsync, rename, fsync dir.
+    `before_replace` runs just before the rename and may raise to cancel it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
