@@ -156,6 +156,11 @@ def test_one_decision_per_interval(tmp_path):
     assert c.status()["iris"]["step"] == 1 and len(c.status()["iris"]["history"]) == 1
     c.tick(10.0)
     assert c.status()["iris"]["step"] == 2
+    c.tick(15.0)
+    c.tick(19.9)
+    assert len(c.status()["iris"]["history"]) == 2
+    c.tick(20.0)
+    assert c.status()["iris"]["history"][-1]["kind"] == "hold"
 
 
 def test_shadow_phase_mirrors_then_steps_or_rolls_back(tmp_path):
