@@ -345,7 +345,7 @@ class RolloutController:
     def _end(
         self, s: State, now: float, kind: str, phase: str, reason: str, numbers: dict[str, Any]
     ) -> None:
-        s.phase = phase
+        s.phase, s.hands_off = phase, False
         s.canary_weight = 100 if phase == "succeeded" else 0
         self._record(s, now, kind, reason, **numbers)
         self._write(s)

@@ -215,6 +215,10 @@ def test_editing_traffic_in_the_file_pauses_and_the_file_applies(tmp_path):
     c.resume("iris", now=20.0)
     assert c.status()["iris"]["phase"] == "progressing"
     assert c.overrides()["iris"].traffic == {"v1": 90, "v2": 10}
+    c.observe_config(parse(edited.replace("v1: 50, v2: 50", "v1: 60, v2: 40")), now=21.0)
+    assert "iris" not in c.overrides()
+    c.abort("iris", now=22.0)  # an abort overrides the file at once
+    assert c.overrides()["iris"].traffic == {"v1": 100, "v2": 0}
 
 
 def test_operator_actions(tmp_path):
