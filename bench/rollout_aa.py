@@ -1,11 +1,13 @@
-"""A/A false-alarm rate of the rollout defaults, by simulation.
+"""A/A false-alarm rate of the rollout defaults, by simulation, beside the detection of bad
+canaries.
 
 `python -m bench.rollout_aa [--rollouts N]` runs many rollouts of the real controller
-(`control_plane.rollout`) in which canary and baseline draw requests from the same error
-rate and latency distribution, and prints JSON: per traffic level and error rate, the
-fraction of rollouts rolled back (with a 95% confidence interval), and for comparison the
-fraction a plain threshold rule (observed error rate > max_error_rate or observed p99 ratio
-> max_p99_ratio, no test) would have rolled back on the same windows.
+(`control_plane.rollout`) and prints JSON. A/A: canary and baseline draw requests from the
+same error rate and latency distribution; per traffic level and error rate, the fraction
+of rollouts rolled back (with a 95% confidence interval), and for comparison the fraction a
+plain threshold rule (observed error rate > max_error_rate or observed p99 ratio >
+max_p99_ratio, no test) would have rolled back on the same windows. Bad canaries (5%
+errors; three times slower): the fraction rolled back at the first analysis.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,13 +55,26 @@ class MemoryStore:
         return revision + 1
 
 
+@dataclass(frozen=True)
+class Canary:
+    """How the canary differs from the baseline (nothing: an A/A run)."""
+
+    errors: float | None = None
+    slowdown: float = 1.0
+
+    def label(self) -> str:
+        if self.errors:
+            return f"canary fails {self.errors:.0%}"
+        return f"canary {self.slowdown:g}x slower" if self.slowdown != 1 else "A/A"
+
+
 class Traffic:
     """Requests split by the controller's weights; every version has the same error rate
     and lognormal latency (median `median_s`, shape `sigma`). Implements Measurements."""
 
-    def __init__(self, rng: np.random.Generator, rps: float, errors: float, median_s: float):
-        self.rng, self.rps, self.errors, self.median = rng, rps, errors, median_s
-        self.sigma = 0.5
+    def __init__(self, rng: np.random.Generator, rps: float, errors: float, canary: Canary):
+        self.rng, self.rps, self.errors, self.canary = rng, rps, errors, canary
+        self.median, self.sigma = 0.05, 0.5
         self.rows: dict[str, list[np.ndarray]] = {}
 
     def run(self, t0: float, t1: float, weights: dict[str, int]) -> None:
@@ -66,8 +82,13 @@ class Traffic:
             n = self.rng.poisson(self.rps * (t1 - t0) * weight / 100)
             block = np.empty((n, 3))
             block[:, 0] = self.rng.uniform(t0, t1, n)
-            block[:, 1] = self.rng.random(n) < self.errors
-            block[:, 2] = self.rng.lognormal(math.log(self.median), self.sigma, n)
+            errors, slowdown = (
+                (self.canary.errors or self.errors, self.canary.slowdown)
+                if version == "v2"
+                else (self.errors, 1.0)
+            )
+            block[:, 1] = self.rng.random(n) < errors
+            block[:, 2] = self.rng.lognormal(math.log(self.median * slowdown), self.sigma, n)
             self.rows.setdefault(version, []).append(block)
 
     def interval(self, model: str, version: str, since: float, until: float | None = None):
@@ -90,16 +111,18 @@ def threshold_only(history: list[dict[str, Any]], max_error_rate: float, ratio: 
     return False
 
 
-def simulate(rollouts: int, rps: float, errors: float, extra: str, seed: int) -> dict[str, Any]:
+def simulate(
+    rollouts: int, rps: float, errors: float, extra: str, seed: int, canary: Canary
+) -> dict[str, Any]:
     config = parse(ROUTING % extra)
     spec = config.models[0].rollout
     rng = np.random.default_rng(seed)
     outcomes: dict[str, int] = {}
     failed_checks: dict[str, int] = {}
-    naive = 0
+    naive = first = 0
     durations = []
     for _ in range(rollouts):
-        traffic = Traffic(rng, rps, errors, 0.05)
+        traffic = Traffic(rng, rps, errors, canary)
         controller = RolloutController(traffic, MemoryStore())
         controller.observe_config(config, 0.0)
         t = 0.0
@@ -114,16 +137,20 @@ def simulate(rollouts: int, rps: float, errors: float, extra: str, seed: int) ->
             if not check["passed"]:
                 failed_checks[check["name"]] = failed_checks.get(check["name"], 0) + 1
         naive += threshold_only(status["history"], spec.max_error_rate, spec.max_p99_ratio)
+        analyses = [h["kind"] for h in status["history"] if h.get("checks")]
+        first += analyses[:1] == ["rollback"]
     rolled_back = outcomes.get("rolled_back", 0)
     ci = binomtest(rolled_back, rollouts).proportion_ci(0.95)
     return {
+        "run": canary.label(),
         "rps": rps,
         "error_rate": errors,
         "rollout": extra.lstrip(", ") or "defaults",
         "rollouts": rollouts,
         "outcomes": outcomes,
-        "false_alarm_rate": round(rolled_back / rollouts, 4),
-        "false_alarm_ci95": [round(ci.low, 4), round(ci.high, 4)],
+        "rolled_back_rate": round(rolled_back / rollouts, 4),
+        "rolled_back_ci95": [round(ci.low, 4), round(ci.high, 4)],
+        "rolled_back_at_first_analysis": round(first / rollouts, 4),
         "failed_checks": failed_checks,
         "threshold_only_rate": round(naive / rollouts, 4),
         "median_rollout_s": float(np.median(durations)),
@@ -137,11 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     started = time.perf_counter()
     p99 = 0.05 * math.exp(2.326 * 0.5)  # the true p99 of the simulated latency
-    scenarios = [(rps, errors, "") for rps in (20, 100, 1000) for errors in (0.001, 0.005)]
-    scenarios.append((100, 0.001, f", max_p99: {round(p99 * 1.2 * 1000)}ms"))
+    aa = Canary()
+    scenarios = [(rps, errors, "", aa) for rps in (20, 100, 1000) for errors in (0.001, 0.005)]
+    scenarios.append((100, 0.001, f", max_p99: {round(p99 * 1.2 * 1000)}ms", aa))
+    scenarios += [(rps, 0.001, "", Canary(errors=0.05)) for rps in (100, 1000)]
+    scenarios += [(rps, 0.001, "", Canary(slowdown=3)) for rps in (100, 1000)]
     results = [
-        simulate(args.rollouts, rps, errors, extra, args.seed + i)
-        for i, (rps, errors, extra) in enumerate(scenarios)
+        simulate(args.rollouts, rps, errors, extra, args.seed + i, canary)
+        for i, (rps, errors, extra, canary) in enumerate(scenarios)
     ]
     doc = {
         "benchmark": "rollout_aa",
