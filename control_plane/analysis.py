@@ -151,12 +151,14 @@ def analyse(canary: Window, baseline: Window, rollout: Rollout) -> Analysis:
     """Run every check of `rollout` on one window of canary and baseline measurements."""
     c, b = Numbers.of(canary), Numbers.of(baseline)
     checks = [error_rate(c, rollout.max_error_rate), errors_vs_baseline(c, b)]
-    if canary.durations:
-        if rollout.max_p99 is not None:
-            checks.append(p99(c, canary.durations, rollout.max_p99))
-        checks.append(
-            latency_vs_baseline(c, b, canary.durations, baseline.durations, rollout.max_p99_ratio)
-        )
+    if not canary.durations:
+        checks.append(Check("latency", True, "no canary durations in the window"))
+        return Analysis(c, b, tuple(checks))
+    if rollout.max_p99 is not None:
+        checks.append(p99(c, canary.durations, rollout.max_p99))
+    checks.append(
+        latency_vs_baseline(c, b, canary.durations, baseline.durations, rollout.max_p99_ratio)
+    )
     return Analysis(c, b, tuple(checks))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -87,6 +88,7 @@ def test_healthy_canary_walks_every_step_then_promotes(tmp_path):
     assert kinds == ["start", "advance", "advance", "promote"]
     last = c.status()["iris"]["history"][-1]
     assert last["canary"]["requests"] == 200 and last["baseline"]["requests"] == 1800
+    json.dumps(c.status(), allow_nan=False)  # the admin API's body
     assert {ch["name"] for ch in last["checks"]} == {
         "error_rate",
         "errors_vs_baseline",
