@@ -64,6 +64,7 @@ class Check:
     passed: bool
     reason: str
     p_value: float | None = None
+    alpha: float | None = None  # the check fails when p_value < alpha
     limit: float | None = None
 
 
@@ -101,63 +102,89 @@ def _p(p: float) -> str:
     return f"p={p:.2g}"
 
 
-def error_rate(c: Numbers, limit: float) -> Check:
+def _judge(
+    name: str, fails: bool, p: float, alpha: float, said: str, bad: str, good: str, limit=None
+) -> Check:
+    if fails and p < alpha:
+        return Check(name, False, f"{said}{bad} (p={p:.2g} < {alpha:g})", p, alpha, limit)
+    return Check(name, True, f"{said}{good} (p={p:.2g})", p, alpha, limit)
+
+
+def error_rate(c: Numbers, limit: float, alpha: float) -> Check:
     if not c.requests:
-        return Check("error_rate", True, "no canary requests", None, limit)
+        return Check("error_rate", True, "no canary requests", limit=limit)
     p = binomtest(c.errors, c.requests, limit, alternative="greater").pvalue
     said = f"{c.errors} errors in {c.requests} requests ({_pct(c.error_rate)})"
-    if p < ALPHA:
-        return Check(
-            "error_rate", False, f"{said} is above the {limit:.2%} limit ({_p(p)})", p, limit
-        )
-    return Check("error_rate", True, f"{said}: not above the {limit:.2%} limit", p, limit)
+    return _judge(
+        "error_rate",
+        True,
+        p,
+        alpha,
+        said,
+        f" is above the {limit:.2%} limit",
+        f": not above the {limit:.2%} limit",
+        limit,
+    )
 
 
-def errors_vs_baseline(c: Numbers, b: Numbers) -> Check:
+def errors_vs_baseline(c: Numbers, b: Numbers, alpha: float) -> Check:
     if not b.requests:
         return Check("errors_vs_baseline", True, "no baseline requests to compare with")
     table = [[c.errors, c.requests - c.errors], [b.errors, b.requests - b.errors]]
     p = fisher_exact(table, alternative="greater").pvalue
     said = f"canary {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} errors"
-    if p < ALPHA:
-        return Check("errors_vs_baseline", False, f"{said}: canary fails more ({_p(p)})", p)
-    return Check("errors_vs_baseline", True, f"{said}: no significant difference", p)
+    return _judge(
+        "errors_vs_baseline",
+        True,
+        p,
+        alpha,
+        said,
+        ": canary fails more",
+        ": no significant difference",
+    )
 
 
-def p99(c: Numbers, durations: Sequence[float], limit: float) -> Check:
+def p99(c: Numbers, durations: Sequence[float], limit: float, alpha: float) -> Check:
     slow = sum(1 for d in durations if d > limit)
     p = binomtest(slow, len(durations), TAIL, alternative="greater").pvalue
     said = f"p99 {_ms(c.p99)}; {slow} of {len(durations)} requests slower than {_ms(limit)}"
-    if p < ALPHA:
-        return Check("p99", False, f"{said}: p99 is above the limit ({_p(p)})", p, limit)
-    return Check("p99", True, f"{said}: within the limit", p, limit)
+    return _judge(
+        "p99", True, p, alpha, said, ": p99 is above the limit", ": within the limit", limit
+    )
 
 
 def latency_vs_baseline(
-    c: Numbers, b: Numbers, canary: Sequence[float], baseline: Sequence[float], limit: float
+    c: Numbers,
+    b: Numbers,
+    canary: Sequence[float],
+    baseline: Sequence[float],
+    limit: float,
+    alpha: float,
 ) -> Check:
     if c.p99 is None or b.p99 is None:
         return Check("latency_vs_baseline", True, "no baseline durations to compare with")
     ratio = c.p99 / b.p99 if b.p99 > 0 else math.inf
     p = mannwhitneyu(canary, baseline, alternative="greater").pvalue
     said = f"p99 canary {_ms(c.p99)} vs baseline {_ms(b.p99)} (x{ratio:.2f}, limit x{limit:g})"
-    if ratio > limit and p < ALPHA:
-        return Check("latency_vs_baseline", False, f"{said}, canary slower ({_p(p)})", p, limit)
-    verdict = "within the ratio" if ratio <= limit else "not significantly slower"
-    return Check("latency_vs_baseline", True, f"{said}: {verdict} ({_p(p)})", p, limit)
+    good = ": within the ratio" if ratio <= limit else ": not significantly slower"
+    return _judge(
+        "latency_vs_baseline", ratio > limit, p, alpha, said, ", canary slower", good, limit
+    )
 
 
-def analyse(canary: Window, baseline: Window, rollout: Rollout) -> Analysis:
+def analyse(canary: Window, baseline: Window, rollout: Rollout, alpha: float = ALPHA) -> Analysis:
     """Run every check of `rollout` on one window of canary and baseline measurements."""
     c, b = Numbers.of(canary), Numbers.of(baseline)
-    checks = [error_rate(c, rollout.max_error_rate), errors_vs_baseline(c, b)]
+    checks = [error_rate(c, rollout.max_error_rate, alpha), errors_vs_baseline(c, b, alpha)]
     if not canary.durations:
         checks.append(Check("latency", True, "no canary durations in the window"))
         return Analysis(c, b, tuple(checks))
     if rollout.max_p99 is not None:
-        checks.append(p99(c, canary.durations, rollout.max_p99))
+        checks.append(p99(c, canary.durations, rollout.max_p99, alpha))
     checks.append(
-        latency_vs_baseline(c, b, canary.durations, baseline.durations, rollout.max_p99_ratio)
+        latency_vs_baseline(
+            c, b, canary.durations, baseline.durations, rollout.max_p99_ratio, alpha
+        )
     )
     return Analysis(c, b, tuple(checks))
 

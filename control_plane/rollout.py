@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
-from control_plane.analysis import Analysis, Numbers, analyse
+from control_plane.analysis import ALPHA, Analysis, Numbers, analyse
 from control_plane.config import Model, Rollout, RolloutShadow, RoutingConfig, Shadow
 from control_plane.state_store import Conflict, StateStore
 
@@ -88,6 +88,7 @@ class State:
     file_traffic: dict[str, int]  # the file's traffic the rollout started from
     window_start: float  # the analysis window since the last advance or failure
     last_decision: float
+    spent: float = 0.0  # the error budget used by early looks since last_decision
     reason: str = ""
     failures: int = 0
     paused_from: str = ""  # the phase to resume to
@@ -135,8 +136,10 @@ class RolloutController:
         *,
         shadows: ShadowComparisons | None = None,
         write_traffic: TrafficWriter | None = None,
+        early: bool = True,
     ):
         self.measurements = measurements
+        self.early = early
         self.shadows = shadows
         self.store = store
         self.write_traffic = write_traffic
@@ -250,17 +253,40 @@ class RolloutController:
     # -- decisions -----------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Take each due decision (one per interval) and retry pending YAML writes."""
+        """Take each due decision (one per interval), look early for a failing canary, and
+        retry pending YAML writes."""
         for s in list(self._states.values()):
             if s.phase in ACTIVE and now >= s.last_decision + s.spec.interval:
-                s.last_decision = now
+                s.last_decision, s.spent = now, 0.0
                 if s.phase == "shadowing":
                     self._judge_shadow(s, now)
                 else:
                     self._judge_step(s, now)
                 self._save(s)
+            elif s.phase == "progressing" and self.early:
+                self._look_early(s, now)
             if s.phase in ENDED and not s.written and not s.detached:
                 self._write(s)
+
+    def _look_early(self, s: State, now: float) -> None:
+        """Between decisions, test for a failing canary with the share of half the error
+        budget that the elapsed part of the interval allows (alpha spending): by the union
+        bound, all looks of an interval together false-alarm at most ALPHA/2, and the decision
+        at its end (at ALPHA/2) keeps the total at ALPHA. Early looks only roll back."""
+        budget = ALPHA / 2 * (now - s.last_decision) / s.spec.interval
+        if budget <= s.spent:
+            return
+        spec = s.spec
+        canary = self.measurements.interval(s.model, spec.canary, s.window_start, now)
+        if canary.requests < spec.min_requests:
+            return
+        baseline = self.measurements.interval(s.model, spec.baseline, s.window_start, now)
+        result = analyse(canary, baseline, spec, budget - s.spent)
+        s.spent = budget
+        if not result.passed:
+            s.last_decision, s.spent = now, 0.0
+            self._failed(s, now, result, "early look: ")
+            self._save(s)
 
     def _hold(self, s: State, now: float, waiting: str, numbers: dict[str, Any]) -> None:
         waited = now - s.window_start
@@ -315,21 +341,23 @@ class RolloutController:
             numbers = Analysis(Numbers.of(canary), Numbers.of(baseline)).to_dict()
             self._hold(s, now, waiting, numbers)
             return
-        result = analyse(canary, baseline, spec)
-        numbers = result.to_dict()
+        result = analyse(canary, baseline, spec, ALPHA / 2 if self.early else ALPHA)
         if result.passed:
-            self._advance(
-                s, now, "all checks passed: " + "; ".join(c.reason for c in result.checks), numbers
-            )
-            return
+            passed = "all checks passed: " + "; ".join(c.reason for c in result.checks)
+            self._advance(s, now, passed, result.to_dict())
+        else:
+            self._failed(s, now, result, "")
+
+    def _failed(self, s: State, now: float, result: Analysis, prefix: str) -> None:
         s.failures += 1
-        failed = "; ".join(f"{c.name} failed: {c.reason}" for c in result.failed)
-        count = f"failure {s.failures} of {spec.failure_limit} allowed"
-        if s.failures >= spec.failure_limit:
-            self._end(s, now, "rollback", "rolled_back", f"{failed} ({count})", numbers)
+        failed = prefix + "; ".join(f"{c.name} failed: {c.reason}" for c in result.failed)
+        count = f"failure {s.failures} of {s.spec.failure_limit} allowed"
+        if s.failures >= s.spec.failure_limit:
+            self._end(s, now, "rollback", "rolled_back", f"{failed} ({count})", result.to_dict())
         else:
             s.window_start = now
-            self._record(s, now, "fail", f"{failed} ({count}); staying at step {s.step}", **numbers)
+            reason = f"{failed} ({count}); staying at step {s.step}"
+            self._record(s, now, "fail", reason, **result.to_dict())
 
     def _advance(self, s: State, now: float, why: str, numbers: dict[str, Any]) -> None:
         steps = s.spec.steps
@@ -389,7 +417,7 @@ class RolloutController:
             raise RolloutError(f"rollout of {model!r} is {s.phase}, not paused")
         if s.detached:
             raise RolloutError(f"the file has no rollout block for {model!r} any more")
-        s.phase, s.hands_off = s.paused_from, False
+        s.phase, s.hands_off, s.spent = s.paused_from, False, 0.0
         s.window_start = s.last_decision = now
         self._record(s, now, "resume", f"resumed by the operator at step {s.step}")
         self._save(s)

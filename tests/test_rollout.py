@@ -67,10 +67,11 @@ def controller(tmp_path, records, extra="", **kw):
 
 
 def run_interval(c, records, start, *, canary=(200, 0.0, 0.05), baseline=(1800, 0.0, 0.05)):
-    """Traffic for one interval [start, start+10), then the decision at its end."""
+    """Traffic for one interval [start, start+10), a tick every second."""
     records.add(start, start + 10, "v2", canary[0], canary[1], canary[2])
     records.add(start, start + 10, "v1", baseline[0], baseline[1], baseline[2])
-    c.tick(start + 10)
+    for second in range(1, 11):
+        c.tick(start + second)
     return c.status()["iris"]
 
 
@@ -98,15 +99,27 @@ def test_healthy_canary_walks_every_step_then_promotes(tmp_path):
 
 def test_failing_canary_is_rolled_back_in_one_interval_with_its_numbers(tmp_path):
     records = Records()
-    c = controller(tmp_path, records)
+    c = controller(tmp_path, records, early=False)
     st = run_interval(c, records, 0.0, canary=(200, 0.05, 0.05))
     assert (st["phase"], st["canary_weight"]) == ("rolled_back", 0)
     assert c.overrides()["iris"].traffic == {"v1": 100, "v2": 0}
     assert "error_rate failed" in st["reason"] and "errors_vs_baseline failed" in st["reason"]
     decision = st["history"][-1]
-    assert decision["kind"] == "rollback" and decision["canary"]["errors"] > 0
+    assert decision["kind"] == "rollback" and decision["time"] == 10.0
+    assert decision["canary"]["errors"] > 0
     failed = [ch for ch in decision["checks"] if not ch["passed"]]
-    assert all(ch["p_value"] < 0.01 for ch in failed)
+    assert failed and all(ch["p_value"] < ch["alpha"] == 0.01 for ch in failed)
+
+
+def test_early_looks_roll_a_failing_canary_back_before_the_interval_ends(tmp_path):
+    records = Records()
+    c = controller(tmp_path, records)
+    st = run_interval(c, records, 0.0, canary=(2000, 0.05, 0.05), baseline=(18000, 0.0, 0.05))
+    decision = st["history"][-1]
+    assert st["phase"] == "rolled_back" and decision["time"] < 10.0
+    assert st["reason"].startswith("early look: ")
+    failed = [ch for ch in decision["checks"] if not ch["passed"]]
+    assert failed and all(ch["p_value"] < ch["alpha"] < 0.005 for ch in failed)
 
 
 def test_three_times_slower_canary_is_rolled_back(tmp_path):
@@ -140,7 +153,7 @@ def test_requests_accumulate_over_holds_until_min_requests(tmp_path):
 
 def test_failure_limit_allows_that_many_failed_analyses(tmp_path):
     records = Records()
-    c = controller(tmp_path, records, ", failure_limit: 2")
+    c = controller(tmp_path, records, ", failure_limit: 2", early=False)
     st = run_interval(c, records, 0.0, canary=(200, 0.05, 0.05))
     assert (st["phase"], st["step"], st["history"][-1]["kind"]) == ("progressing", 1, "fail")
     assert "failure 1 of 2" in st["reason"]
