@@ -90,6 +90,7 @@ def test_healthy_canary_walks_every_step_then_promotes(tmp_path):
     last = c.status()["iris"]["history"][-1]
     assert last["canary"]["requests"] == 200 and last["baseline"]["requests"] == 1800
     json.dumps(c.status(), allow_nan=False)  # the admin API's body
+    assert {ch["alpha"] for ch in last["checks"]} == {0.005}  # half the budget: early looks
     assert {ch["name"] for ch in last["checks"]} == {
         "error_rate",
         "errors_vs_baseline",
