@@ -7,7 +7,8 @@ same error rate and latency distribution; per traffic level and error rate, the 
 of rollouts rolled back (with a 95% confidence interval), and for comparison the fraction a
 plain threshold rule (observed error rate > max_error_rate or observed p99 ratio >
 max_p99_ratio, no test) would have rolled back on the same windows. Bad canaries (5%
-errors; three times slower): the fraction rolled back at the first analysis.
+errors; three times slower): the fraction rolled back at the first analysis, and the time
+to the rollback. Each scenario runs with early looks on and off, on the same seed.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def threshold_only(history: list[dict[str, Any]], max_error_rate: float, ratio: 
 
 
 def simulate(
-    rollouts: int, rps: float, errors: float, extra: str, seed: int, canary: Canary
+    rollouts: int, rps: float, errors: float, extra: str, seed: int, canary: Canary, early: bool
 ) -> dict[str, Any]:
     config = parse(ROUTING % extra)
     spec = config.models[0].rollout
@@ -123,7 +124,7 @@ def simulate(
     durations = []
     for _ in range(rollouts):
         traffic = Traffic(rng, rps, errors, canary)
-        controller = RolloutController(traffic, MemoryStore())
+        controller = RolloutController(traffic, MemoryStore(), early=early)
         controller.observe_config(config, 0.0)
         t = 0.0
         while controller.status()["m"]["phase"] in ("shadowing", "progressing"):
@@ -143,6 +144,7 @@ def simulate(
     ci = binomtest(rolled_back, rollouts).proportion_ci(0.95)
     return {
         "run": canary.label(),
+        "early_looks": early,
         "rps": rps,
         "error_rate": errors,
         "rollout": extra.lstrip(", ") or "defaults",
@@ -164,14 +166,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     started = time.perf_counter()
     p99 = 0.05 * math.exp(2.326 * 0.5)  # the true p99 of the simulated latency
-    aa = Canary()
-    scenarios = [(rps, errors, "", aa) for rps in (20, 100, 1000) for errors in (0.001, 0.005)]
+    aa, bad = Canary(), (Canary(errors=0.05), Canary(slowdown=3))
+    scenarios = [(rps, e, "", aa) for rps in (20, 100, 1000) for e in (0.001, 0.005)]
     scenarios.append((100, 0.001, f", max_p99: {round(p99 * 1.2 * 1000)}ms", aa))
-    scenarios += [(rps, 0.001, "", Canary(errors=0.05)) for rps in (100, 1000)]
-    scenarios += [(rps, 0.001, "", Canary(slowdown=3)) for rps in (100, 1000)]
+    scenarios += [(rps, 0.001, "", canary) for canary in bad for rps in (100, 1000)]
     results = [
-        simulate(args.rollouts, rps, errors, extra, args.seed + i, canary)
+        simulate(args.rollouts, rps, errors, extra, args.seed + i, canary, early)
         for i, (rps, errors, extra, canary) in enumerate(scenarios)
+        for early in (True, False)  # side by side, on the same seed
     ]
     doc = {
         "benchmark": "rollout_aa",
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             "latency": "lognormal, median 50ms, sigma 0.5 (p99 160ms), same for both versions",
             "interval_s": 10,
             "tick_s": 1,
+            "early_looks": "on: alpha spending between decisions; off: one test per interval",
             "seed": args.seed,
         },
         "results": results,
