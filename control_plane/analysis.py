@@ -12,8 +12,9 @@ not roll a canary back and a significant but harmless difference does not either
 - `latency_vs_baseline`: the canary's p99 exceeds `max_p99_ratio` times the baseline's
   and its durations are stochastically larger (one-sided Mann-Whitney U, as Kayenta does).
 
-A check fails only when its p-value is below `ALPHA`. `docs/rollouts.md` gives the
-false-alarm rate this yields (measured by `bench/rollout_aa.py`).
+A check fails only when its p-value is below the alpha it is given (at most `ALPHA` per
+interval; the controller splits it between early looks and the decision).
+`docs/rollouts.md` gives the false-alarm rate this yields (`bench/rollout_aa.py`).
 """
 
 from __future__ import annotations

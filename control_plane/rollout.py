@@ -7,6 +7,9 @@ callback that writes the final traffic into the routing YAML when a rollout ends
 decision is recorded with its numbers and reason in words, and the state is saved in a
 `StateStore` after every change, so that a restarted controller resumes at the same step.
 
+Between decisions, "early looks" may roll a badly failing canary back within the interval
+at no cost in false alarms (alpha spending, see `_look_early`).
+
 Phases: `shadowing` (the canary gets mirrored traffic only) -> `progressing` (one step per
 passed analysis) -> `succeeded` (canary at 100) or `rolled_back` (canary at 0); `paused` in
 between by the operator or by an edit of the model's `traffic` in the file.
