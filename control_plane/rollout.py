@@ -120,7 +120,7 @@ class State:
             "canary_weight": self.canary_weight,
             "reason": self.reason,
             "failures": self.failures,
-            "history": self.history,
+            "history": list(self.history),
         }
 
 
