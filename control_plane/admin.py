@@ -10,6 +10,8 @@ Reads are open (the API binds to 127.0.0.1 by default); writes need
   time; the body is `{"model": ..., "version": ..., "address": "ip:port"}`.
 - `GET /traffic[?history=1]`: per model and version, the last 10 s and 60 s of traffic
   as Envoy reported it (see docs/telemetry.md).
+- `GET /rollouts`: per model its rollout's phase, step, canary weight, reason and history
+  of decisions (see docs/rollouts.md).
 - `GET /metrics`: Prometheus text. `GET /ui`: the live dashboard (one static page).
 """
 
@@ -35,6 +37,7 @@ class Plane(Protocol):
     def register(self, model: str, version: str, ep: Endpoint) -> bool: ...
     def deregister(self, model: str, version: str, ep: Endpoint) -> bool: ...
     def traffic(self, history: bool = False) -> dict[str, Any]: ...
+    def rollout_status(self) -> dict[str, Any]: ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -66,6 +69,9 @@ def make_admin_app(
 
     async def get_status(_: web.Request) -> web.Response:
         return web.json_response(plane.status())
+
+    async def rollouts(_: web.Request) -> web.Response:
+        return web.json_response({"rollouts": plane.rollout_status()})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -108,6 +114,7 @@ def make_admin_app(
     app.router.add_post("/endpoints", change_endpoint)
     app.router.add_delete("/endpoints", change_endpoint)
     app.router.add_get("/traffic", traffic)
+    app.router.add_get("/rollouts", rollouts)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/ui", dashboard)
     return app

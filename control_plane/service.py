@@ -9,6 +9,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,14 @@ from control_plane.health import HealthMonitor
 from control_plane.metrics import XdsMetrics, make_registry
 from control_plane.nodes import NodeRegistry
 from control_plane.ports import AddressInUse, ensure_free
+from control_plane.rollout import RolloutController
 from control_plane.snapshot import SHORT_NAMES, Snapshot, SnapshotCache, build_snapshot, new_epoch
+from control_plane.state_store import FileStateStore
 from control_plane.telemetry import TelemetryStore, traffic_report
 from control_plane.translate import translate
 from control_plane.watcher import ConfigWatcher
 from control_plane.xds_server import AdsServer
+from control_plane.yaml_edit import write_traffic
 
 log = logging.getLogger("infergate.control_plane")
 
@@ -74,6 +78,7 @@ class ControlPlane:
         health_interval: float = 1.0,
         telemetry_sample: float | None = 1.0,
         telemetry_max_rate: float = 4000.0,
+        state_dir: Path | None = None,
     ):
         self.config_path = Path(config_path)
         self.xds_address = xds_address
@@ -97,6 +102,12 @@ class ControlPlane:
         self.telemetry_sample = telemetry_sample
         self.telemetry_max_rate = telemetry_max_rate
         self.access_logs = AccessLogServer(self.store)
+        # Rollout progress survives restarts in `state_dir` (default: `.infergate-state`
+        # beside the routing file); times are the telemetry store's clock.
+        state = FileStateStore(state_dir or self.config_path.with_name(".infergate-state"))
+        self.rollouts = RolloutController(
+            self.store, state, write_traffic=partial(write_traffic, self.config_path)
+        )
         self.xds_metrics = XdsMetrics()
         self.watcher = ConfigWatcher(
             self.config_path, self.set_file_config, self.reject, mode=watch_mode
@@ -109,6 +120,7 @@ class ControlPlane:
     # --- inputs ----------------------------------------------------------------------
     def set_file_config(self, config: RoutingConfig) -> None:
         self.file_config = config
+        self.rollouts.observe_config(config, self.store.clock())
         self.last_error = None
         self.reloads["ok"] += 1
         self.last_reload_ok = time.monotonic()
@@ -142,7 +154,7 @@ class ControlPlane:
         in a thread, so that streams keep being served while a large config is built."""
         assert self.file_config is not None
         started = time.perf_counter()
-        config = self.endpoints.merge(self.file_config)
+        config = self.rollouts.apply(self.endpoints.merge(self.file_config))
         snapshot = await asyncio.to_thread(self._build, config)
         self.cache.set(snapshot)
         if self.health:
@@ -172,6 +184,21 @@ class ControlPlane:
             await self._dirty.wait()
             self._dirty.clear()
             await self.publish()
+
+    async def _drive_rollouts(self, period: float = 1.0) -> None:
+        """Let the rollout controller decide, and rebuild when the weights it wants change."""
+        while True:
+            await asyncio.sleep(period)
+            before = self.rollouts.overrides()
+            try:
+                self.rollouts.tick(self.store.clock())
+            except Exception:  # e.g. the state directory is not writable: keep deciding
+                log.exception("rollout controller")
+            if self.rollouts.overrides() != before:
+                self._dirty.set()
+
+    def rollout_status(self) -> dict[str, Any]:
+        return self.rollouts.status()
 
     async def _watch_log_rate(self, period: float = 10.0) -> None:
         """Warn while Envoys log more requests/s than `telemetry_max_rate`."""
@@ -249,6 +276,7 @@ class ControlPlane:
         self._tasks = [
             asyncio.create_task(self.watcher.run()),
             asyncio.create_task(self._publisher()),
+            asyncio.create_task(self._drive_rollouts()),
         ]
         if self.health:
             self._tasks.append(asyncio.create_task(self.health.run()))
