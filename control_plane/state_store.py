@@ -66,12 +66,11 @@ def write_atomically(
 
 
 class FileStateStore:
-    """One `<key>.json` file per key in `directory`; a lock file serializes writers, also
-    across processes."""
+    """One `<key>.json` file per key in `directory` (made on the first write); a lock file
+    serializes writers, also across processes."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{quote(key, safe='')}.json"
@@ -84,6 +83,7 @@ class FileStateStore:
         return Stored(doc["value"], doc["revision"])
 
     def put(self, key: str, value: dict[str, Any], revision: int) -> int:
+        self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = self.get(key)

@@ -8,8 +8,8 @@ from control_plane.state_store import Conflict, FileStateStore
 
 
 def test_put_is_a_compare_and_set_on_the_revision(tmp_path):
-    a, b = FileStateStore(tmp_path), FileStateStore(tmp_path)
-    assert a.get("rollout/iris") is None
+    a, b = FileStateStore(tmp_path / "state"), FileStateStore(tmp_path / "state")
+    assert a.get("rollout/iris") is None and not (tmp_path / "state").exists()
     assert a.put("rollout/iris", {"step": 1}, 0) == 1
     with pytest.raises(Conflict, match="expected revision 0, found 1"):
         b.put("rollout/iris", {"step": 9}, 0)
@@ -18,4 +18,5 @@ def test_put_is_a_compare_and_set_on_the_revision(tmp_path):
         a.put("rollout/iris", {"step": 3}, 1)  # a read revision 1, b wrote since
     stored = a.get("rollout/iris")
     assert (stored.value, stored.revision) == ({"step": 2}, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "rollout%2Firis.json"]
+    files = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert files == [".lock", "rollout%2Firis.json"]
