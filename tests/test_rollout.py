@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 
-from control_plane.config import parse
+from control_plane.config import load, parse
 from control_plane.rollout import (
     IntervalStats,
     RolloutController,
@@ -16,6 +17,7 @@ from control_plane.rollout import (
     ShadowStats,
 )
 from control_plane.state_store import FileStateStore
+from control_plane.yaml_edit import write_traffic
 
 FILE = """\
 models:
@@ -288,3 +290,19 @@ def test_ended_rollout_writes_its_traffic_once_and_retries_on_error(tmp_path):
     assert c.status()["iris"]["phase"] == "rolled_back" and "iris" not in c.overrides()
     c.observe_config(parse(FILE % ""), now=5.0)  # the block again: a new rollout
     assert [h["kind"] for h in c.status()["iris"]["history"]] == ["start"]
+
+
+def test_promotion_writes_the_canary_at_100_into_the_yaml_with_its_comments(tmp_path):
+    path = tmp_path / "routing.yaml"
+    path.write_text("# operator's note\n" + (FILE % "").replace("{v1: 100}", "{v1: 100}  # start"))
+    records = Records()
+    c = RolloutController(
+        records, FileStateStore(tmp_path / "state"), write_traffic=partial(write_traffic, path)
+    )
+    c.observe_config(load(path), now=0.0)
+    c.promote("iris", now=1.0)
+    text = path.read_text()
+    assert text.startswith("# operator's note\n") and "traffic: {v1: 0, v2: 100} # start" in text
+    assert "rollout" not in text
+    c.observe_config(load(path), now=2.0)  # the watcher's reload of our own write
+    assert c.status()["iris"]["phase"] == "succeeded" and "iris" not in c.overrides()
