@@ -48,7 +48,8 @@ XDS_CLUSTER = "xds_cluster"  # the bootstrap's cluster to the control plane (gat
 LOG_NAME = "infergate"
 CONSUMER_HEADER = "x-infergate-consumer"
 SAMPLE_TAG = "infergate.sample"
-SAMPLE_RUNTIME_KEY = "infergate.telemetry.sample"
+SAMPLE_RUNTIME_KEY = "infergate.telemetry.sample"  # + fraction: the logger's switch
+FRACTION_RUNTIME_KEY = "infergate.telemetry.fraction"  # + fraction: never set (see access_log)
 RUNTIME_LAYER = "infergate"  # the RTDS layer's resource name (gateway/bootstrap.py)
 HCM_NAME = "envoy.filters.network.http_connection_manager"
 FLUSH_INTERVAL = timedelta(milliseconds=200)
@@ -89,20 +90,25 @@ FLAG_NAMES = {
 
 # --- configuration (xDS) ------------------------------------------------------------------
 def sample_key(fraction: float) -> str:
-    """The runtime key that switches the logger of this sampling fraction."""
+    """The runtime key that switches the logger of this sampling fraction on (100) or
+    off (0)."""
     return f"{SAMPLE_RUNTIME_KEY}.{fraction:g}"
 
 
-def _percent(fraction: float) -> FractionalPercent:
-    return FractionalPercent(
-        numerator=round(fraction * 1_000_000), denominator=FractionalPercent.MILLION
-    )
+def _runtime_filter(key: str, numerator: int, denominator: int) -> AccessLogFilter:
+    percent = FractionalPercent(numerator=numerator, denominator=denominator)
+    return AccessLogFilter(runtime_filter=RuntimeFilter(runtime_key=key, percent_sampled=percent))
 
 
 def access_log(fraction: float, default_on: bool) -> AccessLog:
-    """The gRPC access logger of one sampling fraction for an HTTP connection manager.
-    It logs `fraction` of the requests while its runtime key is unset and `default_on`,
-    or while the key holds `fraction` (RTDS); a key of 0 turns it off."""
+    """The gRPC access logger of one sampling fraction for an HTTP connection manager:
+    it logs `fraction` of the requests while switched on (its `sample_key` at 100, or
+    unset and `default_on`).
+
+    Two runtime filters, because Envoy reads a runtime integer as a numerator only up to
+    100 and (with recent protobuf) fails to parse a fractional percent given as a
+    struct: a switch in percent, and the fraction itself as a default in millionths
+    under a key nothing sets."""
     config = HttpGrpcAccessLogConfig(
         common_config=CommonGrpcAccessLogConfig(
             log_name=LOG_NAME,
@@ -116,25 +122,25 @@ def access_log(fraction: float, default_on: bool) -> AccessLog:
     )
     logger = AccessLog(name="envoy.access_loggers.http_grpc")
     logger.typed_config.Pack(config)
-    logger.filter.CopyFrom(
-        AccessLogFilter(
-            runtime_filter=RuntimeFilter(
-                runtime_key=sample_key(fraction),
-                percent_sampled=_percent(fraction if default_on else 0.0),
-            )
-        )
+    switch = _runtime_filter(
+        sample_key(fraction), 100 if default_on else 0, FractionalPercent.HUNDRED
     )
+    sampler = _runtime_filter(
+        f"{FRACTION_RUNTIME_KEY}.{fraction:g}",
+        round(fraction * 1_000_000),
+        FractionalPercent.MILLION,
+    )
+    logger.filter.and_filter.filters.extend([switch, sampler])
     return logger
 
 
 def sample_runtime(active: float, fractions: Sequence[float]) -> Runtime:
-    """The RTDS layer that turns on the logger of `active` and every other one off: one
-    runtime snapshot, so each request is logged by at most one logger, tagged with the
-    fraction it was sampled at."""
+    """The RTDS layer that switches the logger of `active` on and every other one off.
+    Envoy applies a layer as one snapshot, so each request is logged by at most one
+    logger, tagged with the fraction it was sampled at."""
     layer = Struct()
     for fraction in fractions:
-        percent = _percent(fraction if fraction == active else 0.0)
-        layer[sample_key(fraction)] = {"numerator": percent.numerator, "denominator": "MILLION"}
+        layer[sample_key(fraction)] = 100 if fraction == active else 0
     return Runtime(name=RUNTIME_LAYER, layer=layer)
 
 

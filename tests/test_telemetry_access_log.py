@@ -73,12 +73,16 @@ def test_every_http_listener_logs_to_the_control_plane_without_changing_the_tran
     logs = hcm_access_logs(logged)
     assert sorted(logs) == ["gateway", "grpc/iris"]
     for half, quarter in logs.values():
-        for logger, tag, default in ((half, "0.5", 500_000), (quarter, "0.25", 0)):
+        for logger, tag, default in ((half, "0.5", 100), (quarter, "0.25", 0)):
             config = HttpGrpcAccessLogConfig()
             logger.typed_config.Unpack(config)
             assert config.common_config.grpc_service.envoy_grpc.cluster_name == XDS_CLUSTER
             assert config.common_config.custom_tags[0].literal.value == tag
             assert list(config.additional_request_headers_to_log) == [CONSUMER_HEADER]
             # Only the first logger is on until the runtime (RTDS) says otherwise.
-            assert logger.filter.runtime_filter.percent_sampled.numerator == default
-            assert logger.filter.runtime_filter.runtime_key == sample_key(float(tag))
+            switch, sampler = (f.runtime_filter for f in logger.filter.and_filter.filters)
+            assert (switch.runtime_key, switch.percent_sampled.numerator) == (
+                sample_key(float(tag)),
+                default,
+            )
+            assert sampler.percent_sampled.numerator == float(tag) * 1_000_000
