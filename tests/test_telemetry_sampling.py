@@ -38,6 +38,11 @@ def test_envoy_samples_and_the_store_scales_the_counts_back_up(
         sd = math.sqrt(n * FRACTION * (1 - FRACTION))  # binomial: entries written
         assert abs(logged - n * FRACTION) < 5 * sd, logged
         assert seen.metrics()["v1"] == logged / FRACTION  # each entry counts 1 / fraction
+        # Scaled up, within 5 standard errors of Envoy's own count (docs/telemetry.md).
+        completed = stack.envoy_stat(COMPLETED)
+        assert completed == n
+        tolerance = 5 * math.sqrt(n * (1 - FRACTION) / FRACTION)  # 274 of 1,000
+        assert abs(seen.metrics()["v1"] - completed) <= tolerance
     finally:
         stack.stop()
 
