@@ -1,9 +1,11 @@
 """Envoy's per-request outcomes, over Envoy's gRPC access log service (ALS).
 
-- `with_access_log` adds a gRPC access logger to every HTTP connection manager of a
+- `with_access_log` adds gRPC access loggers to every HTTP connection manager of a
   translated config: Envoy streams (and batches) one entry per request to the control
-  plane over the bootstrap's xDS cluster (so the xDS TLS settings apply), sampling at a
-  fraction that each entry carries as a custom tag.
+  plane over the bootstrap's xDS cluster (so the xDS TLS settings apply). There is one
+  logger per sampling fraction, each tagging its entries with its fraction; the runtime
+  (RTDS, `sample_runtime`) turns exactly one of them on, so the fraction changes without
+  a listener update (which would drain connections).
 - `AccessLogServer` is the grpcio service that receives the streams and feeds a
   `TelemetryStore`. A stream that cannot be decoded is dropped with a log line; Envoy
   opens a new one with its next batch.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import timedelta
 
 import grpc
@@ -30,9 +32,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
     HttpConnectionManager,
 )
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
+from envoy.service.runtime.v3.rtds_pb2 import Runtime
 from envoy.type.tracing.v3.custom_tag_pb2 import CustomTag
 from envoy.type.v3.percent_pb2 import FractionalPercent
 from google.protobuf.message import DecodeError
+from google.protobuf.struct_pb2 import Struct
 
 from control_plane.telemetry import RequestRecord, TelemetryStore
 from control_plane.translate import Resources
@@ -44,7 +48,9 @@ XDS_CLUSTER = "xds_cluster"  # the bootstrap's cluster to the control plane (gat
 LOG_NAME = "infergate"
 CONSUMER_HEADER = "x-infergate-consumer"
 SAMPLE_TAG = "infergate.sample"
-SAMPLE_RUNTIME_KEY = "infergate.telemetry.sample"
+SAMPLE_RUNTIME_KEY = "infergate.telemetry.sample"  # + fraction: the logger's switch
+FRACTION_RUNTIME_KEY = "infergate.telemetry.fraction"  # + fraction: never set (see access_log)
+RUNTIME_LAYER = "infergate"  # the RTDS layer's resource name (gateway/bootstrap.py)
 HCM_NAME = "envoy.filters.network.http_connection_manager"
 FLUSH_INTERVAL = timedelta(milliseconds=200)
 BUFFER_BYTES = 64 * 1024
@@ -83,8 +89,26 @@ FLAG_NAMES = {
 
 
 # --- configuration (xDS) ------------------------------------------------------------------
-def access_log(fraction: float) -> AccessLog:
-    """The gRPC access logger for an HTTP connection manager, sampling `fraction`."""
+def sample_key(fraction: float) -> str:
+    """The runtime key that switches the logger of this sampling fraction on (100) or
+    off (0)."""
+    return f"{SAMPLE_RUNTIME_KEY}.{fraction:g}"
+
+
+def _runtime_filter(key: str, numerator: int, denominator: int) -> AccessLogFilter:
+    percent = FractionalPercent(numerator=numerator, denominator=denominator)
+    return AccessLogFilter(runtime_filter=RuntimeFilter(runtime_key=key, percent_sampled=percent))
+
+
+def access_log(fraction: float, default_on: bool) -> AccessLog:
+    """The gRPC access logger of one sampling fraction for an HTTP connection manager:
+    it logs `fraction` of the requests while switched on (its `sample_key` at 100, or
+    unset and `default_on`).
+
+    Two runtime filters, because Envoy reads a runtime integer as a numerator only up to
+    100 and (with recent protobuf) fails to parse a fractional percent given as a
+    struct: a switch in percent, and the fraction itself as a default in millionths
+    under a key nothing sets."""
     config = HttpGrpcAccessLogConfig(
         common_config=CommonGrpcAccessLogConfig(
             log_name=LOG_NAME,
@@ -98,22 +122,29 @@ def access_log(fraction: float) -> AccessLog:
     )
     logger = AccessLog(name="envoy.access_loggers.http_grpc")
     logger.typed_config.Pack(config)
-    if fraction < 1:
-        logger.filter.CopyFrom(
-            AccessLogFilter(
-                runtime_filter=RuntimeFilter(
-                    runtime_key=SAMPLE_RUNTIME_KEY,
-                    percent_sampled=FractionalPercent(
-                        numerator=round(fraction * 1_000_000),
-                        denominator=FractionalPercent.MILLION,
-                    ),
-                )
-            )
-        )
+    switch = _runtime_filter(
+        sample_key(fraction), 100 if default_on else 0, FractionalPercent.HUNDRED
+    )
+    sampler = _runtime_filter(
+        f"{FRACTION_RUNTIME_KEY}.{fraction:g}",
+        round(fraction * 1_000_000),
+        FractionalPercent.MILLION,
+    )
+    logger.filter.and_filter.filters.extend([switch, sampler])
     return logger
 
 
-def _logged_listener(listener: Listener, logger: AccessLog) -> Listener:
+def sample_runtime(active: float, fractions: Sequence[float]) -> Runtime:
+    """The RTDS layer that switches the logger of `active` on and every other one off.
+    Envoy applies a layer as one snapshot, so each request is logged by at most one
+    logger, tagged with the fraction it was sampled at."""
+    layer = Struct()
+    for fraction in fractions:
+        layer[sample_key(fraction)] = 100 if fraction == active else 0
+    return Runtime(name=RUNTIME_LAYER, layer=layer)
+
+
+def _logged_listener(listener: Listener, loggers: list[AccessLog]) -> Listener:
     out = Listener()
     out.CopyFrom(listener)
     for chain in out.filter_chains:
@@ -121,16 +152,17 @@ def _logged_listener(listener: Listener, logger: AccessLog) -> Listener:
             if f.name == HCM_NAME:
                 hcm = HttpConnectionManager()
                 f.typed_config.Unpack(hcm)
-                hcm.access_log.append(logger)
+                hcm.access_log.extend(loggers)
                 f.typed_config.Pack(hcm)
     return out
 
 
-def with_access_log(resources: Resources, fraction: float) -> Resources:
-    """The same resources with every HTTP listener logging to the control plane (the
-    listeners are copied: translated resources are shared)."""
-    logger = access_log(fraction)
-    listeners = {n: _logged_listener(lis, logger) for n, lis in resources.listeners.items()}
+def with_access_log(resources: Resources, fractions: Sequence[float]) -> Resources:
+    """The same resources with every HTTP listener logging to the control plane through
+    one logger per sampling fraction, the first on by default (the listeners are copied:
+    translated resources are shared)."""
+    loggers = [access_log(f, default_on=i == 0) for i, f in enumerate(fractions)]
+    listeners = {n: _logged_listener(lis, loggers) for n, lis in resources.listeners.items()}
     return dataclasses.replace(resources, listeners=listeners)
 
 

@@ -11,12 +11,18 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from aiohttp import web
+from envoy.service.runtime.v3.rtds_pb2 import Runtime
 
-from control_plane.access_log import AccessLogServer, with_access_log
+from control_plane.access_log import (
+    RUNTIME_LAYER,
+    AccessLogServer,
+    sample_runtime,
+    with_access_log,
+)
 from control_plane.admin import make_admin_app
 from control_plane.callbacks import Fanout, LogCallbacks
 from control_plane.config import ConfigError, Endpoint, RoutingConfig, load
@@ -27,7 +33,15 @@ from control_plane.metrics import XdsMetrics, make_registry
 from control_plane.nodes import NodeRegistry
 from control_plane.ports import AddressInUse, ensure_free
 from control_plane.rollout import RolloutController
-from control_plane.snapshot import SHORT_NAMES, Snapshot, SnapshotCache, build_snapshot, new_epoch
+from control_plane.sampling import SamplingController
+from control_plane.snapshot import (
+    SHORT_NAMES,
+    Snapshot,
+    SnapshotCache,
+    build_snapshot,
+    new_epoch,
+    with_runtime,
+)
 from control_plane.state_store import FileStateStore
 from control_plane.telemetry import TelemetryStore, traffic_report
 from control_plane.translate import translate
@@ -76,7 +90,7 @@ class ControlPlane:
         tls: TlsFiles | None = None,
         watch_mode: str = "auto",
         health_interval: float = 1.0,
-        telemetry_sample: float | None = 1.0,
+        telemetry_sample: float | Literal["auto"] | None = "auto",
         telemetry_max_rate: float = 4000.0,
         state_dir: Path | None = None,
     ):
@@ -97,10 +111,17 @@ class ControlPlane:
         self.reloads: Counter[str] = Counter()
         self.last_reload_ok: float | None = None
         self.store = TelemetryStore()
-        # The fraction of requests Envoy logs (None: none); above `telemetry_max_rate`
-        # logged requests/s the control plane warns (docs/telemetry.md).
+        # The fraction of requests Envoy logs: "auto" follows the measured rate (keeping
+        # the logged rate under `telemetry_max_rate`), a number is fixed, None logs nothing.
+        # Over `telemetry_max_rate` logged requests/s the control plane warns.
         self.telemetry_sample = telemetry_sample
         self.telemetry_max_rate = telemetry_max_rate
+        self.sampling = (
+            SamplingController(telemetry_max_rate) if telemetry_sample == "auto" else None
+        )
+        self.sample_fractions: tuple[float, ...] = (
+            self.sampling.ladder if self.sampling else (telemetry_sample or 0.0,)
+        )
         self.access_logs = AccessLogServer(self.store)
         # Rollout progress survives restarts in `state_dir` (default: `.infergate-state`
         # beside the routing file); times are the telemetry store's clock.
@@ -156,7 +177,7 @@ class ControlPlane:
         started = time.perf_counter()
         config = self.rollouts.apply(self.endpoints.merge(self.file_config))
         snapshot = await asyncio.to_thread(self._build, config)
-        self.cache.set(snapshot)
+        self.cache.set(with_runtime(snapshot, self._runtime()))
         if self.health:
             self.health.set_config(config)
         self.builds += 1
@@ -173,7 +194,7 @@ class ControlPlane:
         with paused_gc():
             resources = translate(config)
             if self.telemetry_sample is not None:
-                resources = with_access_log(resources, self.telemetry_sample)
+                resources = with_access_log(resources, self.sample_fractions)
             return build_snapshot(resources, self.epoch)
 
     async def _publisher(self) -> None:
@@ -200,6 +221,28 @@ class ControlPlane:
     def rollout_status(self) -> dict[str, Any]:
         return self.rollouts.status()
 
+    def _runtime(self) -> dict[str, Runtime]:
+        """The RTDS layer every Envoy's bootstrap asks for (empty without telemetry)."""
+        if self.telemetry_sample is None:
+            return {RUNTIME_LAYER: Runtime(name=RUNTIME_LAYER)}
+        return {RUNTIME_LAYER: sample_runtime(self.sampler_fraction, self.sample_fractions)}
+
+    async def _control_sampling(self, period: float = 1.0) -> None:
+        """Follow the measured rate with the sampling fraction (a runtime update only)."""
+        assert self.sampling is not None
+        while True:
+            await asyncio.sleep(period)
+            before = self.sampling.fraction
+            rate = self.store.total_rate(self.sampling.hold)
+            if self.sampling.update(rate, time.monotonic()) != before and self.cache.snapshot:
+                log.info(
+                    "telemetry: %.0f requests/s, Envoys now log a fraction %g (was %g)",
+                    rate,
+                    self.sampling.fraction,
+                    before,
+                )
+                self.cache.set(with_runtime(self.cache.snapshot, self._runtime()))
+
     async def _watch_log_rate(self, period: float = 10.0) -> None:
         """Warn while Envoys log more requests/s than `telemetry_max_rate`."""
         while True:
@@ -207,15 +250,18 @@ class ControlPlane:
             logged = self.store.total_rate(period) * self.sampler_fraction
             if logged > self.telemetry_max_rate:
                 log.warning(
-                    "telemetry: Envoys log %.0f requests/s, over --telemetry-max-rate %.0f: "
-                    "sample with --telemetry-sample (see docs/telemetry.md)",
+                    "telemetry: Envoys log %.0f requests/s, over --telemetry-max-rate %.0f "
+                    "at the lowest sampling fraction %g (see docs/telemetry.md)",
                     logged,
                     self.telemetry_max_rate,
+                    self.sampler_fraction,
                 )
 
     @property
     def sampler_fraction(self) -> float:
-        return self.telemetry_sample or 0.0
+        if self.sampling:
+            return self.sampling.fraction
+        return self.sample_fractions[0] if self.telemetry_sample is not None else 0.0
 
     def traffic(self, history: bool = False) -> dict[str, Any]:
         return traffic_report(self.store, self.file_config, self.sampler_fraction, history)
@@ -282,6 +328,8 @@ class ControlPlane:
             self._tasks.append(asyncio.create_task(self.health.run()))
         if self.telemetry_sample is not None:
             self._tasks.append(asyncio.create_task(self._watch_log_rate()))
+        if self.sampling:
+            self._tasks.append(asyncio.create_task(self._control_sampling()))
         log.info(
             "xDS on %s (%s), admin on http://%s:%d",
             address,

@@ -25,10 +25,11 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
 
-# Make-before-break push order on one ADS stream.
-PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+# Make-before-break push order on one ADS stream (runtime layers are independent: last).
+PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME)
+SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds", RUNTIME: "rtds"}
 # LDS and CDS are full state of the world; EDS and RDS are asked for by name.
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 
@@ -87,13 +88,17 @@ class Snapshot:
     health_check_timeouts: dict[str, float]  # per cluster: see Resources
 
 
-def build_snapshot(resources: Resources, epoch: str) -> Snapshot:
-    """Serialize every resource once and derive content-hash versions."""
+def build_snapshot(
+    resources: Resources, epoch: str, runtime: dict[str, Message] | None = None
+) -> Snapshot:
+    """Serialize every resource once and derive content-hash versions. `runtime`: the
+    RTDS layers (`envoy.service.runtime.v3.Runtime` by name)."""
     by_type = {
         CLUSTER: resources.clusters,
         ENDPOINT: resources.endpoints,
         LISTENER: resources.listeners,
         ROUTE: resources.routes,
+        RUNTIME: runtime or {},
     }
     types = {t: _type_snapshot(epoch, _encode(t, named)) for t, named in by_type.items()}
     return Snapshot(
@@ -107,6 +112,12 @@ def with_listen(snapshot: Snapshot, listen: Endpoint) -> Snapshot:
     listeners = dict(snapshot.types[LISTENER].resources)
     listeners |= _encode(LISTENER, {LISTENER_NAME: gateway_listener(listen)})
     types = {**snapshot.types, LISTENER: _type_snapshot(snapshot.epoch, listeners)}
+    return replace(snapshot, version=_overall_version(snapshot.epoch, types), types=types)
+
+
+def with_runtime(snapshot: Snapshot, runtime: dict[str, Message]) -> Snapshot:
+    """The snapshot with other RTDS layers; every other type is the same object."""
+    types = {**snapshot.types, RUNTIME: _type_snapshot(snapshot.epoch, _encode(RUNTIME, runtime))}
     return replace(snapshot, version=_overall_version(snapshot.epoch, types), types=types)
 
 

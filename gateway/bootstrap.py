@@ -1,4 +1,5 @@
-"""Generate the Envoy bootstrap: node identity, ADS to the control plane, local admin."""
+"""Generate the Envoy bootstrap: node identity, ADS to the control plane (resources and
+an RTDS runtime layer), local admin."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from control_plane.callbacks import LISTEN_METADATA
 
 ADS_CLUSTER = "xds_cluster"
+RUNTIME_LAYER = "infergate"  # the control plane's RTDS resource (control_plane/access_log.py)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,17 @@ def envoy_bootstrap(
             },
             "cds_config": ads_source,
             "lds_config": ads_source,
+        },
+        # Runtime values from the control plane over ADS (RTDS), e.g. the access log's
+        # sampling; the admin layer keeps /runtime_modify working.
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": RUNTIME_LAYER,
+                    "rtds_layer": {"name": RUNTIME_LAYER, "rtds_config": ads_source},
+                },
+                {"name": "admin", "admin_layer": {}},
+            ]
         },
         "static_resources": {
             "clusters": [

@@ -52,8 +52,13 @@ def cmd_schema(_: argparse.Namespace) -> int:
     return 0
 
 
-def sample_fraction(text: str) -> float:
-    value = float(text)
+def sample_fraction(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: auto or a fraction in (0, 1]") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text}: a fraction in (0, 1]")
     return value
@@ -302,14 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--telemetry-max-rate",
         type=float,
         default=4000.0,
-        help="warn when Envoys log more requests/s than this (default 4000, measured in "
-        "docs/telemetry.md); then sample with --telemetry-sample",
+        help="logged requests/s above which Envoys sample (default 4000, measured in "
+        "docs/telemetry.md); with a fixed --telemetry-sample, the control plane warns",
     )
     p.add_argument(
         "--telemetry-sample",
         type=sample_fraction,
-        default=1.0,
-        help="fraction of requests Envoy logs to the control plane (default 1: all)",
+        default="auto",
+        help="fraction of requests Envoy logs to the control plane: auto (default: all "
+        "below --telemetry-max-rate, then halved as needed) or a fixed fraction",
     )
     p.add_argument(
         "--no-telemetry", action="store_true", help="Envoys log no requests to the control plane"

@@ -13,6 +13,7 @@ from control_plane.access_log import (
     SAMPLE_TAG,
     XDS_CLUSTER,
     record_of,
+    sample_key,
     with_access_log,
 )
 from control_plane.config import parse
@@ -67,16 +68,21 @@ def hcm_access_logs(resources) -> dict[str, list]:
 
 def test_every_http_listener_logs_to_the_control_plane_without_changing_the_translation():
     resources = translate(parse(YAML))
-    logged = with_access_log(resources, 0.5)
+    logged = with_access_log(resources, (0.5, 0.25))
     assert all(logs == [] for logs in hcm_access_logs(resources).values())  # copies
     logs = hcm_access_logs(logged)
     assert sorted(logs) == ["gateway", "grpc/iris"]
-    for (logger,) in logs.values():
-        config = HttpGrpcAccessLogConfig()
-        logger.typed_config.Unpack(config)
-        assert config.common_config.grpc_service.envoy_grpc.cluster_name == XDS_CLUSTER
-        assert config.common_config.custom_tags[0].literal.value == "0.5"
-        assert list(config.additional_request_headers_to_log) == [CONSUMER_HEADER]
-        assert logger.filter.runtime_filter.percent_sampled.numerator == 500_000
-    (unsampled,) = hcm_access_logs(with_access_log(resources, 1.0))["gateway"]
-    assert not unsampled.HasField("filter")
+    for half, quarter in logs.values():
+        for logger, tag, default in ((half, "0.5", 100), (quarter, "0.25", 0)):
+            config = HttpGrpcAccessLogConfig()
+            logger.typed_config.Unpack(config)
+            assert config.common_config.grpc_service.envoy_grpc.cluster_name == XDS_CLUSTER
+            assert config.common_config.custom_tags[0].literal.value == tag
+            assert list(config.additional_request_headers_to_log) == [CONSUMER_HEADER]
+            # Only the first logger is on until the runtime (RTDS) says otherwise.
+            switch, sampler = (f.runtime_filter for f in logger.filter.and_filter.filters)
+            assert (switch.runtime_key, switch.percent_sampled.numerator) == (
+                sample_key(float(tag)),
+                default,
+            )
+            assert sampler.percent_sampled.numerator == float(tag) * 1_000_000
