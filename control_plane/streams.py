@@ -23,6 +23,7 @@ Both variants share the rules that keep Envoy serving (Envoy's xds_protocol docs
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -149,7 +150,7 @@ class TypeState:
     sent_names: frozenset[str] = frozenset()
     sent_snapshot: Snapshot | None = None
     acked_names: frozenset[str] | None = None
-    acked_at: dict[str, float] = field(default_factory=dict)  # name -> first ACKed (clock)
+    acked_at: dict[str, float] = field(default_factory=dict)  # EDS: name -> first ACKed
     known: dict[str, str] = field(default_factory=dict)  # Delta: name -> version Envoy has
 
 
@@ -187,8 +188,9 @@ class Stream:
         if error_message is not None:
             self.callbacks.on_nack(self.node, type_url, version, error_message)
             return
-        now = self.clock()
-        state.acked_at = {n: state.acked_at.get(n, now) for n in state.sent_names}
+        if type_url == ENDPOINT:  # the warm-up of new clusters counts from here
+            now = self.clock()
+            state.acked_at = {n: state.acked_at.get(n, now) for n in state.sent_names}
         state.acked_names = state.sent_names
         if type_url == ROUTE:
             self.routes_acked = state.sent_snapshot
@@ -289,7 +291,7 @@ class SotwStream(Stream):
         if req.response_nonce and state.pending:
             self._answer(req.type_url, state, nack_message(req))
         if req.type_url not in WILDCARD_TYPES:
-            state.names = frozenset(req.resource_names)
+            state.names = frozenset(map(sys.intern, req.resource_names))
 
     def _respond(
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot
@@ -318,7 +320,8 @@ class DeltaStream(Stream):
         if req.response_nonce and req.response_nonce == state.last_nonce and state.pending:
             self._answer(req.type_url, state, nack_message(req))
         # Subscription changes apply even on a stale nonce.
-        subscribe, unsubscribe = set(req.resource_names_subscribe), req.resource_names_unsubscribe
+        subscribe = set(map(sys.intern, req.resource_names_subscribe))
+        unsubscribe = req.resource_names_unsubscribe
         if WILDCARD in subscribe:
             state.names = None
             subscribe.discard(WILDCARD)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -20,28 +21,73 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 
 from control_plane.callbacks import Callbacks, NodeInfo
 from control_plane.snapshot import SnapshotCache
-from control_plane.streams import Clock, DeltaStream, DesiredCache, SotwStream, Stream
+from control_plane.streams import (
+    Clock,
+    DeltaStream,
+    DesiredCache,
+    Outgoing,
+    SotwStream,
+    Stream,
+)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 WAKE = "wake"  # an event that only makes a stream look at its state again
+# Streams that get their initial (full) config at once; 0: no bound. In a reconnect
+# storm every stream's first responses hold a copy of the whole config in gRPC's send
+# buffers, so this bounds the control plane's memory (docs/xds-scale.md).
+INITIAL_SYNCS = int(os.environ.get("INFERGATE_XDS_INITIAL_SYNCS", "32"))
+INITIAL_SYNC_TIMEOUT = 10.0  # seconds a stream may hold its slot without ACKing routes
 
 log = logging.getLogger("infergate.xds")
+
+
+class SyncSlot:
+    """One stream's place among the streams getting their initial config: taken before
+    its first response, given back once Envoy ACKed routes (the whole config is in
+    place), when the stream ends, or after INITIAL_SYNC_TIMEOUT."""
+
+    def __init__(self, slots: asyncio.Semaphore | None):
+        self.slots = slots
+        self.held = self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def take(self) -> None:
+        if self.slots is None or self.held or self.done:
+            return
+        await self.slots.acquire()
+        self.held = True
+        self.timer = asyncio.get_running_loop().call_later(INITIAL_SYNC_TIMEOUT, self.give_back)
+
+    def give_back(self) -> None:
+        self.done = True
+        if self.held:
+            self.held = False
+            assert self.slots is not None
+            self.slots.release()
+        if self.timer:
+            self.timer.cancel()
 
 
 class AdsServer:
     """grpcio handlers for AggregatedDiscoveryService, serving a SnapshotCache."""
 
-    def __init__(self, cache: SnapshotCache, callbacks: Callbacks, clock: Clock = time.monotonic):
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        callbacks: Callbacks,
+        clock: Clock = time.monotonic,
+        initial_syncs: int = INITIAL_SYNCS,
+    ):
         self.cache = cache
         self.callbacks = callbacks
         self.clock = clock
         self.desired = DesiredCache()  # shared by all streams
+        self.initial_syncs = asyncio.Semaphore(initial_syncs) if initial_syncs > 0 else None
 
     def handler(self) -> grpc.GenericRpcHandler:
         def method(stream_class: type[Stream], request_class) -> grpc.RpcMethodHandler:
-            async def serve(requests, context):
-                async for response in self._serve(stream_class, requests, context):
-                    yield response
+            async def serve(requests, context) -> None:
+                await self._serve(stream_class, requests, context)
 
             return grpc.stream_stream_rpc_method_handler(
                 serve, request_deserializer=request_class.FromString, response_serializer=bytes
@@ -66,10 +112,8 @@ class AdsServer:
         stream.open()
         return stream
 
-    async def _serve(
-        self, stream_class: type[Stream], requests: AsyncIterator, context
-    ) -> AsyncIterator[bytes]:
-        """Feed requests and new snapshots into one stream; yield its responses."""
+    async def _serve(self, stream_class: type[Stream], requests: AsyncIterator, context) -> None:
+        """Feed requests and new snapshots into one stream; write its responses."""
         events: asyncio.Queue[object] = asyncio.Queue()
 
         async def read() -> None:
@@ -89,6 +133,7 @@ class AdsServer:
         loop = asyncio.get_running_loop()
         wake: asyncio.TimerHandle | None = None
         stream: Stream | None = None
+        slot = SyncSlot(self.initial_syncs)
         try:
             while (event := await events.get()) is not None:
                 if isinstance(event, DiscoveryRequest | DeltaDiscoveryRequest):
@@ -97,18 +142,28 @@ class AdsServer:
                     stream.handle_request(event)
                 if stream is None:
                     continue
+                await slot.take()
                 stream.target = self.cache.for_node(stream.node.listen)
-                out = stream.responses()
-                for response in out.responses:
-                    yield response
+                wake_after = await self._write(context, stream.responses())
+                if stream.routes_acked is not None:
+                    slot.give_back()
                 if wake:
                     wake.cancel()
-                if out.wake_after:  # routes held back while new clusters warm up
-                    wake = loop.call_later(out.wake_after, events.put_nowait, WAKE)
+                if wake_after:  # routes held back while new clusters warm up
+                    wake = loop.call_later(wake_after, events.put_nowait, WAKE)
         finally:
+            slot.give_back()
             if wake:
                 wake.cancel()
             for task in tasks:
                 task.cancel()
             if stream:
                 stream.close()
+
+    @staticmethod
+    async def _write(context, out: Outgoing) -> float | None:
+        """Write the responses and forget them: an idle stream holds no response bytes
+        (with an async generator, grpcio keeps the last one, e.g. the whole RDS)."""
+        for response in out.responses:
+            await context.write(response)
+        return out.wake_after

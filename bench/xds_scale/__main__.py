@@ -15,10 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.xds_scale import analysis, models, push
+from bench.xds_scale import analysis, models, push, storm
+from control_plane.xds_server import INITIAL_SYNCS
 
 ROUTE_CLIENTS = 100  # clients for the push-time-by-model-count table
 CLIENT_MODELS = 10  # models for the push-time-by-client-count table
+STORM_CLIENTS, STORM_MODELS = 1000, 100  # reconnect storm
+STORM_BOUNDS = (0, INITIAL_SYNCS)  # initial syncs at once: unbounded (as before), the default
 
 
 def _ints(text: str) -> list[int]:
@@ -28,10 +31,11 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.xds_scale", description=__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run (small sizes, 3 edits)")
-    p.add_argument("--clients", type=_ints, help="client counts (default 100,1000)")
+    p.add_argument("--clients", type=_ints, help="client counts (default 100,1000,5000)")
     p.add_argument("--models", type=_ints, help="model counts (default 10,100,1000)")
     p.add_argument("--edits", type=int, help="weight edits per scenario (default 10)")
     p.add_argument("--no-analysis", action="store_true", help="skip the bottleneck analysis")
+    p.add_argument("--only", choices=["build", "clients", "models", "storm"], action="append")
     return p.parse_args(argv)
 
 
@@ -62,53 +66,67 @@ def _edits_for(model_count: int, edits: int) -> int:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    clients = args.clients or ([20, 100] if args.quick else [100, 1000])
+    clients = args.clients or ([20, 100] if args.quick else [100, 1000, 5000])
     model_counts = args.models or ([10, 100] if args.quick else [10, 100, 1000])
     edits = args.edits or (3 if args.quick else 10)
     report: dict[str, Any] = {"quick": args.quick, "machine": machine()}
 
-    print("snapshot build, in-process", file=sys.stderr)
-    report["snapshot_build"] = [
-        models.measure(n, repeats=2 if args.quick else (3 if n >= 1000 else 5))
-        for n in model_counts
-    ]
+    want = set(args.only or ["build", "clients", "models", "storm"])
 
-    print(f"push by clients ({CLIENT_MODELS} models, {edits} edits)", file=sys.stderr)
-    by_clients = []
-    for n in clients:
-        for delta in (False, True):
-            label = f"{'delta' if delta else 'sotw'}-{n}c-{CLIENT_MODELS}m"
-            by_clients.append(
-                _guarded(
-                    label,
-                    lambda n=n, delta=delta: push.run(
-                        workdir,
-                        clients=n,
-                        models=CLIENT_MODELS,
-                        delta=delta,
-                        edits=edits,
-                        workers=1 if n <= 200 else 2,
-                    ),
-                )
+    if "build" in want:
+        print("snapshot build, in-process", file=sys.stderr)
+        report["snapshot_build"] = [
+            models.measure(n, repeats=2 if args.quick else (3 if n >= 1000 else 5))
+            for n in model_counts
+        ]
+
+    if "clients" in want:
+        print(f"push by clients ({CLIENT_MODELS} models, {edits} edits)", file=sys.stderr)
+        report["push_by_clients"] = [
+            _guarded(
+                f"{'delta' if delta else 'sotw'}-{n}c-{CLIENT_MODELS}m",
+                lambda n=n, delta=delta: push.run(
+                    workdir, clients=n, models=CLIENT_MODELS, delta=delta, edits=edits
+                ),
             )
-    report["push_by_clients"] = by_clients
+            for n in clients
+            for delta in (False, True)
+        ]
 
-    route_clients = min(ROUTE_CLIENTS, max(clients))
-    print(f"push by models ({route_clients} SotW clients)", file=sys.stderr)
-    report["push_by_models"] = [
-        _guarded(
-            f"sotw-{route_clients}c-{n}m",
-            lambda n=n: push.run(
-                workdir,
-                clients=route_clients,
-                models=n,
-                delta=False,
-                edits=_edits_for(n, edits),
-                workers=1,
-            ),
-        )
-        for n in model_counts
-    ]
+    if "models" in want:
+        route_clients = min(ROUTE_CLIENTS, max(clients))
+        print(f"push by models ({route_clients} SotW clients)", file=sys.stderr)
+        report["push_by_models"] = [
+            _guarded(
+                f"sotw-{route_clients}c-{n}m",
+                lambda n=n: push.run(
+                    workdir,
+                    clients=route_clients,
+                    models=n,
+                    delta=False,
+                    edits=_edits_for(n, edits),
+                ),
+            )
+            for n in model_counts
+        ]
+
+    if "storm" in want:
+        storm_clients = min(STORM_CLIENTS, max(clients))
+        print(f"reconnect storm ({storm_clients} clients, {STORM_MODELS} models)", file=sys.stderr)
+        report["reconnect_storm"] = [
+            _guarded(
+                f"storm-{'delta' if delta else 'sotw'}-{bound}",
+                lambda delta=delta, bound=bound: storm.run(
+                    workdir,
+                    clients=storm_clients,
+                    models=STORM_MODELS,
+                    delta=delta,
+                    initial_syncs=bound,
+                ),
+            )
+            for delta in (False, True)
+            for bound in STORM_BOUNDS
+        ]
 
     if not args.no_analysis:
         print("bottleneck analysis", file=sys.stderr)

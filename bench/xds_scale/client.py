@@ -28,16 +28,18 @@ class SimEnvoy:
     def __init__(self, channel: grpc.aio.Channel, node_id: str, delta: bool, on_routes: OnRoutes):
         self.channel = channel
         self.node_id = node_id
-        self.node: Node | None = Node(id=node_id, cluster="xds-scale")
+        self.node: Node | None = None
         self.delta = delta
         self.on_routes = on_routes
         self.call: grpc.aio.StreamStreamCall | None = None
+
+    async def run(self) -> None:
+        """One ADS stream from scratch (a reconnecting Envoy starts over too)."""
+        self.node = Node(id=self.node_id, cluster="xds-scale")
         self.eds_names: list[str] = []
         self.eds_ack: tuple[str, str] = ("", "")  # SotW: version, nonce of the last EDS
         self.cds_waiting: wire.Response | None = None  # CDS to ACK once EDS arrives
         self.lds_requested = self.rds_requested = False
-
-    async def run(self) -> None:
         name = "DeltaAggregatedResources" if self.delta else "StreamAggregatedResources"
         method = self.channel.stream_stream(f"/{ADS_SERVICE}/{name}")
         self.call = method()

@@ -15,12 +15,26 @@ from typing import Any
 from bench.xds_scale.plane import cpu_seconds, memory_mb
 
 CLIENTS_PER_CHANNEL = 25
+CLIENTS_PER_WORKER = 500
+
+
+def workers_for(clients: int) -> int:
+    """Worker processes for `clients`: enough that the clients are not the bottleneck."""
+    return max(1, -(-clients // CLIENTS_PER_WORKER))
 
 
 class Fleet:
     """`clients` simulated Envoys spread over `workers` processes."""
 
-    def __init__(self, address: str, clients: int, workers: int, delta: bool, log: Path):
+    def __init__(
+        self,
+        address: str,
+        clients: int,
+        workers: int,
+        delta: bool,
+        log: Path,
+        reconnect: bool = False,
+    ):
         self.events: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
         self.procs: list[subprocess.Popen] = []
         self.sizes = [clients // workers + (i < clients % workers) for i in range(workers)]
@@ -38,6 +52,7 @@ class Fleet:
                 "--prefix",
                 f"w{i}",
                 *(["--delta"] if delta else []),
+                *(["--reconnect"] if reconnect else []),
             ]
             for i, n in enumerate(self.sizes)
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +38,13 @@ def memory_mb(pid: int) -> dict[str, float]:
 class PlaneProcess:
     """`gateway.cli control-plane` on free ports; `module` swaps in a profiling wrapper."""
 
-    def __init__(self, config: Path, log: Path, module: str = "gateway.cli"):
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        module: str = "gateway.cli",
+        initial_syncs: int | None = None,
+    ):
         self.xds = (LOCAL, free_port())
         self.admin = (LOCAL, free_port())
         self.log = log
@@ -45,7 +52,10 @@ class PlaneProcess:
         # No endpoint probes: the simulated models have no servers, and probing thousands of
         # dead endpoints every second would be measured as control-plane cost.
         args += ["--admin", host_port(self.admin), "--health-interval", "0"]
-        self.child = Child("control-plane", [sys.executable, "-m", module, *args], str(log))
+        argv = [sys.executable, "-m", module, *args]
+        if initial_syncs is not None:  # the bound of xds_server.INITIAL_SYNCS; env execs
+            argv = ["env", f"INFERGATE_XDS_INITIAL_SYNCS={initial_syncs}", *argv]
+        self.child = Child("control-plane", argv, str(log))
 
     @property
     def address(self) -> str:
@@ -58,13 +68,20 @@ class PlaneProcess:
 
     def __enter__(self) -> PlaneProcess:
         """Start and wait for the admin API; the first build of 1,000 models takes long."""
+        self.start()
+        return self
+
+    def start(self) -> None:
         self.child.start()
         try:
             wait_http(f"http://{host_port(self.admin)}/healthz", timeout=600, child=self.child)
         except BaseException:
             self.child.stop()
             raise
-        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: the clients' streams break without a goodbye."""
+        self.child.stop(sig=signal.SIGKILL)
 
     def __exit__(self, *_: object) -> None:
         self.child.stop()

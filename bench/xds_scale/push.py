@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.stats import percentile
 from bench.xds_scale.configs import routing_yaml, write_atomically
-from bench.xds_scale.fleet import Fleet
+from bench.xds_scale.fleet import Fleet, workers_for
 from bench.xds_scale.plane import PlaneProcess
 
 
@@ -26,7 +26,7 @@ def run(
     models: int,
     delta: bool,
     edits: int,
-    workers: int,
+    workers: int | None = None,
     plane_module: str = "gateway.cli",
     timeout: float = 120.0,
 ) -> dict[str, Any]:
@@ -38,7 +38,11 @@ def run(
         cpu_start = plane.cpu()
         started = time.monotonic()
         with Fleet(
-            plane.address, clients, workers, delta, workdir / f"{name}.workers.log"
+            plane.address,
+            clients,
+            workers or workers_for(clients),
+            delta,
+            workdir / f"{name}.workers.log",
         ) as fleet:
             version, times = fleet.wait_routes(set(), timeout)
             initial_s = max(times) - started
@@ -60,6 +64,7 @@ def run(
         builds = plane.builds()
     return _summary(name, clients, models, delta, initial_s, connected, rows, builds) | {
         "plane_cpu_s_per_edit": round((cpu1 - cpu0) / edits, 3),
+        "plane_cpu_ms_per_pushed_client": round((cpu1 - cpu0) / edits / clients * 1000, 3),
         "plane_cpu_s_total": round(cpu1 - cpu0, 2),
         "plane_memory_mb": memory,
         "clients_cpu_s_per_edit": round((fleet_cpu1 - fleet_cpu0) / edits, 3),

@@ -3,7 +3,9 @@
 `python -m bench.xds_scale.worker ADDRESS --clients N [--delta]` writes JSON lines on
 stdout: `{"event": "routes", "version": V, "times": [...]}` once every client of this
 worker has ACKed route version V (ACK times from `time.monotonic()`), and
-`{"event": "error", ...}` if a stream fails. It exits when its stdin closes.
+`{"event": "error", ...}` if a stream fails (with `--reconnect`, a stream that ends
+is opened again at once, as Envoys do when the control plane restarts). It exits when
+its stdin closes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from bench.xds_scale.client import SimEnvoy
 CHANNEL_OPTIONS = [
     ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel, like Envoys
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 50),  # reconnect soon after a restart
+    ("grpc.max_reconnect_backoff_ms", 200),
 ]
+RETRY_S = 0.05  # pause before reopening a stream that ended
 
 
 class RouteAcks:
@@ -49,7 +54,9 @@ def _stdin_closed(loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
     loop.call_soon_threadsafe(done.set)
 
 
-async def run(address: str, clients: int, channels: int, delta: bool, prefix: str) -> None:
+async def run(
+    address: str, clients: int, channels: int, delta: bool, prefix: str, reconnect: bool
+) -> None:
     done = asyncio.Event()
     threading.Thread(
         target=_stdin_closed, args=(asyncio.get_running_loop(), done), daemon=True
@@ -59,15 +66,20 @@ async def run(address: str, clients: int, channels: int, delta: bool, prefix: st
     envoys = [SimEnvoy(chans[i % channels], f"{prefix}-{i}", delta, acks) for i in range(clients)]
 
     async def guarded(envoy: SimEnvoy) -> None:
-        try:
-            await envoy.run()
-            error = "stream ended"
-        except asyncio.CancelledError:
-            return
-        except Exception as exc:  # noqa: BLE001 (reported to the parent)
-            error = repr(exc)[:300]
-        if not done.is_set():
-            emit({"event": "error", "client": envoy.node_id, "error": error})
+        while True:
+            try:
+                await envoy.run()
+                error = "stream ended"
+            except asyncio.CancelledError:
+                return
+            except Exception as exc:  # noqa: BLE001 (reported to the parent)
+                error = repr(exc)[:300]
+            if done.is_set():
+                return
+            if not reconnect:
+                emit({"event": "error", "client": envoy.node_id, "error": error})
+                return
+            await asyncio.sleep(RETRY_S)
 
     tasks = [asyncio.create_task(guarded(e)) for e in envoys]
     try:
@@ -89,8 +101,11 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--delta", action="store_true")
     p.add_argument("--prefix", default="sim")
+    p.add_argument("--reconnect", action="store_true", help="reopen streams that end")
     args = p.parse_args()
-    asyncio.run(run(args.address, args.clients, args.channels, args.delta, args.prefix))
+    asyncio.run(
+        run(args.address, args.clients, args.channels, args.delta, args.prefix, args.reconnect)
+    )
 
 
 if __name__ == "__main__":
