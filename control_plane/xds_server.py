@@ -76,13 +76,14 @@ class AdsServer:
         cache: SnapshotCache,
         callbacks: Callbacks,
         clock: Clock = time.monotonic,
-        initial_syncs: int = INITIAL_SYNCS,
+        initial_syncs: int | None = None,
     ):
         self.cache = cache
         self.callbacks = callbacks
         self.clock = clock
         self.desired = DesiredCache()  # shared by all streams
-        self.initial_syncs = asyncio.Semaphore(initial_syncs) if initial_syncs > 0 else None
+        bound = INITIAL_SYNCS if initial_syncs is None else initial_syncs
+        self.initial_syncs = asyncio.Semaphore(bound) if bound > 0 else None
 
     def handler(self) -> grpc.GenericRpcHandler:
         def method(stream_class: type[Stream], request_class) -> grpc.RpcMethodHandler:

@@ -50,9 +50,13 @@ async def client(plane):
 
 async def converge(c: AdsClient) -> dict:
     """Walk the initial handshake the way Envoy does; return the last response per type."""
-    last = {}
     await c.send(CLUSTER)
-    last[CLUSTER] = cds = await c.recv()
+    return await finish_handshake(c, await c.recv())
+
+
+async def finish_handshake(c: AdsClient, cds) -> dict:
+    """The handshake after the first CDS response."""
+    last = {CLUSTER: cds}
     names = sorted(cluster_names(cds))
     await c.send(ENDPOINT, names)
     last[ENDPOINT] = eds = await c.recv()
@@ -172,3 +176,39 @@ async def test_held_back_routes_go_out_when_the_warm_up_ends_without_a_request(p
     await client.ack(await client.recv(), names)
     await client.ack(cds)
     assert (await client.recv()).type_url == ROUTE
+
+
+@pytest.fixture
+async def one_initial_sync(tmp_path: Path, monkeypatch):
+    """A control plane that gives one stream at a time its initial config."""
+    monkeypatch.setattr("control_plane.xds_server.INITIAL_SYNCS", 1)
+    config = tmp_path / "routing.yaml"
+    config.write_text(TWO_VERSIONS)
+    cp = ControlPlane(config, ("127.0.0.1", free_port()), ("127.0.0.1", free_port()))
+    await cp.start()
+    yield cp
+    await cp.stop()
+
+
+@pytest.mark.parametrize("first_leaves", [False, True])
+async def test_initial_syncs_are_bounded_until_routes_are_acked_or_the_stream_ends(
+    one_initial_sync, first_leaves
+):
+    address = host_port(one_initial_sync.xds_address)
+    first = await AdsClient(address, "first").start()
+    second = await AdsClient(address, "second").start()
+    try:
+        await first.send(CLUSTER)
+        cds = await first.recv()
+        await second.send(CLUSTER)
+        with pytest.raises(TimeoutError):  # waits for the first stream's slot
+            await second.recv(timeout=0.3)
+        if first_leaves:
+            await first.close()
+        else:
+            await finish_handshake(first, cds)  # ends with the routes ACKed
+        assert cluster_names(await second.recv()) == {"iris/v1", "iris/v2"}
+    finally:
+        await second.close()
+        if not first_leaves:
+            await first.close()
