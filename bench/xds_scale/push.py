@@ -28,7 +28,7 @@ def run(
     edits: int,
     workers: int | None = None,
     plane_module: str = "gateway.cli",
-    timeout: float = 120.0,
+    timeout: float = 300.0,
 ) -> dict[str, Any]:
     """One scenario: start a control plane and the clients, converge, then `edits` edits."""
     name = f"{'delta' if delta else 'sotw'}-{clients}c-{models}m"
