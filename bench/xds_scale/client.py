@@ -19,7 +19,7 @@ from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from control_plane.translate import ROUTE_CONFIG_NAME
 from control_plane.xds_server import ADS_SERVICE
 
-OnRoutes = Callable[[str, float], None]
+OnRoutes = Callable[[str, str, float], None]  # client, route version, ACK time
 
 
 class SimEnvoy:
@@ -84,7 +84,7 @@ class SimEnvoy:
 
     async def _routes(self, resp: wire.Response, names: list[str] | None) -> None:
         await self._request(ROUTE, names, resp.version, resp.nonce)
-        self.on_routes(resp.version, time.monotonic())
+        self.on_routes(self.node_id, resp.version, time.monotonic())
 
     async def _sotw(self, resp: wire.Response) -> None:
         t = resp.type_url

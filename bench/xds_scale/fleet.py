@@ -57,6 +57,8 @@ class Fleet:
             for i, n in enumerate(self.sizes)
         ]
         self.log = log
+        self.reconnects = 0  # streams that ended and were opened again (with `reconnect`)
+        self.last_reconnect_error = ""
 
     def __enter__(self) -> Fleet:
         try:
@@ -109,7 +111,10 @@ class Fleet:
                 index, event = self.events.get(timeout=left)
             except queue.Empty:
                 continue
-            if event["event"] == "routes" and event["version"] not in known:
+            if event["event"] == "reconnect":
+                self.reconnects += 1
+                self.last_reconnect_error = event["error"]
+            elif event["event"] == "routes" and event["version"] not in known:
                 got[index] = (event["version"], event["times"])
             elif event["event"] in ("error", "exit"):
                 raise RuntimeError(f"worker {index}: {event}")

@@ -43,6 +43,7 @@ def run(
             workers or workers_for(clients),
             delta,
             workdir / f"{name}.workers.log",
+            reconnect=True,  # as Envoys do; counted in `stream_restarts`
         ) as fleet:
             version, times = fleet.wait_routes(set(), timeout)
             initial_s = max(times) - started
@@ -61,6 +62,7 @@ def run(
             cpu1, fleet_cpu1 = plane.cpu(), fleet.cpu()
             memory = plane.memory()
             fleet_rss = fleet.memory()
+            restarts = {"count": fleet.reconnects, "last_error": fleet.last_reconnect_error[:200]}
         builds = plane.builds()
     return _summary(name, clients, models, delta, initial_s, connected, rows, builds) | {
         "plane_cpu_s_per_edit": round((cpu1 - cpu0) / edits, 3),
@@ -69,6 +71,7 @@ def run(
         "plane_memory_mb": memory,
         "clients_cpu_s_per_edit": round((fleet_cpu1 - fleet_cpu0) / edits, 3),
         "clients_rss_mb": round(fleet_rss, 1),
+        "stream_restarts": restarts,
     }
 
 

@@ -27,20 +27,26 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 200),
 ]
 RETRY_S = 0.05  # pause before reopening a stream that ended
+RAMP_BATCH, RAMP_PAUSE_S = 50, 0.1  # streams opened at start, per pause
 
 
 class RouteAcks:
-    """Collects RDS ACK times per version; reports a version once all clients have it."""
+    """Collects RDS ACK times per version, the first per client (a client that reconnects
+    ACKs again); reports a version once all clients have it."""
 
     def __init__(self, clients: int):
         self.clients = clients
-        self.times: dict[str, list[float]] = {}
+        self.times: dict[str, dict[str, float]] = {}
+        self.reported: set[str] = set()
 
-    def __call__(self, version: str, at: float) -> None:
-        times = self.times.setdefault(version, [])
-        times.append(at)
+    def __call__(self, client: str, version: str, at: float) -> None:
+        if version in self.reported:
+            return
+        times = self.times.setdefault(version, {})
+        times.setdefault(client, at)
         if len(times) == self.clients:
-            emit({"event": "routes", "version": version, "times": times})
+            emit({"event": "routes", "version": version, "times": list(times.values())})
+            self.reported.add(version)
             del self.times[version]
 
 
@@ -79,9 +85,14 @@ async def run(
             if not reconnect:
                 emit({"event": "error", "client": envoy.node_id, "error": error})
                 return
+            emit({"event": "reconnect", "client": envoy.node_id, "error": error})
             await asyncio.sleep(RETRY_S)
 
-    tasks = [asyncio.create_task(guarded(e)) for e in envoys]
+    tasks = []
+    for i, envoy in enumerate(envoys):  # a ramp: thousands of handshakes at once starve
+        tasks.append(asyncio.create_task(guarded(envoy)))  # this process's ping replies
+        if i % RAMP_BATCH == RAMP_BATCH - 1:
+            await asyncio.sleep(RAMP_PAUSE_S)
     try:
         await done.wait()
     finally:
