@@ -52,9 +52,14 @@ class ScaleConfig:
         return self.text()
 
     def text(self) -> str:
-        lines = [f"listen: 127.0.0.1:{self.listen}", "models:"]
+        """Active health checks on iris only: 600 checked clusters would load the machine,
+        and only iris's warm-up can fail a request."""
+        lines = [f"listen: 127.0.0.1:{self.listen}", "resilience: {health_check: false}"]
+        lines.append("models:")
         for name, body in self.models.items():
             lines += [f"  {name}:", *body]
+            if name == "iris":
+                lines.append("    resilience: {health_check: true}")
         return "\n".join(lines) + "\n"
 
 
