@@ -45,7 +45,7 @@ from control_plane.snapshot import (
     TypeSnapshot,
     content_version,
 )
-from control_plane.wire import encode_delta_response, encode_sotw_body, with_nonce
+from control_plane.wire import encode_delta_body, encode_sotw_body, with_nonce
 
 WILDCARD = "*"
 # Routes wait this long beyond a new cluster's health-check timeout (Envoy's first check
@@ -69,6 +69,9 @@ class Desired:
     resources: dict[str, tuple[str, bytes]]
     names: frozenset[str] = field(init=False)
     _sotw_body: bytes | None = field(default=None, init=False)
+    _delta_bodies: dict[tuple[frozenset[str], tuple[str, ...]], bytes] = field(
+        default_factory=dict, init=False
+    )
 
     def __post_init__(self) -> None:
         self.names = frozenset(self.resources)
@@ -79,6 +82,20 @@ class Desired:
             blobs = [blob for _, blob in self.resources.values()]
             self._sotw_body = encode_sotw_body(self.version, blobs, type_url)
         return with_nonce(self._sotw_body, nonce)
+
+    def delta_response(
+        self, type_url: str, changed: frozenset[str], removed: tuple[str, ...], nonce: str
+    ) -> bytes:
+        """The DeltaDiscoveryResponse sending `changed` and removing `removed`; encoded once
+        for all streams that need the same change (e.g. every Envoy on a weight edit)."""
+        key = (changed, removed)
+        body = self._delta_bodies.get(key)
+        if body is None:
+            sent = {n: vb for n, vb in self.resources.items() if n in changed}
+            body = self._delta_bodies[key] = encode_delta_body(
+                self.version, sent, list(removed), type_url
+            )
+        return with_nonce(body, nonce)
 
 
 DesiredKey = tuple[frozenset[str] | None, str | None]  # subscribed names, lingering version
@@ -152,6 +169,7 @@ class TypeState:
     acked_names: frozenset[str] | None = None
     acked_at: dict[str, float] = field(default_factory=dict)  # EDS: name -> first ACKed
     known: dict[str, str] = field(default_factory=dict)  # Delta: name -> version Envoy has
+    synced: str | None = None  # Delta: `known` holds all of this desired version (no diff)
 
 
 class Stream:
@@ -331,16 +349,23 @@ class DeltaStream(Stream):
             state.known.pop(name, None)
         for name in subscribe - set(req.initial_resource_versions):
             state.known.pop(name, None)  # a (re)subscription gets the resource sent
+        if subscribe or unsubscribe or not req.response_nonce:
+            state.synced = None
 
     def _respond(
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot
     ) -> bytes | None:
+        if state.synced == want.version:  # nothing changed since `known` matched it
+            return None
         changed = {n: vb for n, vb in want.resources.items() if state.known.get(n) != vb[0]}
-        removed = sorted(
-            n
-            for n in state.known
-            if n not in want.resources and (state.names is None or n in state.names)
+        removed = tuple(
+            sorted(
+                n
+                for n in state.known
+                if n not in want.resources and (state.names is None or n in state.names)
+            )
         )
+        state.synced = want.version
         if not changed and not removed:
             return None
         for name, (version, _) in changed.items():
@@ -350,6 +375,7 @@ class DeltaStream(Stream):
         if type_url == CLUSTER and ENDPOINT in self.types:
             for name in changed:  # re-warming clusters need their endpoints again
                 self.types[ENDPOINT].known.pop(name, None)
+            self.types[ENDPOINT].synced = None
         nonce = self._next_nonce(state)
         self._sent(type_url, state, want.version, frozenset(state.known), snapshot, len(changed))
-        return encode_delta_response(want.version, changed, removed, type_url, nonce)
+        return want.delta_response(type_url, frozenset(changed), removed, nonce)

@@ -35,19 +35,20 @@ def encode_sotw_body(version: str, resources: list[bytes], type_url: str) -> byt
     return b"".join(parts)
 
 
-def with_nonce(sotw_body: bytes, nonce: str) -> bytes:
-    """A complete DiscoveryResponse: a body shared by streams plus this stream's nonce."""
-    return sotw_body + encode_field(5, nonce.encode())
+def with_nonce(body: bytes, nonce: str) -> bytes:
+    """A complete response: a body shared by streams plus this stream's nonce (field 5 in
+    both DiscoveryResponse and DeltaDiscoveryResponse; field order does not matter)."""
+    return body + encode_field(5, nonce.encode())
 
 
-def encode_delta_response(
+def encode_delta_body(
     version: str,
     resources: dict[str, tuple[str, bytes]],
     removed: list[str],
     type_url: str,
-    nonce: str,
 ) -> bytes:
-    """The wire bytes of a DeltaDiscoveryResponse; `resources` maps name -> (version, Any)."""
+    """A DeltaDiscoveryResponse, all but its nonce (see `with_nonce`); `resources` maps
+    name -> (version, Any)."""
     parts = [encode_field(1, version.encode())]
     for name, (res_version, blob) in resources.items():
         resource = (
@@ -57,6 +58,16 @@ def encode_delta_response(
         )
         parts.append(encode_field(2, resource))
     parts.append(encode_field(4, type_url.encode()))
-    parts.append(encode_field(5, nonce.encode()))
     parts += [encode_field(6, name.encode()) for name in removed]
     return b"".join(parts)
+
+
+def encode_delta_response(
+    version: str,
+    resources: dict[str, tuple[str, bytes]],
+    removed: list[str],
+    type_url: str,
+    nonce: str,
+) -> bytes:
+    """The wire bytes of a whole DeltaDiscoveryResponse."""
+    return with_nonce(encode_delta_body(version, resources, removed, type_url), nonce)

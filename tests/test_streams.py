@@ -401,6 +401,24 @@ def test_streams_in_the_same_state_share_one_answer(monkeypatch):
     assert len(computed) == 4  # one answer per type, for all three streams
 
 
+def test_delta_streams_needing_the_same_change_share_one_encoding(monkeypatch):
+    encoded = []
+    encode = streams.encode_delta_body
+    monkeypatch.setattr(streams, "encode_delta_body", lambda *a: encoded.append(a) or encode(*a))
+    shared = DesiredCache()
+    peers = [Peer("delta", snap(TWO_VERSIONS)) for _ in range(3)]
+    for peer in peers:
+        peer.stream.desired = shared
+        peer.converge()
+    encoded.clear()
+    edited = snap(weights(TWO_VERSIONS, 50, 50))
+    for peer in peers:
+        peer.stream.target = edited
+        (rds,) = peer.pump()
+        assert (rds.type, rds.names) == ("rds", {ROUTE_CONFIG_NAME})
+    assert len(encoded) == 1  # one body for the three streams, each with its own nonce
+
+
 # --- per-node listen -------------------------------------------------------------------
 
 
