@@ -7,6 +7,7 @@ position in the file.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +15,7 @@ from pathlib import Path
 import yaml
 
 from control_plane.resilience import Resilience, read_resilience
-from control_plane.yaml_reader import (
-    NAME_RE,
-    ConfigError,
-    Endpoint,
-    Problem,
-    Reader,
-    parse_endpoint,
-)
+from control_plane.yaml_reader import NAME_RE, Problem, Reader
 
 __all__ = [
     "NAME_RE",
@@ -41,6 +35,39 @@ FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 DEFAULT_PIN_HEADER = "x-model-version"
 DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoint(value: object) -> Endpoint:
+    """`ip:port` (IPv6 in brackets) to an Endpoint; ValueError says what is wrong."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'ip:port', got {value!r}")
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        hint = " (use 127.0.0.1)" if host == "localhost" else ""
+        raise ValueError(f"{value!r} is not 'ip:port' with an IP address{hint}") from None
+    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r} needs a port between 1 and 65535")
+    return Endpoint(host, int(port_text))
+
+
+class ConfigError(Exception):
+    """The file is not a valid routing config; `problems` lists every error found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
 
 
 @dataclass(frozen=True)
@@ -112,6 +139,14 @@ class RoutingConfig:
     models: tuple[Model, ...] = field(default_factory=tuple)
 
 
+def _read_endpoint(r: Reader, node: yaml.Node, fieldname: str) -> Endpoint | None:
+    try:
+        return parse_endpoint(r.scalar(node, fieldname))
+    except ValueError as exc:
+        r.fail(node, fieldname, str(exc))
+        return None
+
+
 MODEL_KEYS = {
     "versions",
     "traffic",
@@ -145,7 +180,7 @@ def _read_model(
         lists = {}
         for key in ("endpoints", "grpc_endpoints"):
             nodes = r.sequence(vkeys[key][1], f"{vwhere}.{key}") if key in vkeys else []
-            parsed = [r.endpoint(e, f"{vwhere}.{key}[{i}]") for i, e in enumerate(nodes)]
+            parsed = [_read_endpoint(r, e, f"{vwhere}.{key}[{i}]") for i, e in enumerate(nodes)]
             lists[key] = tuple(e for e in parsed if e)
         if "grpc_listen" in keys and "grpc_endpoints" not in vkeys:
             r.fail(vkey, vwhere, "the model has grpc_listen, so each version needs grpc_endpoints")
@@ -173,7 +208,7 @@ def _read_model(
         resilience = read_resilience(r, keys["resilience"][1], f"{where}.resilience", defaults)
     grpc_listen = None
     if "grpc_listen" in keys:
-        grpc_listen = r.endpoint(keys["grpc_listen"][1], f"{where}.grpc_listen")
+        grpc_listen = _read_endpoint(r, keys["grpc_listen"][1], f"{where}.grpc_listen")
     rollout = None
     if "rollout" in keys:
         rollout = _read_rollout(r, f"{where}.rollout", keys["rollout"][1], known, traffic)
@@ -356,7 +391,7 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
         defaults = read_resilience(r, top["resilience"][1], "resilience", defaults)
     listen = Endpoint("127.0.0.1", 8080)
     if "listen" in top:
-        listen = r.endpoint(top["listen"][1], "listen") or listen
+        listen = _read_endpoint(r, top["listen"][1], "listen") or listen
     models: list[Model] = []
     if "models" not in top:
         if isinstance(root, yaml.MappingNode):

@@ -12,6 +12,7 @@ from typing import Any
 
 from control_plane.config import HEADER_RE, NAME_RE, ROLLOUT_NUMBERS, SHADOW_NUMBERS
 from control_plane.resilience import LOAD_BALANCING, RETRY_CONDITIONS, Resilience
+from control_plane.yaml_reader import field_kind
 
 _NAME = NAME_RE.pattern
 _ENDPOINT = {
@@ -30,20 +31,15 @@ _DURATION = {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m)$"}
 
 
 def _block(instance: Any) -> dict[str, Any]:
-    """Schema of a policy dataclass, from the types of its default values."""
-    props: dict[str, Any] = {}
-    for f in fields(instance):
-        value = getattr(instance, f.name)
-        if isinstance(value, bool):
-            props[f.name] = {"type": "boolean"}
-        elif isinstance(value, int):
-            props[f.name] = {"type": "integer", "minimum": 0}
-        elif isinstance(value, float):
-            props[f.name] = _DURATION
-        elif isinstance(value, tuple):
-            props[f.name] = {"type": "array", "items": {"enum": sorted(RETRY_CONDITIONS)}}
-        else:
-            props[f.name] = {"type": "string"}
+    """Schema of a policy dataclass: each field as `Reader.block` reads it."""
+    kinds = {
+        "bool": {"type": "boolean"},
+        "int": {"type": "integer", "minimum": 0},
+        "duration": _DURATION,
+        "names": {"type": "array", "items": {"enum": sorted(RETRY_CONDITIONS)}},
+        "str": {"type": "string"},
+    }
+    props = {f.name: kinds[field_kind(getattr(instance, f.name))] for f in fields(instance)}
     return {"type": "object", "additionalProperties": False, "properties": props}
 
 

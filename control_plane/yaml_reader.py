@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -12,15 +11,6 @@ import yaml
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -39,28 +29,19 @@ class Problem:
         return f"{prefix}: {self.message}"
 
 
-def parse_endpoint(value: object) -> Endpoint:
-    """`ip:port` (IPv6 in brackets) to an Endpoint; ValueError says what is wrong."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected 'ip:port', got {value!r}")
-    host, sep, port_text = value.rpartition(":")
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        hint = " (use 127.0.0.1)" if host == "localhost" else ""
-        raise ValueError(f"{value!r} is not 'ip:port' with an IP address{hint}") from None
-    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{value!r} needs a port between 1 and 65535")
-    return Endpoint(host, int(port_text))
-
-
-class ConfigError(Exception):
-    """The file is not a valid routing config; `problems` lists every error found."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
+def field_kind(default: Any) -> str:
+    """How a policy field is written in YAML, from the type of its default value: "bool",
+    "int" (non-negative), "duration" (500ms, 30s, 2m), "names" (a list of strings) or "str".
+    `Reader.block` reads by it and `schema.py` describes by it."""
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, int):
+        return "int"
+    if isinstance(default, float):
+        return "duration"
+    if isinstance(default, tuple):
+        return "names"
+    return "str"
 
 
 class Reader:
@@ -121,14 +102,6 @@ class Reader:
             return None
         return value
 
-    def endpoint(self, node: yaml.Node, fieldname: str) -> Endpoint | None:
-        value = self.scalar(node, fieldname)
-        try:
-            return parse_endpoint(value)
-        except ValueError as exc:
-            self.fail(node, fieldname, str(exc))
-            return None
-
     def duration(self, node: yaml.Node, fieldname: str) -> float | None:
         value = self.scalar(node, fieldname)
         match = DURATION_RE.match(str(value)) if isinstance(value, str) else None
@@ -137,41 +110,49 @@ class Reader:
             return None
         return float(match.group(1)) * DURATION_UNITS[match.group(2)]
 
+    def boolean(self, node: yaml.Node, fieldname: str) -> bool | None:
+        value = self.scalar(node, fieldname)
+        if not isinstance(value, bool):
+            self.fail(node, fieldname, f"must be true or false, got {value!r}")
+            return None
+        return value
+
+    def count(self, node: yaml.Node, fieldname: str) -> int | None:
+        value = self.scalar(node, fieldname)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.fail(node, fieldname, f"must be a non-negative integer, got {value!r}")
+            return None
+        return value
+
+    def names(self, node: yaml.Node, fieldname: str) -> tuple[str, ...] | None:
+        items = [self.scalar(n, fieldname) for n in self.sequence(node, fieldname)]
+        if not all(isinstance(i, str) for i in items):
+            self.fail(node, fieldname, "must be a list of names")
+            return None
+        return tuple(items)
+
+    def string(self, node: yaml.Node, fieldname: str) -> str | None:
+        value = self.scalar(node, fieldname)
+        if not isinstance(value, str):
+            self.fail(node, fieldname, f"must be a string, got {value!r}")
+            return None
+        return value
+
     def block(self, node: yaml.Node, where: str, base: Any) -> Any:
-        """Override fields of the frozen dataclass `base` from a mapping, each value checked by
-        the type of the field's value in `base`: int (>= 0), float (a duration), str, tuple of
-        str. Returns `base` unchanged where a value is invalid."""
+        """Override fields of the frozen dataclass `base` from a mapping, each value read by
+        the `field_kind` of the field's value in `base`. Returns `base` unchanged where a
+        value is invalid."""
+        readers = {
+            "bool": self.boolean,
+            "int": self.count,
+            "duration": self.duration,
+            "names": self.names,
+            "str": self.string,
+        }
         keys = self.mapping(node, where, {f.name for f in fields(base)})
         changes: dict[str, Any] = {}
         for key, (_, value_node) in keys.items():
-            fieldname = f"{where}.{key}"
-            current = getattr(base, key)
-            if isinstance(current, bool):
-                value = self.scalar(value_node, fieldname)
-                if not isinstance(value, bool):
-                    self.fail(value_node, fieldname, f"must be true or false, got {value!r}")
-                    continue
-            elif isinstance(current, int):
-                value = self.scalar(value_node, fieldname)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    self.fail(
-                        value_node, fieldname, f"must be a non-negative integer, got {value!r}"
-                    )
-                    continue
-            elif isinstance(current, float):
-                value = self.duration(value_node, fieldname)
-                if value is None:
-                    continue
-            elif isinstance(current, tuple):
-                items = [self.scalar(n, fieldname) for n in self.sequence(value_node, fieldname)]
-                if not all(isinstance(i, str) for i in items):
-                    self.fail(value_node, fieldname, "must be a list of names")
-                    continue
-                value = tuple(items)
-            else:
-                value = self.scalar(value_node, fieldname)
-                if not isinstance(value, str):
-                    self.fail(value_node, fieldname, f"must be a string, got {value!r}")
-                    continue
-            changes[key] = value
+            value = readers[field_kind(getattr(base, key))](value_node, f"{where}.{key}")
+            if value is not None:
+                changes[key] = value
         return replace(base, **changes)

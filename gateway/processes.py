@@ -100,16 +100,19 @@ def infergate_command(*args: str) -> list[str]:
 def model_server_child(
     repository: str,
     model: str,
-    version: str,
+    version: str | None,
     address: tuple[str, int],
     log_path: str,
     grpc_port: int | None = None,
     extra: tuple[str, ...] = (),
 ) -> Child:
-    """An unstarted `infergate serve` for one model version (serving the gRPC API too when
-    `grpc_port` is given; `extra`: more `serve` options), ready once it reports ready."""
+    """An unstarted `infergate serve` for one model version (every version when None; serving
+    the gRPC API too when `grpc_port` is given; `extra`: more `serve` options), ready once it
+    reports ready."""
     host, port = address
-    options = ["--model", model, "--version", version, "--host", host, "--port", str(port)]
+    options = ["--model", model, "--host", host, "--port", str(port)]
+    if version is not None:
+        options += ["--version", version]
     if grpc_port is not None:
         options += ["--grpc-port", str(grpc_port)]
     options += extra

@@ -20,7 +20,6 @@ when CI=true); outside pytest it raises `DockerUnavailable`.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 import yaml
 
 from control_plane.config import parse
+from gateway import observe
 from gateway.processes import free_port
 
 DEFAULT_IMAGE = os.environ.get("INFERGATE_IMAGE", "infergate:latest")
@@ -111,11 +111,6 @@ def _host_network_container(image: str, command: list[str], volumes: dict[str, s
     return container
 
 
-def _get(url: str, timeout: float = 5) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read()
-
-
 @dataclass
 class ModelServer:
     """One model-server container: `model`/`version` on 127.0.0.1:`port`."""
@@ -164,7 +159,7 @@ class GatewayStack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                _get(url, timeout=1)
+                observe.get_text(url, timeout=1)
                 return
             except (urllib.error.URLError, OSError):
                 pass
@@ -277,83 +272,34 @@ class GatewayStack:
     # --- what the control plane and Envoy have ---------------------------------------
     def status(self) -> dict[str, Any]:
         """The control plane's `/status`: snapshot versions, what each node ACKed."""
-        return json.loads(_get(f"{self.control_plane_url}/status"))
+        return observe.get_json(f"{self.control_plane_url}/status")
 
     def wait_converged(self, after: float = 0.0, timeout: float = 30.0) -> dict[str, Any]:
         """Wait until a config applied at or after `after` (epoch seconds) is ACKed by every
         connected Envoy for every resource type; return that status."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                last = self.status()
-            except (urllib.error.URLError, OSError) as exc:  # e.g. control plane restarting
-                last = repr(exc)
-                time.sleep(0.1)
-                continue
-            snap = last["snapshot"]
-            nodes = [n for n in last["nodes"] if n["connected"]]
-            if (
-                snap
-                and (last["config"]["applied_at"] or 0) >= after
-                and nodes
-                and all(
-                    n["types"].get(t, {}).get("acked_version") == v
-                    for n in nodes
-                    for t, v in snap["types"].items()
-                )
-            ):
-                return last
-            time.sleep(0.05)
-        raise TimeoutError(f"Envoy did not converge: {json.dumps(last)[:2000]}")
+        return observe.wait_converged(self.control_plane_url, after, timeout=timeout)
 
     def config_dump(self) -> dict[str, Any]:
         """Envoy admin `/config_dump`."""
-        return json.loads(_get(f"{self.envoy_admin_url}/config_dump"))
+        return observe.config_dump(self.envoy_admin_url)
 
     def applied_traffic(self, model: str | None = None) -> dict[str, int]:
         """The weights Envoy applies to a model's split route, read from `/config_dump`.
         Versions of weight 0 are absent; a single live version reads as 100."""
         model = model or self._only_model()
-        for config in self.config_dump()["configs"]:
-            for dynamic in config.get("dynamic_route_configs", []):
-                for vhost in dynamic["route_config"].get("virtual_hosts", []):
-                    for route in vhost.get("routes", []):
-                        if route.get("name") == f"{model}/split":
-                            return _weights(route["route"], model)
-        raise LookupError(f"Envoy has no split route for model {model!r}")
+        split = observe.route(self.envoy_admin_url, f"{model}/split")
+        return observe.weights(split["route"], f"{model}/")
 
     def envoy_stat(self, name: str) -> int:
         """One Envoy counter or gauge (0 when absent), e.g.
         `cluster.iris/v1.outlier_detection.ejections_enforced_total`."""
-        text = _get(f"{self.envoy_admin_url}/stats?filter={urllib.parse.quote(name)}").decode()
-        for line in text.splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-        return 0
+        return observe.envoy_stat(self.envoy_admin_url, name)
 
     def ejected_hosts(self, version: str, model: str | None = None) -> list[str]:
         """`host:port` of the version's endpoints that outlier detection ejected now."""
         cluster = f"{model or self._only_model()}/{version}"
-        clusters = json.loads(_get(f"{self.envoy_admin_url}/clusters?format=json"))
-        ejected = []
-        for status in clusters.get("cluster_statuses", []):
-            if status["name"] != cluster:
-                continue
-            for host in status.get("host_statuses", []):
-                if host.get("health_status", {}).get("failed_outlier_check"):
-                    addr = host["address"]["socket_address"]
-                    ejected.append(f"{addr['address']}:{addr['port_value']}")
-        return ejected
-
-
-def _weights(action: dict[str, Any], model: str) -> dict[str, int]:
-    prefix = f"{model}/"
-    if "cluster" in action:
-        return {action["cluster"].removeprefix(prefix): 100}
-    clusters = action["weighted_clusters"]["clusters"]
-    return {c["name"].removeprefix(prefix): int(c.get("weight", 0)) for c in clusters}
+        hosts = observe.hosts(self.envoy_admin_url, cluster)
+        return [addr for addr, host in hosts.items() if "failed_outlier_check" in host["health"]]
 
 
 def _logs(container: Any) -> str:

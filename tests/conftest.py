@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from control_plane.service import ControlPlane
 from gateway.envoy_proxy import envoy_path
-from tests.stack import Stack
+from gateway.processes import free_port
+from tests.stack import ADMIN_TOKEN, Stack
+from tests.test_config import BASE as TWO_VERSIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +31,9 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example iris models (v1, v2, v3), trained fresh for this run."""
     repo = tmp_path_factory.mktemp("models")
     subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_iris.py"), str(repo)], check=True
+        [sys.executable, str(ROOT / "examples" / "train_iris.py"), str(repo)],
+        check=True,
+        capture_output=True,
     )
     return repo
 
@@ -37,6 +42,23 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def repo(model_repository: Path) -> Path:
     """The same repository, under the name the model-server tests use (read-only)."""
     return model_repository
+
+
+@pytest.fixture
+async def plane(tmp_path: Path):
+    """An in-process control plane serving iris v1 and v2 (`TWO_VERSIONS`) on free ports,
+    admin writes allowed with `ADMIN_TOKEN`."""
+    config = tmp_path / "routing.yaml"
+    config.write_text(TWO_VERSIONS)
+    cp = ControlPlane(
+        config,
+        ("127.0.0.1", free_port()),
+        ("127.0.0.1", free_port()),
+        admin_token=ADMIN_TOKEN,
+    )
+    await cp.start()
+    yield cp
+    await cp.stop()
 
 
 @pytest.fixture(scope="module", params=["sotw", "delta"])

@@ -7,11 +7,11 @@ import json
 import math
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway import observe
 from gateway.bootstrap import XdsTls
 from gateway.envoy_proxy import envoy_child, envoy_path
 from gateway.processes import (
@@ -32,16 +32,7 @@ IRIS_BODY = json.dumps(
 
 
 cli = infergate_command
-
-
-def get_json(url: str, timeout: float = 5) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.load(resp)
-
-
-def get_text(url: str, timeout: float = 5) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read().decode()
+ADMIN_TOKEN = "s3cret-token"  # the control planes' admin token in tests
 
 
 def binomial_p_value(k: int, n: int, p: float) -> float:
@@ -136,6 +127,14 @@ class LoadLoop:
         self._stop.set()
         for w in self._workers:
             w.join(15)
+
+    def wait_results(self, more: int, timeout: float = 30.0) -> None:
+        """Wait until `more` further requests have been answered (or failed)."""
+        target = len(self.results) + more
+        deadline = time.monotonic() + timeout
+        while len(self.results) < target:
+            assert time.monotonic() < deadline, f"only {len(self.results)} of {target} requests"
+            time.sleep(0.02)
 
     def failures(self) -> list[tuple[float, int, str | None, str]]:
         return [r for r in self.results if r[1] != 200]
@@ -286,26 +285,22 @@ class Stack:
         self.write(text)
         return text
 
+    @property
+    def envoy_url(self) -> str:
+        """The main Envoy's admin, for `gateway.observe`."""
+        return f"http://127.0.0.1:{self.envoy_admin}"
+
+    @property
+    def control_plane_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin}"
+
     def status(self) -> dict:
-        return get_json(f"http://127.0.0.1:{self.admin}/status")
+        return observe.get_json(f"{self.control_plane_url}/status")
 
     def wait_converged(self, timeout: float = 10.0, after: float = 0.0, nodes: int = 1) -> dict:
         """Wait until a snapshot applied after `after` is ACKed by every connected Envoy
         (at least `nodes` of them) for every type."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self.status()
-            want = st["snapshot"]["types"]
-            connected = [n for n in st["nodes"] if n["connected"]]
-            acked = all(
-                n["types"].get(t, {}).get("acked_version") == v
-                for n in connected
-                for t, v in want.items()
-            )
-            if (st["config"]["applied_at"] or 0) >= after and len(connected) >= nodes and acked:
-                return st
-            time.sleep(0.05)
-        raise TimeoutError(f"Envoy did not converge: {json.dumps(self.status())[:2000]}")
+        return observe.wait_converged(self.control_plane_url, after, nodes, timeout)
 
     def apply(self, traffic: dict[str, int], shadow: tuple[str, float] | None = None) -> None:
         """Write the routing file and wait until Envoy runs it (at once if unchanged)."""
@@ -315,19 +310,25 @@ class Stack:
         self.wait_converged(after=started if changed else 0.0)
 
     def envoy_stat(self, name: str) -> int:
-        text = get_text(f"http://127.0.0.1:{self.envoy_admin}/stats?filter={name}")
-        for line in text.splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-        return 0
+        return observe.envoy_stat(self.envoy_url, name)
 
     def model_requests(self, version: str) -> float:
-        """Inference requests a model server has counted (its /metrics)."""
-        total = 0.0
-        for port in self.model_ports[version]:
-            text = get_text(f"http://127.0.0.1:{port}/metrics")
-            for line in text.splitlines():
-                if line.startswith("infergate_model_requests_total{"):
-                    total += float(line.rsplit(" ", 1)[1])
-        return total
+        """Inference requests the version's model servers have counted (their /metrics)."""
+        return sum(self.port_requests(port) for port in self.model_ports[version])
+
+    @staticmethod
+    def port_requests(port: int) -> float:
+        """Inference requests the model server on `port` has counted."""
+        return observe.scrape(f"http://127.0.0.1:{port}/metrics", "infergate_model_requests_total")
+
+    def wait_healthy(self, cluster: str, endpoint: str, timeout: float = 20.0) -> None:
+        """Wait until the main Envoy holds `endpoint` in `cluster` and passes its health checks."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            host = observe.hosts(self.envoy_url, cluster).get(endpoint)
+            if host is not None and not host["health"]:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(
+            f"{endpoint} not healthy in {cluster}: {observe.hosts(self.envoy_url, cluster)}"
+        )

@@ -7,8 +7,6 @@ import asyncio
 import http.client
 import json
 import struct
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +21,6 @@ from hypothesis import strategies as st
 from model_servers.protocol import DTYPES
 from model_servers.repository import LoadedModel
 from model_servers.server import initial_models, make_app
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class EchoRuntime:
@@ -85,10 +81,8 @@ class ThreadedServer:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
-    repo = tmp_path_factory.mktemp("models")
-    script = ROOT / "examples" / "train_iris.py"
-    subprocess.run([sys.executable, str(script), str(repo)], check=True, capture_output=True)
+def server(model_repository: Path) -> Iterator[ThreadedServer]:
+    repo = model_repository
     models = [*initial_models(repo, "iris", None), LoadedModel("echo", "1", EchoRuntime())]
     with ThreadedServer(make_app(models, repository=repo)) as running:
         yield running

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import shutil
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -19,8 +19,6 @@ from model_servers.repository import load_model
 from model_servers.runtime_base import ModelLoadError
 from model_servers.server import initial_models, make_app
 from model_servers.settings import Batching, SettingsError, load_settings, parse_settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 PYTHON_MODEL = """
 import numpy as np
@@ -73,10 +71,10 @@ def _onnx_model(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repo(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Path:
+    """The session's iris models and a Python, an ONNX and a broken model, in a copy."""
     out = tmp_path_factory.mktemp("models")
-    script = ROOT / "examples" / "train_iris.py"
-    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
+    shutil.copytree(model_repository, out, dirs_exist_ok=True)
     scaler = out / "scaler" / "1"
     scaler.mkdir(parents=True)
     (scaler / "model.py").write_text(PYTHON_MODEL)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -13,16 +11,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from gateway.processes import free_port, model_server_child
+
 BODY = json.dumps(
     {"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}
 ).encode()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -45,35 +38,29 @@ def _ready(base: str) -> bool:
         return False
 
 
-def test_two_processes_share_the_port(tmp_path: Path) -> None:
-    script = ROOT / "examples" / "train_iris.py"
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
-    port = _free_port()
-    code = (
-        "from model_servers.server import serve; "
-        f"serve({str(tmp_path)!r}, 'iris', 'v1', '127.0.0.1', {port}, processes=2)"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE)
+def test_two_processes_share_the_port(tmp_path: Path, model_repository: Path) -> None:
+    port = free_port()
+    log = str(tmp_path / "server.log")
+    child = model_server_child(
+        str(model_repository), "iris", "v1", ("127.0.0.1", port), log, extra=("--processes", "2")
+    ).start()
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while not (_ready(base) and len(_children(proc.pid)) >= 2):
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        while not (_ready(base) and len(_children(child.proc.pid)) >= 2):
+            assert child.running, Path(log).read_text()
             assert time.monotonic() < deadline, "workers did not start"
             time.sleep(0.2)
-        workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
+        workers = [p for p in _children(child.proc.pid) if "spawn_main" in _cmdline(p)]
         assert len(workers) == 2
         for _ in range(60):  # a new connection each time: the kernel picks a process
             request = urllib.request.Request(f"{base}/v2/models/iris/infer", data=BODY)
             with urllib.request.urlopen(request, timeout=10) as resp:
                 assert json.loads(resp.read())["outputs"][0]["data"] == [0]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert child.stop(timeout=20) == 0
         assert not any(Path(f"/proc/{p}").exists() and _alive(p) for p in workers)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        child.stop(timeout=5, sig=signal.SIGKILL)
 
 
 def _cmdline(pid: int) -> str:

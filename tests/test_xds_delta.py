@@ -9,12 +9,12 @@ import pytest
 from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from control_plane.translate import ROUTE_CONFIG_NAME
 from gateway.processes import host_port
-from tests.test_xds_protocol import TWO_VERSIONS, edit, plane, wait_for  # noqa: F401 (fixture)
+from tests.test_xds_protocol import TWO_VERSIONS, edit, wait_for
 from tests.xds_client import DeltaClient
 
 
 @pytest.fixture
-async def delta(plane):  # noqa: F811
+async def delta(plane):
     c = await DeltaClient(host_port(plane.xds_address)).start()
     yield c
     await c.close()
@@ -41,7 +41,7 @@ async def converge(c: DeltaClient) -> dict:
     return last
 
 
-async def test_delta_handshake_sends_each_resource_with_its_version(plane, delta):  # noqa: F811
+async def test_delta_handshake_sends_each_resource_with_its_version(plane, delta):
     last = await converge(delta)
     assert set(names(last[CLUSTER])) == {"iris/v1", "iris/v2"}
     assert set(names(last[ENDPOINT])) == {"iris/v1", "iris/v2"}
@@ -54,7 +54,7 @@ async def test_delta_handshake_sends_each_resource_with_its_version(plane, delta
     assert all(t["acked_version"] and t["nack"] is None for t in node["types"].values())
 
 
-async def test_removed_version_goes_routes_first_then_removed_resources(plane, delta):  # noqa: F811
+async def test_removed_version_goes_routes_first_then_removed_resources(plane, delta):
     await converge(delta)
     edit(
         plane,
@@ -70,7 +70,7 @@ async def test_removed_version_goes_routes_first_then_removed_resources(plane, d
     assert not cds.resources
 
 
-async def test_nack_is_recorded_and_stale_nonce_still_subscribes(plane, delta):  # noqa: F811
+async def test_nack_is_recorded_and_stale_nonce_still_subscribes(plane, delta):
     last = await converge(delta)
     edit(plane, TWO_VERSIONS.replace("90, v2: 10", "50, v2: 50"))
     rds = await delta.recv()
@@ -84,7 +84,7 @@ async def test_nack_is_recorded_and_stale_nonce_still_subscribes(plane, delta): 
     assert eds.type_url == ENDPOINT and set(names(eds)) == {"iris/v2"}
 
 
-async def test_reconnect_with_another_instances_versions_gets_everything(plane, delta):  # noqa: F811
+async def test_reconnect_with_another_instances_versions_gets_everything(plane, delta):
     last = await converge(delta)
     stale = await DeltaClient(host_port(plane.xds_address), "sim-3").start()
     try:  # versions from another control-plane instance never look current

@@ -8,7 +8,6 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,16 +28,6 @@ from tests.xds_client import AdsClient
 
 def cluster_names(resp) -> set[str]:
     return {Cluster.FromString(r.value).name for r in resp.resources}
-
-
-@pytest.fixture
-async def plane(tmp_path: Path):
-    config = tmp_path / "routing.yaml"
-    config.write_text(TWO_VERSIONS)
-    cp = ControlPlane(config, ("127.0.0.1", free_port()), ("127.0.0.1", free_port()))
-    await cp.start()
-    yield cp
-    await cp.stop()
 
 
 @pytest.fixture
