@@ -11,6 +11,7 @@ import urllib.request
 import aiohttp
 import pytest
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from google.protobuf.any_pb2 import Any
 
 from control_plane.service import ControlPlane
 from control_plane.snapshot import ENDPOINT, ROUTE
@@ -29,8 +30,9 @@ TOKEN = ADMIN_TOKEN
 
 def pushed_ports(plane: ControlPlane, cluster: str) -> list[int]:
     """The endpoint ports of `cluster` in the snapshot the control plane pushes."""
-    blob = plane.cache.snapshot.types[ENDPOINT].resources[cluster]
-    assignment = ClusterLoadAssignment.FromString(blob)
+    wrapped = Any.FromString(plane.cache.snapshot.types[ENDPOINT].resources[cluster])
+    assignment = ClusterLoadAssignment()
+    assert wrapped.Unpack(assignment)
     return sorted(
         lb.endpoint.address.socket_address.port_value
         for locality in assignment.endpoints
