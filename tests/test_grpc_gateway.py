@@ -1,8 +1,9 @@
 """The KServe V2 gRPC API through Envoy, with Triton's gRPC client in its default settings:
-the split, the pin header, and a weight change, in both xDS modes."""
+the split, the pin header, a weight change and shadow mirroring, in both xDS modes."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -39,9 +40,18 @@ def test_triton_grpc_client_through_the_gateway(tmp_path, model_repository, envo
             assert versions(client, grpcclient, 20, {"x-model-version": "v2"}) == {"v2": 20}
             stack.apply({"v1": 0, "v2": 1})
             assert versions(client, grpcclient, 20) == {"v2": 20}
+            assert stack.envoy_stat("cluster.iris/v2/grpc.upstream_rq_total") > 0
+
+            stack.apply({"v1": 1, "v2": 0}, shadow=("v2", 100))
+            mirrored = "cluster.iris/v2/grpc.upstream_rq_total"
+            envoy_before, served_before = stack.envoy_stat(mirrored), stack.model_requests("v2")
+            assert versions(client, grpcclient, 40) == {"v1": 40}  # v2's answers are dropped
+            deadline = time.monotonic() + 10
+            while stack.model_requests("v2") - served_before < 40:
+                assert time.monotonic() < deadline, "the mirrored calls did not reach v2"
+                time.sleep(0.05)
+            assert stack.envoy_stat(mirrored) - envoy_before == 40
         finally:
             client.close()
-        stats = stack.envoy_stat("cluster.iris/v2/grpc.upstream_rq_total")
-        assert stats > 0  # the calls went through Envoy's gRPC clusters
     finally:
         stack.stop()
