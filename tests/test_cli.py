@@ -9,11 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gateway.processes import free_port, wait_http
-from tests.stack import count_versions, get_json
+from gateway import observe
+from gateway.processes import free_port, model_server_child, wait_http
+from tests.stack import count_versions, infer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,14 +129,17 @@ def test_run_serves_then_ctrl_c_leaves_no_process(tmp_path, model_repository, en
                 break
             except TimeoutError:
                 assert time.monotonic() < deadline, "Envoy did not become ready"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            nodes = get_json(f"http://127.0.0.1:{admin}/status")["nodes"]
-            if nodes and nodes[0]["types"].get("rds", {}).get("acked_version"):
-                break
-            time.sleep(0.1)
+        observe.wait_converged(f"http://127.0.0.1:{admin}")
         seen = count_versions(listen, 200)
         assert set(seen) == {"v1", "v2"} and seen["v1"] > seen["v2"] > 0, seen
+        v2 = model_server_pid(proc.pid, "v2")
+        os.kill(v2, signal.SIGKILL)  # the supervisor restarts a child that died
+        deadline = time.monotonic() + 60
+        while model_server_pid(proc.pid, "v2") in (None, v2):
+            assert time.monotonic() < deadline, "the dead model server was not restarted"
+            time.sleep(0.1)
+        wait_http(f"http://127.0.0.1:{ports[1]}/v2/health/ready", timeout=60)
+        assert count_versions(listen, 20, headers={"x-model-version": "v2"}) == {"v2": 20}
         children = descendants(proc.pid)
         assert len(children) >= 5  # three model servers, control plane, Envoy
     finally:
@@ -144,8 +148,22 @@ def test_run_serves_then_ctrl_c_leaves_no_process(tmp_path, model_repository, en
         print(out)  # pytest shows it when the test fails
     assert proc.returncode == 0, out
     assert "infergate: stopped" in out
-    time.sleep(0.2)
-    assert [p for p in children if alive(p)] == []
+    deadline = time.monotonic() + 10
+    while [p for p in children if alive(p)]:
+        assert time.monotonic() < deadline, [p for p in children if alive(p)]
+        time.sleep(0.05)
+
+
+def model_server_pid(supervisor: int, version: str) -> int | None:
+    """The live `infergate serve` process of `version` below the supervisor, if any."""
+    for pid in descendants(supervisor):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and version.encode() in argv and alive(pid):
+            return pid
+    return None
 
 
 def test_reference_bootstrap_matches_the_generator():
@@ -158,39 +176,27 @@ def test_reference_bootstrap_matches_the_generator():
 
 def test_serve_flags_reach_the_model_server(tmp_path, model_repository):
     port, grpc_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--repository",
-            str(model_repository),
-            "--model",
-            "iris",
-            "--version",
-            "v2",
-            "--port",
-            str(port),
-            "--grpc-port",
-            str(grpc_port),
-            "--max-batch-size",
-            "8",
-            "--max-batch-delay-ms",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    server = model_server_child(
+        str(model_repository),
+        "iris",
+        "v2",
+        ("127.0.0.1", port),
+        str(tmp_path / "serve.log"),
+        grpc_port,
+        *("--max-batch-size", "4", "--max-batch-delay-ms", "50"),
+    ).start()
     try:
-        wait_http(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30)
-        assert count_versions(port, 5) == {"v2": 5}
+        wait_http(server.ready_url, timeout=30, child=server)
+        with ThreadPoolExecutor(16) as pool:  # concurrent requests: the batcher merges them
+            replies = list(pool.map(lambda _: infer(port), range(16)))
+        assert {(r.status, r.version) for r in replies} == {(200, "v2")}
         with socket.create_connection(("127.0.0.1", grpc_port), timeout=5):
             pass  # the gRPC API listens on its own port
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        assert "batch" in metrics
+        metrics = observe.get_text(f"http://127.0.0.1:{port}/metrics")
+        batches = observe.metric(metrics, "infergate_model_batch_requests_count")
+        assert observe.metric(metrics, "infergate_model_batch_requests_sum") == 16
+        assert 4 <= batches < 16  # requests were merged, at most 4 to a predict call
+        at_most_4 = observe.metric(metrics, "infergate_model_batch_requests_bucket", le="4.0")
+        assert at_most_4 == batches
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-    assert proc.returncode == 0
+        assert server.stop(timeout=30) == 0
