@@ -61,9 +61,9 @@ def test_changing_the_mounted_yaml_changes_the_split(gateway: GatewayStack):
 def test_control_plane_restart_does_not_interrupt_traffic(gateway: GatewayStack):
     gateway.set_traffic({"v1": 50, "v2": 50})
     with LoadLoop(gateway.port, threads=2) as load:
-        time.sleep(1)
+        load.wait_results(100)
         gateway.restart_control_plane()
-        time.sleep(1)
+        load.wait_results(100)
     assert len(load.results) > 200, "too little traffic to judge"
     assert load.failures() == []
     # The new control plane drives Envoy: a change still arrives.
@@ -77,18 +77,20 @@ def test_killed_model_server_is_ejected_with_few_failures(gateway: GatewayStack)
     ejections = "cluster.iris/v1.outlier_detection.ejections_enforced_total"
     before = gateway.envoy_stat(ejections)
     with LoadLoop(gateway.port, threads=4) as load:
-        time.sleep(2)
+        load.wait_results(200)
         victim.kill()
         killed_at = time.monotonic()
-        time.sleep(3)
-        ejected = gateway.ejected_hosts("v1")
+        deadline = killed_at + 30
+        while f"127.0.0.1:{victim.port}" not in (ejected := gateway.ejected_hosts("v1")):
+            assert time.monotonic() < deadline, "the killed model server was never ejected"
+            time.sleep(0.05)
+        load.wait_results(300)
     total, failures = len(load.results), load.failures()
     assert total > 500, "too little traffic to judge"
     assert len(failures) / total < 0.005, f"{len(failures)}/{total} failed: {failures[:5]}"
-    assert f"127.0.0.1:{victim.port}" in ejected
     assert f"127.0.0.1:{survivor.port}" not in ejected
     assert gateway.envoy_stat(ejections) > before
-    assert load.versions_since(killed_at + 0.5)["v1"] > 100, "the survivor kept serving"
+    assert load.versions_since(killed_at)["v1"] > 100, "the survivor kept serving"
 
 
 def test_delta_xds_envoy_follows_the_yaml(tmp_path: Path, model_repository: Path):
