@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.stack import LoadLoop, Stack, get_json, get_text
+from gateway.observe import get_json, get_text
+from tests.stack import LoadLoop, Stack
 
 EDITS = int(os.environ.get("CHURN_EDITS", "300"))
 
