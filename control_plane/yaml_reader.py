@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -27,6 +28,14 @@ class Problem:
         where = f"{self.path}:{self.line}:{self.column}"
         prefix = f"{where}: {self.field}" if self.field else where
         return f"{prefix}: {self.message}"
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def field_kind(default: Any) -> str:
@@ -110,17 +119,11 @@ class Reader:
             return None
         return float(match.group(1)) * DURATION_UNITS[match.group(2)]
 
-    def boolean(self, node: yaml.Node, fieldname: str) -> bool | None:
+    def checked(self, node: yaml.Node, fieldname: str, ok: Callable[[Any], bool], what: str) -> Any:
+        """A single value for which `ok` holds; otherwise a problem ("must be `what`") and None."""
         value = self.scalar(node, fieldname)
-        if not isinstance(value, bool):
-            self.fail(node, fieldname, f"must be true or false, got {value!r}")
-            return None
-        return value
-
-    def count(self, node: yaml.Node, fieldname: str) -> int | None:
-        value = self.scalar(node, fieldname)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            self.fail(node, fieldname, f"must be a non-negative integer, got {value!r}")
+        if not ok(value):
+            self.fail(node, fieldname, f"must be {what}, got {value!r}")
             return None
         return value
 
@@ -131,23 +134,16 @@ class Reader:
             return None
         return tuple(items)
 
-    def string(self, node: yaml.Node, fieldname: str) -> str | None:
-        value = self.scalar(node, fieldname)
-        if not isinstance(value, str):
-            self.fail(node, fieldname, f"must be a string, got {value!r}")
-            return None
-        return value
-
     def block(self, node: yaml.Node, where: str, base: Any) -> Any:
         """Override fields of the frozen dataclass `base` from a mapping, each value read by
         the `field_kind` of the field's value in `base`. Returns `base` unchanged where a
         value is invalid."""
-        readers = {
-            "bool": self.boolean,
-            "int": self.count,
+        readers: dict[str, Callable[[yaml.Node, str], Any]] = {
+            "bool": lambda n, f: self.checked(n, f, _is_bool, "true or false"),
+            "int": lambda n, f: self.checked(n, f, _is_count, "a non-negative integer"),
             "duration": self.duration,
             "names": self.names,
-            "str": self.string,
+            "str": lambda n, f: self.checked(n, f, lambda v: isinstance(v, str), "a string"),
         }
         keys = self.mapping(node, where, {f.name for f in fields(base)})
         changes: dict[str, Any] = {}

@@ -35,6 +35,38 @@ cli = infergate_command
 ADMIN_TOKEN = "s3cret-token"  # the control planes' admin token in tests
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (exists and is no zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def cmdline(pid: int) -> str:
+    """The command line of `pid`, arguments separated by spaces ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def binomial_p_value(k: int, n: int, p: float) -> float:
     """Exact two-sided binomial test: P(outcomes no likelier than k)."""
 
@@ -192,6 +224,8 @@ class Stack:
         self.xds = free_port()
         self.admin = free_port()
         self.envoy_admin = free_port()
+        self.control_plane_url = f"http://127.0.0.1:{self.admin}"
+        self.envoy_url = f"http://127.0.0.1:{self.envoy_admin}"  # the main Envoy's admin
         replicas = replicas or {"v1": 1, "v2": 1, "v3": 1}
         self.model_ports = {v: [free_port() for _ in range(n)] for v, n in replicas.items()}
         self.grpc: tuple[int, dict[int, int]] | None = None
@@ -284,15 +318,6 @@ class Stack:
         text = routing_yaml(self.listen, self.model_ports, traffic, shadow, grpc=self.grpc)
         self.write(text)
         return text
-
-    @property
-    def envoy_url(self) -> str:
-        """The main Envoy's admin, for `gateway.observe`."""
-        return f"http://127.0.0.1:{self.envoy_admin}"
-
-    @property
-    def control_plane_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin}"
 
     def status(self) -> dict:
         return observe.get_json(f"{self.control_plane_url}/status")

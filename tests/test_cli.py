@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gateway import observe
 from gateway.processes import free_port, model_server_child, wait_http
-from tests.stack import count_versions, infer
+from tests.stack import alive, cmdline, count_versions, descendants, infer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,31 +26,6 @@ def infergate(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_validate_reports_position_and_exit_code(tmp_path):
@@ -157,11 +132,8 @@ def test_run_serves_then_ctrl_c_leaves_no_process(tmp_path, model_repository, en
 def model_server_pid(supervisor: int, version: str) -> int | None:
     """The live `infergate serve` process of `version` below the supervisor, if any."""
     for pid in descendants(supervisor):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"serve" in argv and version.encode() in argv and alive(pid):
+        argv = cmdline(pid).split()
+        if "serve" in argv and version in argv and alive(pid):
             return pid
     return None
 
