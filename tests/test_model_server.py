@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
+from gateway.processes import free_port
 from model_servers.protocol import ProtocolError, decode_request, encode_response
 from model_servers.repository import LoadedModel, ModelNotFoundError, load_model
 from model_servers.runtimes import SklearnRuntime
@@ -437,12 +437,6 @@ class GatedModel:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(
     repository: Path, model: str, version: str, port: int, pythonpath: Path, **options: Any
 ) -> subprocess.Popen[bytes]:
@@ -488,7 +482,7 @@ async def test_serve_drains_in_flight_request_on_sigterm(
     gate = tmp_path / "gate"  # predict() returns once this file exists
     (tmp_path / "repo" / "gated" / "v7").mkdir(parents=True)
     joblib.dump(GatedModel(str(gate)), tmp_path / "repo" / "gated" / "v7" / "model.joblib")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = _start_server(tmp_path / "repo", "gated", "v7", port, tmp_path, drain_grace=2.0)
     try:
@@ -523,7 +517,7 @@ async def test_serve_drains_in_flight_request_on_sigterm(
 
 
 async def test_serve_exits_promptly_on_sigint(repo: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = _start_server(repo, "iris", "v2", port, tmp_path)
     try:
         async with aiohttp.ClientSession() as session:

@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +32,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from gateway.processes import Child, free_port, model_server_child  # noqa: E402
+
 X, _ = load_iris(return_X_y=True)
 # the gRPC status of each HTTP error status (docs/model-server.md)
 GRPC_CODE = {
@@ -51,39 +49,28 @@ ORCA = re.compile(
 
 
 class Server(NamedTuple):
-    proc: subprocess.Popen[bytes]
+    child: Child
     http: str  # base URL
     grpc: str  # host:port
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
-def _serve(repo: Path, log: Path, **options: Any) -> Iterator[Server]:
-    """`serve()` of every iris version with REST and gRPC ports, in a subprocess."""
-    http_port, grpc_port = _free_port(), _free_port()
-    code = (
-        "from model_servers.server import serve; "
-        f"serve({str(repo)!r}, 'iris', None, '127.0.0.1', {http_port}, "
-        f"grpc_port={grpc_port}, **{options!r})"
-    )
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=stderr)
-    server = Server(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+def _serve(repo: Path, log: Path, *serve_options: str) -> Iterator[Server]:
+    """`infergate serve` of every iris version with REST and gRPC ports."""
+    http_port, grpc_port = free_port(), free_port()
+    child = model_server_child(
+        str(repo), "iris", None, ("127.0.0.1", http_port), str(log), grpc_port, *serve_options
+    ).start()
+    server = Server(child, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     try:
         deadline = time.monotonic() + 30
         while not _ready(server):
-            assert proc.poll() is None, log.read_text()
+            assert child.running, log.read_text()
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
         yield server
     finally:
-        proc.kill()
-        proc.wait(10)
+        child.stop(timeout=10, sig=signal.SIGKILL)
 
 
 def _ready(server: Server) -> bool:
@@ -97,7 +84,7 @@ def _ready(server: Server) -> bool:
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with _serve(repo, log, max_batch_size=16) as running:
+    with _serve(repo, log, "--max-batch-size", "16") as running:
         yield running
 
 
@@ -309,14 +296,14 @@ def test_concurrent_batched_grpc_infer(client: Any, server: Server, repo: Path) 
 
 def test_transports_agree_while_draining(repo: Path, tmp_path: Path) -> None:
     """After SIGTERM both transports report not ready, and both still answer requests."""
-    with _serve(repo, tmp_path / "server.log", drain_grace=60.0) as server:
+    with _serve(repo, tmp_path / "server.log", "--drain-grace", "60") as server:
         draining = {
             "server ready": Case(CASES["server ready"].rest, CASES["server ready"].grpc, False),
             "model ready": model_ready("iris", "v2", False),
             "unknown model ready": CASES["unknown model ready"],
             "infer": CASES["infer"],
         }
-        server.proc.send_signal(signal.SIGTERM)
+        server.child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         with grpcclient.InferenceServerClient(server.grpc) as client:
             while client.is_server_ready():  # the signal is handled on the server's loop
