@@ -346,6 +346,14 @@ class Stack:
         """Inference requests the model server on `port` has counted."""
         return observe.scrape(f"http://127.0.0.1:{port}/metrics", "infergate_model_requests_total")
 
+    def serve_until_replica_answers(self, port: int, timeout: float = 30.0) -> None:
+        """Send requests through Envoy until the model server on `port` has answered one."""
+        before = self.port_requests(port)
+        deadline = time.monotonic() + timeout
+        while self.port_requests(port) == before:
+            assert time.monotonic() < deadline, f"the replica on port {port} got no request"
+            count_versions(self.listen, 20)
+
     def wait_healthy(self, cluster: str, endpoint: str, timeout: float = 20.0) -> None:
         """Wait until the main Envoy holds `endpoint` in `cluster` and passes its health checks."""
         deadline = time.monotonic() + timeout
