@@ -14,6 +14,7 @@ from pathlib import Path
 from gateway import observe
 from gateway.bootstrap import XdsTls
 from gateway.envoy_proxy import envoy_child, envoy_path
+from gateway.observe import get_json, get_text  # noqa: F401 (the tests read admin pages with them)
 from gateway.processes import (
     Child,
     free_port,

@@ -155,7 +155,7 @@ def test_serve_flags_reach_the_model_server(tmp_path, model_repository):
         ("127.0.0.1", port),
         str(tmp_path / "serve.log"),
         grpc_port,
-        *("--max-batch-size", "4", "--max-batch-delay-ms", "50"),
+        extra=("--max-batch-size", "4", "--max-batch-delay-ms", "50"),
     ).start()
     try:
         wait_http(server.ready_url, timeout=30, child=server)

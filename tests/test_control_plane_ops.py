@@ -116,7 +116,7 @@ async def test_status_command_shows_acks_nacks_and_config_errors(plane):
         last = await converge(client)
         code, out, _ = await infergate_status("--admin-url", url)
         assert code == 0
-        rows = sorted(line.split() for line in out.splitlines()[2:])
+        rows = sorted(line.split() for line in out.splitlines() if line.startswith("edge-1 "))
         assert rows == [["edge-1", "yes", t, "yes"] for t in ("cds", "eds", "lds", "rds")]
         edit(plane, TWO_VERSIONS.replace("90, v2: 10", "50, v2: 50"))
         rds = await client.recv()

@@ -59,7 +59,7 @@ def _serve(repo: Path, log: Path, *serve_options: str) -> Iterator[Server]:
     """`infergate serve` of every iris version with REST and gRPC ports."""
     http_port, grpc_port = free_port(), free_port()
     child = model_server_child(
-        str(repo), "iris", None, ("127.0.0.1", http_port), str(log), grpc_port, *serve_options
+        str(repo), "iris", None, ("127.0.0.1", http_port), str(log), grpc_port, serve_options
     ).start()
     server = Server(child, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     try:
