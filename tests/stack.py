@@ -323,7 +323,7 @@ class Stack:
     def status(self) -> dict:
         return observe.get_json(f"{self.control_plane_url}/status")
 
-    def wait_converged(self, timeout: float = 10.0, after: float = 0.0, nodes: int = 1) -> dict:
+    def wait_converged(self, timeout: float = 30.0, after: float = 0.0, nodes: int = 1) -> dict:
         """Wait until a snapshot applied after `after` is ACKed by every connected Envoy
         (at least `nodes` of them) for every type."""
         return observe.wait_converged(self.control_plane_url, after, nodes, timeout)
