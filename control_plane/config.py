@@ -37,6 +37,21 @@ DEFAULT_PIN_HEADER = "x-model-version"
 DEFAULT_TIMEOUT = 30.0
 
 
+DEFAULT_STABILIZATION = 30.0
+DEFAULT_IDLE = 60.0
+
+
+@dataclass(frozen=True)
+class Autoscale:
+    """Scale a version on its average concurrency (docs/scaling.md)."""
+
+    min: int = 0
+    max: int = 1
+    target_concurrency: float = 1.0
+    stabilization: float = DEFAULT_STABILIZATION  # scale-down waits this long
+    idle: float = DEFAULT_IDLE  # no request for this long: scale to `min` (zero if min is 0)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     host: str
@@ -75,6 +90,8 @@ class Version:
     name: str
     endpoints: tuple[Endpoint, ...]
     grpc_endpoints: tuple[Endpoint, ...] = ()  # the same servers' gRPC ports
+    replicas: int | None = None  # model servers that `infergate run` starts and keeps
+    autoscale: Autoscale | None = None  # replicas that `infergate run` scales with load
 
 
 @dataclass(frozen=True)
@@ -147,6 +164,8 @@ def _read_endpoint(r: Reader, node: yaml.Node, fieldname: str) -> Endpoint | Non
         return None
 
 
+VERSION_KEYS = {"endpoints", "grpc_endpoints", "replicas", "autoscale"}
+AUTOSCALE_KEYS = {"min", "max", "target_concurrency", "stabilization", "idle"}
 MODEL_KEYS = {
     "versions",
     "traffic",
@@ -173,9 +192,15 @@ def _read_model(
     for vname, (vkey, vvalue) in r.mapping(vnode, f"{where}.versions").items():
         vwhere = f"{where}.versions.{vname}"
         r.name(vkey, vwhere, "version")
-        vkeys = r.mapping(vvalue, vwhere, {"endpoints", "grpc_endpoints"})
-        if "endpoints" not in vkeys:
-            r.fail(vkey, vwhere, "missing required key 'endpoints'")
+        vkeys = r.mapping(vvalue, vwhere, VERSION_KEYS)
+        replicas, autoscale = _read_scaling(r, vwhere, vkeys)
+        if not {"endpoints", "replicas", "autoscale"} & vkeys.keys():
+            r.fail(
+                vkey,
+                vwhere,
+                "needs 'endpoints' (servers started elsewhere), or 'replicas' or 'autoscale' "
+                "(servers that infergate run starts)",
+            )
             continue
         lists = {}
         for key in ("endpoints", "grpc_endpoints"):
@@ -184,7 +209,9 @@ def _read_model(
             lists[key] = tuple(e for e in parsed if e)
         if "grpc_listen" in keys and "grpc_endpoints" not in vkeys:
             r.fail(vkey, vwhere, "the model has grpc_listen, so each version needs grpc_endpoints")
-        versions.append(Version(vname, lists["endpoints"], lists["grpc_endpoints"]))
+        versions.append(
+            Version(vname, lists["endpoints"], lists["grpc_endpoints"], replicas, autoscale)
+        )
     if isinstance(vnode, yaml.MappingNode) and not vnode.value:
         r.fail(vnode, f"{where}.versions", "needs at least one version")
     known = {v.name for v in versions}
@@ -225,6 +252,65 @@ def _read_model(
         grpc_listen,
         rollout=rollout,
     )
+
+
+def _count(r: Reader, node: yaml.Node, where: str) -> int | None:
+    value = r.scalar(node, where)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        r.fail(node, where, f"must be a non-negative integer, got {value!r}")
+        return None
+    return value
+
+
+def _read_autoscale(r: Reader, node: yaml.Node, where: str) -> Autoscale | None:
+    keys = r.mapping(node, where, AUTOSCALE_KEYS)
+    before = len(r.problems)
+    values: dict = {}
+    for key in ("min", "max"):
+        if key in keys:
+            values[key] = _count(r, keys[key][1], f"{where}.{key}")
+    if "target_concurrency" in keys:
+        tnode = keys["target_concurrency"][1]
+        target = r.scalar(tnode, f"{where}.target_concurrency")
+        if isinstance(target, bool) or not isinstance(target, int | float) or target <= 0:
+            r.fail(tnode, f"{where}.target_concurrency", f"must be a number > 0, got {target!r}")
+        else:
+            values["target_concurrency"] = float(target)
+    for key in ("stabilization", "idle"):
+        if key in keys:
+            values[key] = r.duration(keys[key][1], f"{where}.{key}")
+    if len(r.problems) > before:
+        return None
+    autoscale = Autoscale(**values)
+    if autoscale.min > autoscale.max:
+        at = keys["min"][1] if "min" in keys else node
+        r.fail(at, f"{where}.min", f"{autoscale.min} is greater than max {autoscale.max}")
+        return None
+    if autoscale.max == 0:
+        r.fail(keys["max"][1], f"{where}.max", "must be at least 1")
+        return None
+    return autoscale
+
+
+def _read_scaling(
+    r: Reader, where: str, vkeys: dict[str, tuple[yaml.Node, yaml.Node]]
+) -> tuple[int | None, Autoscale | None]:
+    """A version's `replicas: N` or `autoscale: {...}`: servers that `infergate run` starts."""
+    replicas = autoscale = None
+    if "replicas" in vkeys:
+        replicas = _count(r, vkeys["replicas"][1], f"{where}.replicas")
+    if "autoscale" in vkeys:
+        autoscale = _read_autoscale(r, vkeys["autoscale"][1], f"{where}.autoscale")
+        if "replicas" in vkeys:
+            r.fail(vkeys["autoscale"][0], where, "give 'replicas' or 'autoscale', not both")
+    if ("replicas" in vkeys or "autoscale" in vkeys) and "endpoints" in vkeys:
+        r.fail(
+            vkeys["endpoints"][0],
+            where,
+            "give 'endpoints' (servers started elsewhere) or replicas/autoscale "
+            "(servers that infergate run starts), not both",
+        )
+    return replicas, autoscale
 
 
 def _read_traffic(

@@ -1,8 +1,8 @@
 """JSON Schema of the routing YAML, for editors and external checks.
 
 It mirrors the rules in `config.py`; cross-field rules (a traffic, shadow or canary version
-must exist, not all weights zero, a canary that is not the baseline, increasing steps) can
-only be checked by `infergate validate`.
+must exist, not all weights zero, a canary that is not the baseline, increasing steps,
+autoscale min <= max) can only be checked by `infergate validate`.
 """
 
 from __future__ import annotations
@@ -92,13 +92,41 @@ def _rollout() -> dict[str, Any]:
 
 def routing_schema() -> dict[str, Any]:
     """Return the JSON Schema (draft 2020-12) for a routing file."""
+    count = {"type": "integer", "minimum": 0}
+    autoscale = {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "model servers that infergate run scales with load (min <= max)",
+        "properties": {
+            "min": count,
+            "max": {"type": "integer", "minimum": 1},
+            "target_concurrency": {"type": "number", "exclusiveMinimum": 0},
+            "stabilization": _DURATION,
+            "idle": _DURATION,
+        },
+    }
     version = {
         "type": "object",
         "additionalProperties": False,
-        "required": ["endpoints"],
+        "oneOf": [
+            {
+                "required": ["endpoints"],
+                "not": {"anyOf": [{"required": ["replicas"]}, {"required": ["autoscale"]}]},
+            },
+            {
+                "required": ["replicas"],
+                "not": {"anyOf": [{"required": ["endpoints"]}, {"required": ["autoscale"]}]},
+            },
+            {
+                "required": ["autoscale"],
+                "not": {"anyOf": [{"required": ["endpoints"]}, {"required": ["replicas"]}]},
+            },
+        ],
         "properties": {
             "endpoints": {"type": "array", "items": _ENDPOINT},
             "grpc_endpoints": {"type": "array", "items": _ENDPOINT},
+            "replicas": {**count, "description": "model servers that infergate run keeps"},
+            "autoscale": autoscale,
         },
     }
     model = {
