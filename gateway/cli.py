@@ -204,6 +204,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_replicas(path: Path) -> None:
+    """The replicas that `infergate run` keeps, from its run folder (if it keeps any)."""
+    try:
+        versions = json.loads(path.read_text())["versions"]
+    except (OSError, ValueError, KeyError):
+        return
+    print(f"{'MODEL/VERSION':24} {'WANTED':7} {'ADDRESS':22} {'STATE':9} {'RESTARTS':9} LAST EXIT")
+    for v in versions:
+        name, wanted = f"{v['model']}/{v['version']}", v["desired"]
+        for r in v["replicas"] or [{"address": "-", "state": "-", "restarts": "-"}]:
+            print(
+                f"{name:24} {wanted:<7} {r['address']:22} {r['state']:9} {r['restarts']:<9} "
+                f"{r.get('last_exit', '')}"
+            )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     url = args.admin_url.rstrip("/") + "/status"
     try:
@@ -230,6 +246,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             problem = f"no healthy {'/'.join(down)} endpoint" if down else ""
             name = f"{v['model']}/{v['version']}"
             print(f"{name:24} {v['role']:12} {f'{healthy}/{total}':9} {problem}")
+    print_replicas(Path(args.workdir) / "replicas.json")
     print(f"{'NODE':24} {'CONNECTED':16} {'TYPE':4} {'ACKED':7} NACK")
     for node in status["nodes"]:
         gone = node["disconnected_for"]  # None while connected
@@ -410,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show what each Envoy has applied")
     p.add_argument("--admin-url", default="http://127.0.0.1:18001")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--workdir", default="run", help="the run folder of infergate run, for its replicas"
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("top", help="live traffic per model version (refreshes every second)")

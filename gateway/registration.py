@@ -42,6 +42,10 @@ class Registration:
         with urllib.request.urlopen(req, timeout=5) as resp:
             resp.read()
 
+    def register(self) -> None:
+        """Register now; raises urllib's errors (HTTPError: see `refusal`)."""
+        self._call("POST")
+
     def register_when_ready(self) -> threading.Thread:
         """In the background: wait until this server is ready, then register it."""
 

@@ -10,15 +10,21 @@ A child that exits is restarted; while it keeps failing soon after its start the
 doubles (1 s, 2 s, ... up to 30 s), and each restart says why, with the end of the
 child's log. If the control plane or Envoy cannot start at all, `run` fails.
 
-The supervisor starts model servers only at its start; when a saved edit adds an
-endpoint on this machine, it says that the endpoint is not served until a restart.
+Versions with `replicas` or `autoscale` are followed: on every valid save of the file the
+supervisor reconciles their replicas (`gateway/replicas.py`), which get free ports, register
+with the control plane once ready, and are deregistered and drained before they stop. Model
+servers listed as `endpoints` on this machine are started only at its start; when a saved
+edit adds one, it says that the endpoint is not served until a restart. Replica states go to
+`<workdir>/replicas.json`, which `infergate status` shows.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -30,6 +36,7 @@ from typing import IO
 from control_plane.config import ConfigError, RoutingConfig, load
 from control_plane.ports import ensure_free
 from gateway.envoy_proxy import envoy_child
+from gateway.executors import Executor, LocalExecutor
 from gateway.logs import one_line
 from gateway.processes import (
     Child,
@@ -38,6 +45,7 @@ from gateway.processes import (
     model_server_child,
     wait_http,
 )
+from gateway.replicas import Replicas
 
 log = logging.getLogger("infergate.supervisor")
 TERMINAL = {"terminal": True}
@@ -85,6 +93,27 @@ def local_servers(config: RoutingConfig) -> Iterator[LocalServer]:
                 if ep.host.startswith("127."):
                     grpc_port = grpc_ports[i] if i < len(grpc_ports) else None
                     yield LocalServer(model.name, version.name, (ep.host, ep.port), grpc_port)
+
+
+def desired_replicas(config: RoutingConfig) -> dict[tuple[str, str], int]:
+    """Replicas per version that the supervisor runs (autoscaled versions start at `min`)."""
+    desired = {}
+    for model in config.models:
+        for version in model.versions:
+            if version.replicas is not None:
+                desired[(model.name, version.name)] = version.replicas
+            elif version.autoscale is not None:
+                desired[(model.name, version.name)] = version.autoscale.min
+    return desired
+
+
+def own_admin_token(workdir: Path) -> Path:
+    """A fresh admin token in `workdir/admin-token` (0600), for registering replicas."""
+    path = workdir / "admin-token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32))
+    return path
 
 
 def listen_addresses(config: RoutingConfig) -> Iterator[tuple[tuple[str, int], str]]:
@@ -186,6 +215,7 @@ class Supervisor:
         workdir: Path,
         addresses: StackAddresses = StackAddresses(),
         admin_token_file: Path | None = None,
+        executor: Executor | None = None,
     ):
         self.config_path = config_path
         self.repository = repository
@@ -212,7 +242,8 @@ class Supervisor:
             )
             for s in self.servers
         ]
-        token = ["--admin-token-file", str(admin_token_file)] if admin_token_file else []
+        admin_token_file = admin_token_file or own_admin_token(workdir)
+        token = ["--admin-token-file", str(admin_token_file)]
         self.control_plane = Child(
             "control plane",
             infergate_command(
@@ -231,6 +262,15 @@ class Supervisor:
         )
         self.envoy = envoy_child("infergate-local", addresses.xds, addresses.envoy_admin, workdir)
         self.restarter = Restarter(self.children)
+        self.replicas = Replicas(
+            executor or LocalExecutor(repository),
+            f"http://{host_port(addresses.admin)}",
+            admin_token_file.read_text().strip(),
+            f"http://{host_port(addresses.envoy_admin)}",
+            workdir,
+        )
+        self._config = config
+        self._status_text = ""
         self._config_stat: tuple[int, int] | None = None
         self._stop = threading.Event()
 
@@ -294,11 +334,24 @@ class Supervisor:
                 why = str(exc) if isinstance(exc, RuntimeError) else f"{child.name}: {exc}"
                 tail = log_tail(child)
                 raise StartFailed(why + (f". Its log ends: {tail}" if tail else "")) from None
+        self.replicas.reconcile(desired_replicas(self._config))
 
     def stop(self) -> None:
-        for child in (self.envoy, self.control_plane, *self.models):
+        for child in (self.envoy, self.control_plane):
+            child.stop()
+        self.replicas.stop_all()
+        for child in self.models:
             child.stop()
         self._lock.close()
+
+    def write_status(self) -> None:
+        """`<workdir>/replicas.json` (atomically), when it changed."""
+        text = json.dumps({"pid": os.getpid(), "versions": self.replicas.status()}, indent=2)
+        if text != self._status_text:
+            tmp = self.workdir / "replicas.json.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.workdir / "replicas.json")
+            self._status_text = text
 
     def follow_file(self) -> None:
         """Say so when a saved edit adds a local endpoint that nothing started."""
@@ -310,6 +363,8 @@ class Supervisor:
             config = load(self.config_path)
         except (OSError, ConfigError):
             return  # the control plane reports a bad file
+        self._config = config
+        self.replicas.reconcile(desired_replicas(config))
         running = {(s.model, s.version, s.address): s for s in self.servers}
         for server in local_servers(config):
             if server in self.servers or server in self._told:
@@ -342,9 +397,11 @@ class Supervisor:
                 flush=True,
             )
             self.follow_file()
-            while not self._stop.wait(0.5):
+            while not self._stop.wait(0.1):
                 self.restarter.check(time.monotonic())
                 self.follow_file()
+                self.replicas.tick()
+                self.write_status()
         finally:
             self.stop()
             print("infergate: stopped", flush=True)
