@@ -14,9 +14,34 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+from gateway.logs import one_line
+
 log = logging.getLogger("infergate.processes")
 
 _PR_SET_PDEATHSIG = 1
+
+FIRST_DELAY = 1.0  # seconds before the first restart
+MAX_DELAY = 30.0  # the doubling stops here: a broken child costs little, a fixed one returns soon
+STABLE_AFTER = 10.0  # a child that ran this long before exiting starts a new series
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before restarting a child that exited `failures` times in a row, quickly."""
+    return min(MAX_DELAY, FIRST_DELAY * 2 ** (failures - 1))
+
+
+def log_tail(log_path: str | None, lines: int = 3) -> str:
+    """The last lines of a log file, as one line."""
+    if not log_path:
+        return ""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return one_line(" | ".join(tail), 400)
 
 
 def _die_with_parent() -> None:

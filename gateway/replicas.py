@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import urllib.error
@@ -27,15 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.executors import Executor
-from gateway.logs import one_line
-from gateway.processes import Child, free_port, host_port
+from gateway.processes import STABLE_AFTER, Child, free_port, host_port, log_tail, restart_delay
 from gateway.registration import Registration, refusal
 
 log = logging.getLogger("infergate.replicas")
 
-FIRST_DELAY = 1.0
-MAX_DELAY = 30.0
-STABLE_AFTER = 10.0  # a replica that ran this long before exiting starts a new back-off series
 RESYNC = 2.0
 GONE_TIMEOUT = 10.0  # wait at most this long for Envoy to drop a deregistered replica
 
@@ -59,20 +54,6 @@ class Replica:
     @property
     def name(self) -> str:
         return f"{self.key[0]}/{self.key[1]}#{self.slot}"
-
-
-def log_tail(log_path: str | None, lines: int = 3) -> str:
-    """The last lines of a log file, as one line."""
-    if not log_path:
-        return ""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return one_line(" | ".join(tail), 400)
 
 
 class Replicas:
@@ -163,7 +144,7 @@ class Replicas:
             self._registration(r).deregister()
         ran = now - r.started_at
         r.failures = r.failures + 1 if ran < STABLE_AFTER else 1
-        delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (r.failures - 1))
+        delay = restart_delay(r.failures)
         tail = log_tail(r.child.log_path)
         r.last_exit = f"exited with code {r.child.proc.returncode} after {ran:.1f} s"
         r.state, r.restart_at, r.restarts = "backoff", now + delay, r.restarts + 1
@@ -259,6 +240,11 @@ class Replicas:
         self.replicas.clear()
 
     # -- status
+
+    def ready(self) -> dict[Key, int]:
+        return {
+            key: sum(r.state == "ready" for r in current) for key, current in self.replicas.items()
+        }
 
     def status(self) -> list[dict]:
         out = []

@@ -35,24 +35,23 @@ from typing import IO
 
 from control_plane.config import ConfigError, RoutingConfig, load
 from control_plane.ports import ensure_free
+from gateway import processes
+from gateway.autoscaling import PERIOD, Autoscaling
 from gateway.envoy_proxy import envoy_child
 from gateway.executors import Executor, LocalExecutor
-from gateway.logs import one_line
 from gateway.processes import (
+    STABLE_AFTER,
     Child,
     host_port,
     infergate_command,
     model_server_child,
+    restart_delay,
     wait_http,
 )
 from gateway.replicas import Replicas
 
 log = logging.getLogger("infergate.supervisor")
 TERMINAL = {"terminal": True}
-
-FIRST_DELAY = 1.0  # seconds before the first restart
-MAX_DELAY = 30.0  # the doubling stops here: a broken child costs little, a fixed one returns soon
-STABLE_AFTER = 10.0  # a child that ran this long before exiting starts a new series
 
 
 class StartFailed(Exception):
@@ -95,16 +94,14 @@ def local_servers(config: RoutingConfig) -> Iterator[LocalServer]:
                     yield LocalServer(model.name, version.name, (ep.host, ep.port), grpc_port)
 
 
-def desired_replicas(config: RoutingConfig) -> dict[tuple[str, str], int]:
-    """Replicas per version that the supervisor runs (autoscaled versions start at `min`)."""
-    desired = {}
-    for model in config.models:
-        for version in model.versions:
-            if version.replicas is not None:
-                desired[(model.name, version.name)] = version.replicas
-            elif version.autoscale is not None:
-                desired[(model.name, version.name)] = version.autoscale.min
-    return desired
+def fixed_replicas(config: RoutingConfig) -> dict[tuple[str, str], int]:
+    """Replicas per version with `replicas: N`."""
+    return {
+        (model.name, version.name): version.replicas
+        for model in config.models
+        for version in model.versions
+        if version.replicas is not None
+    }
 
 
 def own_admin_token(workdir: Path) -> Path:
@@ -147,16 +144,7 @@ def lock_run_folder(workdir: Path) -> IO[str]:
 
 def log_tail(child: Child, lines: int = 3) -> str:
     """The last lines of a child's log, as one line."""
-    if not child.log_path:
-        return ""
-    try:
-        with open(child.log_path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return one_line(" | ".join(tail), 400)
+    return processes.log_tail(child.log_path, lines)
 
 
 @dataclass
@@ -191,7 +179,7 @@ class Restarter:
     def _exited(self, child: Child, state: _Restarts, now: float) -> None:
         ran = now - state.started_at
         state.failures = state.failures + 1 if ran < STABLE_AFTER else 1
-        delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (state.failures - 1))
+        delay = restart_delay(state.failures)
         state.restart_at = now + delay
         code = child.proc.returncode if child.proc else None
         again = f", {state.failures} times in a row" if state.failures > 1 else ""
@@ -269,8 +257,10 @@ class Supervisor:
             f"http://{host_port(addresses.envoy_admin)}",
             workdir,
         )
+        self.autoscaling = Autoscaling(f"http://{host_port(addresses.admin)}")
         self._config = config
         self._status_text = ""
+        self._next_autoscale = 0.0
         self._config_stat: tuple[int, int] | None = None
         self._stop = threading.Event()
 
@@ -334,7 +324,22 @@ class Supervisor:
                 why = str(exc) if isinstance(exc, RuntimeError) else f"{child.name}: {exc}"
                 tail = log_tail(child)
                 raise StartFailed(why + (f". Its log ends: {tail}" if tail else "")) from None
-        self.replicas.reconcile(desired_replicas(self._config))
+        self.follow(self._config)
+
+    def follow(self, config: RoutingConfig) -> None:
+        """Reconcile the replicas with a (new) valid config."""
+        self._config = config
+        self.autoscaling.follow(config)
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        self.replicas.reconcile({**fixed_replicas(self._config), **self.autoscaling.desired()})
+
+    def autoscale(self, now: float) -> None:
+        if now >= self._next_autoscale:
+            self._next_autoscale = now + PERIOD
+            if self.autoscaling.step(now, self.replicas.ready(), {}):
+                self.reconcile()
 
     def stop(self) -> None:
         for child in (self.envoy, self.control_plane):
@@ -346,7 +351,14 @@ class Supervisor:
 
     def write_status(self) -> None:
         """`<workdir>/replicas.json` (atomically), when it changed."""
-        text = json.dumps({"pid": os.getpid(), "versions": self.replicas.status()}, indent=2)
+        text = json.dumps(
+            {
+                "pid": os.getpid(),
+                "versions": self.replicas.status(),
+                "autoscale": self.autoscaling.status(),
+            },
+            indent=2,
+        )
         if text != self._status_text:
             tmp = self.workdir / "replicas.json.tmp"
             tmp.write_text(text)
@@ -363,8 +375,7 @@ class Supervisor:
             config = load(self.config_path)
         except (OSError, ConfigError):
             return  # the control plane reports a bad file
-        self._config = config
-        self.replicas.reconcile(desired_replicas(config))
+        self.follow(config)
         running = {(s.model, s.version, s.address): s for s in self.servers}
         for server in local_servers(config):
             if server in self.servers or server in self._told:
@@ -400,6 +411,7 @@ class Supervisor:
             while not self._stop.wait(0.1):
                 self.restarter.check(time.monotonic())
                 self.follow_file()
+                self.autoscale(time.monotonic())
                 self.replicas.tick()
                 self.write_status()
         finally:

@@ -24,10 +24,8 @@ from control_plane.config import ConfigError, parse
 from control_plane.health import HealthMonitor, Target
 from control_plane.ports import AddressInUse, ensure_free
 from control_plane.service import ControlPlane
-from gateway.processes import Child, free_port, wait_http
+from gateway.processes import MAX_DELAY, STABLE_AFTER, Child, free_port, wait_http
 from gateway.supervisor import (
-    MAX_DELAY,
-    STABLE_AFTER,
     Restarter,
     StackAddresses,
     StartFailed,
