@@ -1,6 +1,7 @@
 """Knative-style autoscaling decisions for one version (pure: numbers and a clock in).
 
-Per decision, from the version's average concurrency over two windows:
+Per decision, from the version's average concurrency over two windows (`window`, default
+60 s, and a tenth of it, as Knative):
 
 - desired = ceil(stable concurrency / target_concurrency), clamped to [min, max];
 - panic: when the panic (short) window's concurrency exceeds twice the capacity of the ready
@@ -22,8 +23,6 @@ from dataclasses import dataclass, field
 
 from control_plane.config import Autoscale
 
-STABLE_WINDOW = 60.0  # Knative's default stable window (seconds)
-PANIC_WINDOW = 6.0  # 10% of it, as Knative
 PANIC_THRESHOLD = 2.0  # panic when the short window wants 200% of the ready capacity
 
 
@@ -43,13 +42,19 @@ class Scaler:
     """Decisions for one version; feed it `observe` samples and ask `decide`."""
 
     spec: Autoscale
-    stable_window: float = STABLE_WINDOW
-    panic_window: float = PANIC_WINDOW
     samples: deque[tuple[float, float]] = field(default_factory=deque)  # (time, concurrency)
     recent: deque[tuple[float, int]] = field(default_factory=deque)  # (time, desired)
     panic_until: float | None = None
     last_request: float | None = None
     last: Decision | None = None
+
+    @property
+    def stable_window(self) -> float:
+        return self.spec.window
+
+    @property
+    def panic_window(self) -> float:
+        return self.spec.window / 10  # as Knative
 
     def observe(self, now: float, concurrency: float, requests: int = 0) -> None:
         """One sample of the version's in-flight requests (and requests seen since the last)."""

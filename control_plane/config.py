@@ -39,6 +39,7 @@ DEFAULT_TIMEOUT = 30.0
 
 DEFAULT_STABILIZATION = 30.0
 DEFAULT_IDLE = 60.0
+DEFAULT_WINDOW = 60.0  # Knative's stable window
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Autoscale:
     max: int = 1
     target_concurrency: float = 1.0
     stabilization: float = DEFAULT_STABILIZATION  # scale-down waits this long
+    window: float = DEFAULT_WINDOW  # the stable window; the panic window is a tenth of it
     idle: float = DEFAULT_IDLE  # no request for this long: scale to `min` (zero if min is 0)
 
 
@@ -165,7 +167,7 @@ def _read_endpoint(r: Reader, node: yaml.Node, fieldname: str) -> Endpoint | Non
 
 
 VERSION_KEYS = {"endpoints", "grpc_endpoints", "replicas", "autoscale"}
-AUTOSCALE_KEYS = {"min", "max", "target_concurrency", "stabilization", "idle"}
+AUTOSCALE_KEYS = {"min", "max", "target_concurrency", "stabilization", "idle", "window"}
 MODEL_KEYS = {
     "versions",
     "traffic",
@@ -276,7 +278,7 @@ def _read_autoscale(r: Reader, node: yaml.Node, where: str) -> Autoscale | None:
             r.fail(tnode, f"{where}.target_concurrency", f"must be a number > 0, got {target!r}")
         else:
             values["target_concurrency"] = float(target)
-    for key in ("stabilization", "idle"):
+    for key in ("stabilization", "idle", "window"):
         if key in keys:
             values[key] = r.duration(keys[key][1], f"{where}.{key}")
     if len(r.problems) > before:

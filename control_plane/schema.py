@@ -103,6 +103,7 @@ def routing_schema() -> dict[str, Any]:
             "target_concurrency": {"type": "number", "exclusiveMinimum": 0},
             "stabilization": _DURATION,
             "idle": _DURATION,
+            "window": _DURATION,
         },
     }
     version = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from control_plane.autoscaler import Scaler
 from control_plane.config import Autoscale
 
@@ -39,7 +41,7 @@ def test_panic_scales_up_at_once_and_never_down():
 
 
 def test_scale_down_waits_the_stabilization_window():
-    scaler = Scaler(SPEC, stable_window=10, panic_window=1)
+    scaler = Scaler(replace(SPEC, window=10))
     t = feed(scaler, 0, 20, 12)
     assert scaler.decide(t, ready=3).desired == 3
     t = feed(scaler, t, 12, 0.5)  # the stable window now says 1
@@ -54,8 +56,7 @@ def test_scale_down_waits_the_stabilization_window():
 
 
 def test_scale_to_zero_after_the_idle_window_only():
-    spec = Autoscale(min=0, max=3, target_concurrency=2, stabilization=5, idle=20)
-    scaler = Scaler(spec, stable_window=10, panic_window=1)
+    scaler = Scaler(Autoscale(0, 3, 2, stabilization=5, idle=20, window=10))
     scaler.observe(0, 1, requests=1)
     assert scaler.decide(0, ready=0).desired == 1
     t = feed(scaler, 1, 15, 0)

@@ -14,7 +14,7 @@ models:
   iris:
     versions:
       v1: {replicas: 2}
-      v2: {autoscale: {min: 0, max: 4, target_concurrency: 4, stabilization: 10s, idle: 2m}}
+      v2: {autoscale: {min: 0, max: 4, target_concurrency: 4, idle: 2m, window: 20s}}
       v3: {endpoints: ["127.0.0.1:9100"]}
     traffic: {v1: 50, v2: 50, v3: 0}
 """
@@ -23,11 +23,11 @@ models:
 def test_replicas_and_autoscale_are_parsed():
     model = parse(GOOD).models[0]
     assert model.version("v1").replicas == 2 and model.version("v1").endpoints == ()
-    assert model.version("v2").autoscale == Autoscale(0, 4, 4.0, 10.0, 120.0)
+    assert model.version("v2").autoscale == Autoscale(0, 4, 4.0, idle=120.0, window=20.0)
     assert model.version("v3").replicas is None and model.version("v3").autoscale is None
     assert parse(GOOD.replace("min: 0, max: 4, ", "max: 4, ")).models[0].version(
         "v2"
-    ).autoscale == Autoscale(0, 4, 4.0, 10.0, 120.0)
+    ).autoscale == Autoscale(0, 4, 4.0, idle=120.0, window=20.0)
     assert Autoscale().stabilization == 30.0
     jsonschema.validate(yaml.safe_load(GOOD), routing_schema())
 
