@@ -33,11 +33,11 @@ TWO = ONE + "      v2: {{replicas: 1}}\n    traffic: {{v1: 50, v2: 50}}\n"
 
 
 class Run:
-    def __init__(self, tmp: Path, repository: Path):
+    def __init__(self, tmp: Path, repository: Path, template: str = ONE):
         self.listen, self.admin, self.envoy_admin = free_port(), free_port(), free_port()
         self.file = tmp / "routing.yaml"
         self.workdir = tmp / "run"
-        self.write(ONE)
+        self.write(template)
         argv = [
             *(sys.executable, "-m", "gateway.cli", "run", str(self.file)),
             *("--repository", str(repository), "--workdir", str(self.workdir)),
@@ -78,6 +78,11 @@ class Run:
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.1)
 
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(60)
+
     def ready_addresses(self, version: str) -> set[str]:
         return {r["address"] for r in self.replicas(version) if r["state"] == "ready"}
 
@@ -88,9 +93,7 @@ def run(tmp_path_factory, model_repository, envoy_binary):
     try:
         yield r
     finally:
-        if r.proc.poll() is None:
-            r.proc.send_signal(signal.SIGINT)
-            r.proc.wait(60)
+        r.stop()
 
 
 def test_replicas_start_register_and_serve(run):

@@ -1,0 +1,52 @@
+"""Autoscaling under a load step, end to end: `infergate run`, real Envoy, real replicas,
+the signal from the control plane's telemetry (what Envoy reported per request)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.stack import LoadLoop
+from tests.test_supervisor_replicas import Run
+
+AUTOSCALED = """\
+listen: 127.0.0.1:{listen}
+models:
+  iris:
+    versions:
+      v1:
+        autoscale: {{min: 1, max: 4, target_concurrency: 4, window: 6s, stabilization: 3s}}
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model_repository, envoy_binary):
+    r = Run(tmp_path_factory.mktemp("autoscale"), model_repository, AUTOSCALED)
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def decision(run: Run) -> dict:
+    status = json.loads((run.workdir / "replicas.json").read_text())
+    return status["autoscale"].get("iris/v1", {})
+
+
+def test_load_step_scales_up_then_down_to_min_without_a_failed_request(run):
+    run.wait("min replicas", lambda: len(run.healthy_hosts("v1")) == 1)
+    with LoadLoop(run.listen, threads=1) as calm:
+        run.wait("a decision", lambda: decision(run).get("desired") == 1)
+        with LoadLoop(run.listen, threads=16) as burst:
+            run.wait("3 healthy hosts", lambda: len(run.healthy_hosts("v1")) >= 3, timeout=60)
+            up = decision(run)
+        run.wait("scaled down to min", lambda: len(run.healthy_hosts("v1")) == 1, timeout=90)
+        run.wait("drained", lambda: len(run.replicas("v1")) == 1)
+        down = decision(run)
+    assert up["desired"] >= 3 and up["panic"], up
+    assert down["desired"] == 1 and not down["panic"], down
+    failures = calm.failures() + burst.failures()
+    assert burst.results and failures == [], failures[:5]
+    log = (run.workdir / "supervisor.log").read_text()
+    assert "iris/v1: desired 1 (ready" in log and "over 6s" in log, log[-2000:]
