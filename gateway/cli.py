@@ -193,7 +193,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     addresses = StackAddresses(args.xds, args.admin, args.envoy_admin)
     try:
         Supervisor(
-            Path(args.file), Path(args.repository), Path(args.workdir), addresses, token_file
+            Path(args.file),
+            Path(args.repository),
+            Path(args.workdir),
+            addresses,
+            token_file,
+            activation_timeout=args.activation_timeout,
         ).run()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -421,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--admin-token-file",
         help="bearer token for the control plane's admin API writes (self-registration)",
+    )
+    p.add_argument(
+        "--activation-timeout",
+        type=float,
+        default=25.0,
+        help="seconds a request to a version at zero replicas waits for one (default 25)",
     )
     p.set_defaults(func=cmd_run)
 

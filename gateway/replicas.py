@@ -241,6 +241,9 @@ class Replicas:
 
     # -- status
 
+    def ready_addresses(self, key: Key) -> list[str]:
+        return [host_port(r.address) for r in self.replicas.get(key, []) if r.state == "ready"]
+
     def ready(self) -> dict[Key, int]:
         return {
             key: sum(r.state == "ready" for r in current) for key, current in self.replicas.items()

@@ -28,6 +28,8 @@ import secrets
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from typing import IO
 from control_plane.config import ConfigError, RoutingConfig, load
 from control_plane.ports import ensure_free
 from gateway import processes
+from gateway.activator import Activator
 from gateway.autoscaling import PERIOD, Autoscaling
 from gateway.envoy_proxy import envoy_child
 from gateway.executors import Executor, LocalExecutor
@@ -48,6 +51,7 @@ from gateway.processes import (
     restart_delay,
     wait_http,
 )
+from gateway.registration import Registration
 from gateway.replicas import Replicas
 
 log = logging.getLogger("infergate.supervisor")
@@ -204,6 +208,7 @@ class Supervisor:
         addresses: StackAddresses = StackAddresses(),
         admin_token_file: Path | None = None,
         executor: Executor | None = None,
+        activation_timeout: float = 25.0,
     ):
         self.config_path = config_path
         self.repository = repository
@@ -258,6 +263,8 @@ class Supervisor:
             workdir,
         )
         self.autoscaling = Autoscaling(f"http://{host_port(addresses.admin)}")
+        self.activator = Activator(activation_timeout)
+        self._gates: set[tuple[str, str]] = set()  # registered with the control plane
         self._config = config
         self._status_text = ""
         self._next_autoscale = 0.0
@@ -336,14 +343,62 @@ class Supervisor:
         self.replicas.reconcile({**fixed_replicas(self._config), **self.autoscaling.desired()})
 
     def autoscale(self, now: float) -> None:
-        if now >= self._next_autoscale:
+        """Decide every PERIOD (at once when a request waits for a version at zero)."""
+        held = self.activator.held()
+        desired = self.autoscaling.desired()
+        if now >= self._next_autoscale or any(not desired.get(k) for k in held):
             self._next_autoscale = now + PERIOD
-            if self.autoscaling.step(now, self.replicas.ready(), {}):
+            if self.autoscaling.step(now, self.replicas.ready(), held):
                 self.reconcile()
+        self.activate()
+
+    def activate(self) -> None:
+        """Route versions that can scale to zero through the activator while they have no
+        ready replica (or are about to have none); take it out once Envoy routes to one."""
+        desired = self.autoscaling.desired()
+        for key, scaler in self.autoscaling.scalers.items():
+            if scaler.spec.min > 0:
+                continue
+            ready = self.replicas.ready_addresses(key)
+            self.activator.forward_to(key, ready[0] if ready else None)
+            if not ready or not desired[key]:
+                if key not in self._gates:
+                    self._gate(key).register()
+                    self._gates.add(key)
+            elif key in self._gates and self._envoy_routes_around(key, self.activator.open(key)):
+                self._gate(key).deregister()
+                self._gates.discard(key)
+        for key in [k for k in self.activator.gates if k not in self.autoscaling.scalers]:
+            if key in self._gates:
+                self._gate(key).deregister()
+                self._gates.discard(key)
+            self.activator.close(key)
+
+    def _gate(self, key: tuple[str, str]) -> Registration:
+        return Registration(
+            self.replicas.admin_url, self.replicas.token, *key, self.activator.open(key)
+        )
+
+    def _envoy_routes_around(self, key: tuple[str, str], gate: str) -> bool:
+        """Envoy has a healthy host of the version other than the activator's gate."""
+        url = f"http://{host_port(self.addresses.envoy_admin)}/clusters"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                lines = resp.read().decode().splitlines()
+        except (urllib.error.URLError, OSError):
+            return False
+        prefix = f"{key[0]}/{key[1]}::"
+        return any(
+            line.startswith(prefix)
+            and line.endswith("::health_flags::healthy")
+            and not line.startswith(f"{prefix}{gate}::")
+            for line in lines
+        )
 
     def stop(self) -> None:
         for child in (self.envoy, self.control_plane):
             child.stop()
+        self.activator.stop()
         self.replicas.stop_all()
         for child in self.models:
             child.stop()

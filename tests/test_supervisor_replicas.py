@@ -33,7 +33,7 @@ TWO = ONE + "      v2: {{replicas: 1}}\n    traffic: {{v1: 50, v2: 50}}\n"
 
 
 class Run:
-    def __init__(self, tmp: Path, repository: Path, template: str = ONE):
+    def __init__(self, tmp: Path, repository: Path, template: str = ONE, *options: str):
         self.listen, self.admin, self.envoy_admin = free_port(), free_port(), free_port()
         self.file = tmp / "routing.yaml"
         self.workdir = tmp / "run"
@@ -43,6 +43,7 @@ class Run:
             *("--repository", str(repository), "--workdir", str(self.workdir)),
             *("--xds", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{self.admin}"),
             *("--envoy-admin", f"127.0.0.1:{self.envoy_admin}"),
+            *options,
         ]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(f"http://127.0.0.1:{self.envoy_admin}/ready", timeout=120)

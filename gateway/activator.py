@@ -1,0 +1,133 @@
+"""Hold requests for a version that has no ready replica, and forward them once it has one.
+
+As Knative's activator: while an autoscaled version (`min: 0`) has no ready replica, the
+supervisor registers a gate of this activator as the version's only endpoint, so Envoy sends
+the version's requests here. A gate answers Envoy's health check, holds each request (the
+autoscaler counts held requests, so a replica starts), and forwards it to the first ready
+replica; after `timeout` seconds without one it answers 503 `{"error": ...}`. Once Envoy
+routes to a ready replica itself, the supervisor deregisters the gate.
+
+One listener per version (the request path does not always name the version: a weighted
+route sends `/v2/models/m/infer` to any of them). The gates run on one asyncio loop in a
+daemon thread; the supervisor's thread calls `open`, `forward_to`, `close` and `held`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from gateway.processes import free_port, host_port
+
+log = logging.getLogger("infergate.activator")
+
+Key = tuple[str, str]
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "host", "content-length"}
+
+
+@dataclass
+class Gate:
+    key: Key
+    address: tuple[str, int]
+    runner: web.AppRunner | None = None
+    target: str | None = None  # ip:port of a ready replica
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    held: int = 0
+
+
+class Activator:
+    def __init__(self, timeout: float = 25.0):
+        self.timeout = timeout
+        self.gates: dict[Key, Gate] = {}
+        self.loop = asyncio.new_event_loop()
+        self._session: aiohttp.ClientSession | None = None
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="activator").start()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def open(self, key: Key) -> str:
+        """Listen for `key` (if not yet) and return the gate's ip:port."""
+        if key not in self.gates:
+            self.gates[key] = self._call(self._open(key))
+        return host_port(self.gates[key].address)
+
+    def forward_to(self, key: Key, target: str | None) -> None:
+        """Forward held and new requests of `key` to `target` (None: hold them)."""
+        gate = self.gates.get(key)
+        if gate is not None and gate.target != target:
+            self.loop.call_soon_threadsafe(self._set_target, gate, target)
+
+    def close(self, key: Key) -> None:
+        gate = self.gates.pop(key, None)
+        if gate is not None and gate.runner is not None:
+            self._call(gate.runner.cleanup())
+
+    def held(self) -> dict[Key, int]:
+        return {key: gate.held for key, gate in self.gates.items() if gate.held}
+
+    def stop(self) -> None:
+        for key in list(self.gates):
+            self.close(key)
+        if self._session is not None:
+            self._call(self._session.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    # -- on the loop
+
+    @staticmethod
+    def _set_target(gate: Gate, target: str | None) -> None:
+        gate.target = target
+        if target:
+            gate.ready.set()
+        else:
+            gate.ready.clear()
+
+    async def _open(self, key: Key) -> Gate:
+        gate = Gate(key, ("127.0.0.1", free_port()), ready=asyncio.Event())
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/v2/health/ready", self._healthy)
+        app.router.add_get("/v2/health/live", self._healthy)
+        app.router.add_route("*", "/{tail:.*}", lambda request: self._hold(gate, request))
+        gate.runner = web.AppRunner(app, access_log=None)
+        await gate.runner.setup()
+        await web.TCPSite(gate.runner, *gate.address).start()
+        log.info("activator holds requests of %s/%s at %s", *key, host_port(gate.address))
+        return gate
+
+    @staticmethod
+    async def _healthy(_: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    async def _hold(self, gate: Gate, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        gate.held += 1
+        try:
+            await asyncio.wait_for(gate.ready.wait(), self.timeout)
+        except TimeoutError:
+            model, version = gate.key
+            message = (
+                f"no replica of {model}/{version} became ready within {self.timeout:g}s "
+                "(see infergate status and the replica's log)"
+            )
+            return web.json_response({"error": message}, status=503)
+        finally:
+            gate.held -= 1
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        url = f"http://{gate.target}{request.rel_url}"
+        try:
+            async with self._session.request(
+                request.method, url, headers=headers, data=body
+            ) as resp:
+                payload = await resp.read()
+                out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+                return web.Response(status=resp.status, body=payload, headers=out)
+        except aiohttp.ClientError as exc:
+            return web.json_response({"error": f"forwarding to {gate.target}: {exc}"}, status=502)
