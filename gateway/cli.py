@@ -184,7 +184,15 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.executors import DockerExecutor, LocalExecutor
     from gateway.supervisor import RunFolderInUse, StackAddresses, StartFailed, Supervisor
+
+    repository = Path(args.repository)
+    executor = (
+        DockerExecutor(repository, args.image)
+        if args.executor == "docker"
+        else LocalExecutor(repository)
+    )
 
     token_file = None
     if args.admin_token_file:
@@ -198,6 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             Path(args.workdir),
             addresses,
             token_file,
+            executor=executor,
             activation_timeout=args.activation_timeout,
         ).run()
     except ConfigError as exc:
@@ -433,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=25.0,
         help="seconds a request to a version at zero replicas waits for one (default 25)",
     )
+    p.add_argument(
+        "--executor",
+        choices=("local", "docker"),
+        default="local",
+        help="where replicas run: local processes, or containers of --image (host network)",
+    )
+    p.add_argument("--image", default="infergate:latest")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="show what each Envoy has applied")
