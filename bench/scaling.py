@@ -56,6 +56,7 @@ def cold_starts(repository: Path, rounds: int) -> list[float]:
             times = []
             for _ in range(rounds):
                 run.wait("zero replicas", lambda: run.replicas("v1") == [], timeout=120)
+                run.wait("the gate in Envoy", lambda: len(run.healthy_hosts("v1")) == 1)
                 seconds, status = timed_request(run.listen)
                 assert status == 200, status
                 times.append(seconds)

@@ -265,6 +265,7 @@ class Supervisor:
         self.autoscaling = Autoscaling(f"http://{host_port(addresses.admin)}")
         self.activator = Activator(activation_timeout)
         self._gates: set[tuple[str, str]] = set()  # registered with the control plane
+        self._zero_pending: set[tuple[str, str]] = set()  # to zero once its gate is in Envoy
         self._config = config
         self._status_text = ""
         self._next_autoscale = 0.0
@@ -340,7 +341,17 @@ class Supervisor:
         self.reconcile()
 
     def reconcile(self) -> None:
-        self.replicas.reconcile({**fixed_replicas(self._config), **self.autoscaling.desired()})
+        """Replicas as the file and the autoscaler want them; a version's last replica stays
+        until Envoy routes to its activator gate instead (no request finds no endpoint)."""
+        desired = {**fixed_replicas(self._config), **self.autoscaling.desired()}
+        self._zero_pending = {
+            key
+            for key, n in desired.items()
+            if n == 0 and key in self.replicas.replicas and not self._gate_in_envoy(key)
+        }
+        for key in self._zero_pending:
+            desired[key] = 1
+        self.replicas.reconcile(desired)
 
     def autoscale(self, now: float) -> None:
         """Decide every PERIOD (at once when a request waits for a version at zero)."""
@@ -365,7 +376,7 @@ class Supervisor:
                 if key not in self._gates:
                     self._gate(key).register()
                     self._gates.add(key)
-            elif key in self._gates and self._envoy_routes_around(key, self.activator.open(key)):
+            elif key in self._gates and self._healthy_hosts(key) - {self.activator.open(key)}:
                 self._gate(key).deregister()
                 self._gates.discard(key)
         for key in [k for k in self.activator.gates if k not in self.autoscaling.scalers]:
@@ -373,27 +384,31 @@ class Supervisor:
                 self._gate(key).deregister()
                 self._gates.discard(key)
             self.activator.close(key)
+        if any(self._gate_in_envoy(key) for key in self._zero_pending):
+            self.reconcile()
+
+    def _gate_in_envoy(self, key: tuple[str, str]) -> bool:
+        return key in self._gates and self.activator.open(key) in self._healthy_hosts(key)
 
     def _gate(self, key: tuple[str, str]) -> Registration:
         return Registration(
             self.replicas.admin_url, self.replicas.token, *key, self.activator.open(key)
         )
 
-    def _envoy_routes_around(self, key: tuple[str, str], gate: str) -> bool:
-        """Envoy has a healthy host of the version other than the activator's gate."""
+    def _healthy_hosts(self, key: tuple[str, str]) -> set[str]:
+        """ip:port of the hosts that Envoy counts healthy in the version's cluster."""
         url = f"http://{host_port(self.addresses.envoy_admin)}/clusters"
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:
                 lines = resp.read().decode().splitlines()
         except (urllib.error.URLError, OSError):
-            return False
+            return set()
         prefix = f"{key[0]}/{key[1]}::"
-        return any(
-            line.startswith(prefix)
-            and line.endswith("::health_flags::healthy")
-            and not line.startswith(f"{prefix}{gate}::")
+        return {
+            line.split("::")[1]
             for line in lines
-        )
+            if line.startswith(prefix) and line.endswith("::health_flags::healthy")
+        }
 
     def stop(self) -> None:
         for child in (self.envoy, self.control_plane):

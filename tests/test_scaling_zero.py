@@ -36,7 +36,7 @@ def infer_waiting(port: int, path: str = "/v2/models/iris/infer") -> Reply:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, model_repository, envoy_binary):
     r = Run(
-        tmp_path_factory.mktemp("zero"), model_repository, FROM_ZERO, "--activation-timeout", "10"
+        tmp_path_factory.mktemp("zero"), model_repository, FROM_ZERO, "--activation-timeout", "20"
     )
     try:
         yield r
@@ -63,6 +63,6 @@ def test_idle_version_scales_to_zero_and_back(run):
 def test_a_replica_that_cannot_start_fails_held_requests_with_503(run):
     reply = infer_waiting(run.listen, "/v2/models/iris/versions/broken/infer")
     assert reply.status == 503, reply.body[:300]
-    assert "no replica of iris/broken became ready within 10s" in json.loads(reply.body)["error"]
+    assert "no replica of iris/broken became ready within 20s" in json.loads(reply.body)["error"]
     log = (run.workdir / "supervisor.log").read_text()
     assert "replica iris/broken#0" in log and "exited with code" in log
