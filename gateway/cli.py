@@ -218,6 +218,68 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def edit_file(path: str, change) -> int:
+    """Apply `change(Document)` to the routing file round-trip, validated, atomically; an
+    invalid edit leaves the file as it was and says why (exit 1)."""
+    from control_plane.yaml_edit import Document, StaleFile, save
+
+    try:
+        doc = Document(path)
+        change(doc)
+        save(doc)
+    except ConfigError as exc:
+        print(f"not changed, the edit would make the file invalid:\n{exc}", file=sys.stderr)
+        return 1
+    except KeyError as exc:
+        print(f"not changed: {path} has no {exc.args[0]}", file=sys.stderr)
+        return 1
+    except (StaleFile, OSError) as exc:
+        print(f"not changed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: saved")
+    return 0
+
+
+def _model_key(doc, model: str) -> list[str]:
+    if model not in doc.get(["models"]):
+        raise KeyError(f"model {model!r}")
+    return ["models", model]
+
+
+def _version_key(doc, model: str, version: str) -> list[str]:
+    if version not in doc.get([*_model_key(doc, model), "versions"]):
+        raise KeyError(f"version {version!r} of model {model!r}")
+    return ["models", model, "versions", version]
+
+
+def cmd_set_weight(args: argparse.Namespace) -> int:
+    traffic = {}
+    for item in args.weights:
+        version, _, weight = item.partition("=")
+        if not weight.isdigit():
+            raise CliError(f"{item!r} is not VERSION=WEIGHT with a non-negative integer weight")
+        traffic[version] = int(weight)
+    return edit_file(
+        args.file, lambda doc: doc.set([*_model_key(doc, args.model), "traffic"], traffic)
+    )
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    def change(doc) -> None:
+        _version_key(doc, args.model, args.version)
+        percent = int(args.percent) if args.percent.is_integer() else args.percent
+        doc.set(["models", args.model, "shadow"], {"version": args.version, "percent": percent})
+
+    return edit_file(args.file, change)
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    def change(doc) -> None:
+        doc.set([*_version_key(doc, args.model, args.version), "replicas"], args.replicas)
+
+    return edit_file(args.file, change)
+
+
 def print_replicas(path: Path) -> None:
     """The replicas that `infergate run` keeps, from its run folder (if it keeps any)."""
     try:
@@ -450,6 +512,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image", default="infergate:latest")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("set-weight", help="set a model's traffic weights in the routing file")
+    p.add_argument("file")
+    p.add_argument("model")
+    p.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    p.set_defaults(func=cmd_set_weight)
+
+    p = sub.add_parser("shadow", help="mirror a percent of a model's traffic to a version")
+    p.add_argument("file")
+    p.add_argument("model")
+    p.add_argument("version")
+    p.add_argument("percent", type=float)
+    p.set_defaults(func=cmd_shadow)
+
+    p = sub.add_parser("scale", help="set the replicas of a version in the routing file")
+    p.add_argument("file")
+    p.add_argument("model")
+    p.add_argument("version")
+    p.add_argument("replicas", type=int)
+    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("status", help="show what each Envoy has applied")
     p.add_argument("--admin-url", default="http://127.0.0.1:18001")
