@@ -18,6 +18,14 @@ from tests.test_config import BASE as TWO_VERSIONS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="rewrite the golden files (tests/testdata/*/out) from the current output",
+    )
+
+
 @pytest.fixture(scope="session")
 def envoy_binary() -> str:
     path = envoy_path()
