@@ -73,7 +73,7 @@ from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from envoy.type.v3.percent_pb2 import FractionalPercent
 from google.protobuf.any_pb2 import Any
 from google.protobuf.message import Message
-from google.protobuf.wrappers_pb2 import UInt32Value
+from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 
 from control_plane.config import Endpoint as ServerAddress
 from control_plane.config import Model, RoutingConfig
@@ -286,6 +286,27 @@ def _split_action(model: Model, name_of: Callable[[str, str], str] = cluster_nam
     return action
 
 
+def _pin_routes(
+    model: Model, kind: str, match: RouteMatch, name_of: Callable[[str, str], str] = cluster_name
+) -> list[Route]:
+    """Per version, the route that `match` plus the pin header naming that version takes to
+    the version's cluster (named by `name_of`)."""
+    routes = []
+    for v in model.versions:
+        pinned = RouteMatch(
+            headers=[HeaderMatcher(name=model.pin_header, string_match=StringMatcher(exact=v.name))]
+        )
+        pinned.MergeFrom(match)
+        routes.append(
+            Route(
+                name=f"{model.name}/{kind}/{v.name}",
+                match=pinned,
+                route=_action(model, cluster=name_of(model.name, v.name)),
+            )
+        )
+    return routes
+
+
 def _model_routes(model: Model) -> list[Route]:
     base = f"/v2/models/{model.name}"
     routes = [
@@ -296,19 +317,7 @@ def _model_routes(model: Model) -> list[Route]:
         )
         for v in model.versions
     ]
-    routes += [
-        Route(
-            name=f"{model.name}/pin/{v.name}",
-            match=RouteMatch(
-                path_separated_prefix=base,
-                headers=[
-                    HeaderMatcher(name=model.pin_header, string_match=StringMatcher(exact=v.name))
-                ],
-            ),
-            route=_action(model, cluster=cluster_name(model.name, v.name)),
-        )
-        for v in model.versions
-    ]
+    routes += _pin_routes(model, "pin", RouteMatch(path_separated_prefix=base))
     routes.append(
         Route(
             name=f"{model.name}/split",
@@ -347,6 +356,9 @@ def _listener(name: str, address: ServerAddress, route_config: str) -> Listener:
     )
     return Listener(
         name=name,
+        # One socket per address: a second Envoy on the same address fails to bind instead
+        # of silently taking a share of the connections.
+        enable_reuse_port=BoolValue(value=False),
         address=Address(
             socket_address=SocketAddress(address=address.host, port_value=address.port)
         ),
@@ -385,19 +397,7 @@ def _grpc_cluster(name: str, policy: Resilience) -> Cluster:
 
 def _grpc_route_config(model: Model) -> RouteConfiguration:
     """Every gRPC call on the model's own listener: pinned by header, else split."""
-    pins = [
-        Route(
-            name=f"{model.name}/grpc-pin/{v.name}",
-            match=RouteMatch(
-                prefix="/",
-                headers=[
-                    HeaderMatcher(name=model.pin_header, string_match=StringMatcher(exact=v.name))
-                ],
-            ),
-            route=_action(model, cluster=grpc_cluster_name(model.name, v.name)),
-        )
-        for v in model.versions
-    ]
+    pins = _pin_routes(model, "grpc-pin", RouteMatch(prefix="/"), grpc_cluster_name)
     split = Route(
         name=f"{model.name}/grpc-split",
         match=RouteMatch(prefix="/"),
