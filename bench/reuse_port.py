@@ -1,0 +1,159 @@
+"""Envoy throughput with the gateway listener's SO_REUSEPORT on and off (issue 8.1).
+
+Two Envoys run static copies of the translator's output for one model server: the same
+listener, routes and clusters, each on its own port, differing only in `enable_reuse_port`.
+wrk loads each in turn, interleaved (the one that goes first alternates), at one
+concurrency. Prints one JSON document: medians per variant and the median per-round ratio.
+
+    python -m bench.reuse_port [--rounds 5] [--seconds 5] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
+    HttpConnectionManager,
+)
+from google.protobuf.json_format import MessageToDict
+
+from bench.__main__ import machine
+from bench.load import IRIS_PATH, LoadResult, WrkLoad, load_generator
+from bench.stats import median
+from control_plane.config import parse
+from control_plane.translate import LISTENER_NAME, ROUTE_CONFIG_NAME, Resources, translate
+from gateway.bootstrap import envoy_command
+from gateway.envoy_proxy import envoy_path
+from gateway.processes import Child, free_port, model_server_child, wait_http
+
+LOCAL = "127.0.0.1"
+VARIANTS = {"reuse_port_on": True, "reuse_port_off": False}
+
+
+def static_bootstrap(resources: Resources, admin: int, reuse_port: bool) -> dict[str, Any]:
+    """An Envoy bootstrap holding the translated resources statically (routes inline,
+    endpoints in the clusters), with the listener's `enable_reuse_port` set as given."""
+    listener = Listener()
+    listener.CopyFrom(resources.listeners[LISTENER_NAME])
+    listener.enable_reuse_port.value = reuse_port
+    hcm = HttpConnectionManager()
+    packed = listener.filter_chains[0].filters[0].typed_config
+    packed.Unpack(hcm)
+    hcm.route_config.CopyFrom(resources.routes[ROUTE_CONFIG_NAME])  # replaces RDS
+    packed.Pack(hcm)
+    clusters = []
+    for name, translated in resources.clusters.items():
+        cluster = Cluster()
+        cluster.CopyFrom(translated)
+        cluster.type = Cluster.STATIC
+        cluster.ClearField("eds_cluster_config")
+        cluster.load_assignment.CopyFrom(resources.endpoints[name])
+        clusters.append(MessageToDict(cluster))
+    return {
+        "admin": {"address": {"socket_address": {"address": LOCAL, "port_value": admin}}},
+        "static_resources": {"listeners": [MessageToDict(listener)], "clusters": clusters},
+    }
+
+
+def start_envoy(workdir: Path, name: str, model_port: int, reuse_port: bool) -> tuple[Child, str]:
+    """One Envoy in front of the model server; returns it and its inference URL."""
+    listen, admin = free_port(), free_port()
+    text = f"listen: {LOCAL}:{listen}\nmodels:\n  iris:\n    versions:\n"
+    text += f"      v1: {{endpoints: [{LOCAL}:{model_port}]}}\n"
+    bootstrap = workdir / f"envoy-{name}.json"
+    bootstrap.write_text(json.dumps(static_bootstrap(translate(parse(text)), admin, reuse_port)))
+    argv = envoy_command(envoy_path(), str(bootstrap), "warning")
+    envoy = Child(f"envoy {name}", argv, str(workdir / f"envoy-{name}.log")).start()
+    wait_http(f"http://{LOCAL}:{admin}/ready", timeout=30, child=envoy)
+    return envoy, f"http://{LOCAL}:{listen}{IRIS_PATH}"
+
+
+def _medians(rounds: list[LoadResult]) -> dict[str, float]:
+    return {
+        "rps": round(median([r.rps for r in rounds]), 1),
+        "p50_ms": round(median([r.p50_ms for r in rounds]), 3),
+        "p99_ms": round(median([r.p99_ms for r in rounds]), 3),
+        "errors": sum(r.errors for r in rounds),
+    }
+
+
+def run(
+    repository: Path, load: WrkLoad, rounds: int, seconds: float, concurrency: int
+) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="infergate-reuse-port-"))
+    children: list[Child] = []
+    try:
+        model_port = free_port()
+        log = str(workdir / "model.log")
+        model = model_server_child(str(repository), "iris", "v1", (LOCAL, model_port), log)
+        children.append(model.start())
+        wait_http(f"http://{LOCAL}:{model_port}/v2/health/ready", child=model)
+        urls = {}
+        for name, reuse in VARIANTS.items():
+            envoy, urls[name] = start_envoy(workdir, name, model_port, reuse)
+            children.append(envoy)
+        for url in urls.values():
+            load.run(url, concurrency, 1.0)  # warm-up (Envoy is ready after its first health check)
+        per: dict[str, list[LoadResult]] = {name: [] for name in urls}
+        for i in range(rounds):
+            for name in list(urls) if i % 2 == 0 else list(reversed(urls)):
+                result = load.run(urls[name], concurrency, seconds)
+                per[name].append(result)
+                print(f"  round {i + 1}/{rounds} {name}: {result.rps:8.1f} req/s", file=sys.stderr)
+        ratios = [
+            off.rps / on.rps
+            for on, off in zip(per["reuse_port_on"], per["reuse_port_off"], strict=True)
+        ]
+        shutil.rmtree(workdir, ignore_errors=True)
+        return {
+            **{name: _medians(results) for name, results in per.items()},
+            "off_over_on_rps": round(median(ratios), 3),
+            "per_round": {name: [r.as_dict() for r in rs] for name, rs in per.items()},
+        }
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.reuse_port", description=__doc__)
+    p.add_argument("--repository", default="examples/models", help="trained model repository")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, default=16)
+    args = p.parse_args(argv)
+    load = load_generator("wrk")
+    if not isinstance(load, WrkLoad):
+        print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    report = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "load_generator": "wrk",
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "seconds_per_run": args.seconds,
+        "envoy_workers": "default (one per core)",
+    }
+    try:
+        report |= run(
+            Path(args.repository).resolve(), load, args.rounds, args.seconds, args.concurrency
+        )
+    finally:
+        load.close()
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
