@@ -3,7 +3,9 @@
 Two Envoys run static copies of the translator's output for one model server: the same
 listener, routes and clusters, each on its own port, differing only in `enable_reuse_port`.
 wrk loads each in turn, interleaved (the one that goes first alternates), at one
-concurrency. Prints one JSON document: medians per variant and the median per-round ratio.
+concurrency, on two paths: inference (through Envoy to the model server) and Envoy's own
+direct health response. Prints one JSON document: per path, medians per variant and the
+median per-round ratio off/on.
 
     python -m bench.reuse_port [--rounds 5] [--seconds 5] [--concurrency 16]
 """
@@ -37,6 +39,7 @@ from gateway.processes import Child, free_port, model_server_child, wait_http
 
 LOCAL = "127.0.0.1"
 VARIANTS = {"reuse_port_on": True, "reuse_port_off": False}
+HEALTH_PATH = "/v2/health/ready"  # answered by Envoy itself
 
 
 def static_bootstrap(resources: Resources, admin: int, reuse_port: bool) -> dict[str, Any]:
@@ -65,7 +68,7 @@ def static_bootstrap(resources: Resources, admin: int, reuse_port: bool) -> dict
 
 
 def start_envoy(workdir: Path, name: str, model_port: int, reuse_port: bool) -> tuple[Child, str]:
-    """One Envoy in front of the model server; returns it and its inference URL."""
+    """One Envoy in front of the model server; returns it and its base URL."""
     listen, admin = free_port(), free_port()
     text = f"listen: {LOCAL}:{listen}\nmodels:\n  iris:\n    versions:\n"
     text += f"      v1: {{endpoints: [{LOCAL}:{model_port}]}}\n"
@@ -74,7 +77,7 @@ def start_envoy(workdir: Path, name: str, model_port: int, reuse_port: bool) -> 
     argv = envoy_command(envoy_path(), str(bootstrap), "warning")
     envoy = Child(f"envoy {name}", argv, str(workdir / f"envoy-{name}.log")).start()
     wait_http(f"http://{LOCAL}:{admin}/ready", timeout=30, child=envoy)
-    return envoy, f"http://{LOCAL}:{listen}{IRIS_PATH}"
+    return envoy, f"http://{LOCAL}:{listen}"
 
 
 def _medians(rounds: list[LoadResult]) -> dict[str, float]:
@@ -86,9 +89,37 @@ def _medians(rounds: list[LoadResult]) -> dict[str, float]:
     }
 
 
+def compare(
+    load: WrkLoad, bases: dict[str, str], path: str, rounds: int, seconds: float, concurrency: int
+) -> dict[str, Any]:
+    """Both variants on one path: interleaved rounds, medians, median per-round ratio."""
+    per: dict[str, list[LoadResult]] = {name: [] for name in bases}
+    for base in bases.values():
+        load.run(base + path, concurrency, 1.0)  # warm-up
+    for i in range(rounds):
+        for name in list(bases) if i % 2 == 0 else list(reversed(bases)):
+            result = load.run(bases[name] + path, concurrency, seconds)
+            per[name].append(result)
+            print(
+                f"  {path} round {i + 1}/{rounds} {name}: {result.rps:8.1f} req/s", file=sys.stderr
+            )
+    ratios = [
+        off.rps / on.rps
+        for on, off in zip(per["reuse_port_on"], per["reuse_port_off"], strict=True)
+    ]
+    return {
+        "path": path,
+        **{name: _medians(results) for name, results in per.items()},
+        "off_over_on_rps": round(median(ratios), 3),
+        "per_round": {name: [r.as_dict() for r in rs] for name, rs in per.items()},
+    }
+
+
 def run(
     repository: Path, load: WrkLoad, rounds: int, seconds: float, concurrency: int
 ) -> dict[str, Any]:
+    """Inference through Envoy to the model server, and Envoy's own direct health response
+    (Envoy alone, without the Python model server as the bottleneck)."""
     workdir = Path(tempfile.mkdtemp(prefix="infergate-reuse-port-"))
     children: list[Child] = []
     try:
@@ -97,28 +128,16 @@ def run(
         model = model_server_child(str(repository), "iris", "v1", (LOCAL, model_port), log)
         children.append(model.start())
         wait_http(f"http://{LOCAL}:{model_port}/v2/health/ready", child=model)
-        urls = {}
-        for name, reuse in VARIANTS.items():
-            envoy, urls[name] = start_envoy(workdir, name, model_port, reuse)
+        bases = {}
+        for name, reuse in VARIANTS.items():  # ready after its first health check
+            envoy, bases[name] = start_envoy(workdir, name, model_port, reuse)
             children.append(envoy)
-        for url in urls.values():
-            load.run(url, concurrency, 1.0)  # warm-up (Envoy is ready after its first health check)
-        per: dict[str, list[LoadResult]] = {name: [] for name in urls}
-        for i in range(rounds):
-            for name in list(urls) if i % 2 == 0 else list(reversed(urls)):
-                result = load.run(urls[name], concurrency, seconds)
-                per[name].append(result)
-                print(f"  round {i + 1}/{rounds} {name}: {result.rps:8.1f} req/s", file=sys.stderr)
-        ratios = [
-            off.rps / on.rps
-            for on, off in zip(per["reuse_port_on"], per["reuse_port_off"], strict=True)
-        ]
-        shutil.rmtree(workdir, ignore_errors=True)
-        return {
-            **{name: _medians(results) for name, results in per.items()},
-            "off_over_on_rps": round(median(ratios), 3),
-            "per_round": {name: [r.as_dict() for r in rs] for name, rs in per.items()},
+        results = {
+            kind: compare(load, bases, path, rounds, seconds, concurrency)
+            for kind, path in (("inference", IRIS_PATH), ("envoy_direct_response", HEALTH_PATH))
         }
+        shutil.rmtree(workdir, ignore_errors=True)
+        return results
     finally:
         for child in reversed(children):
             child.stop()
