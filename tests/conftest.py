@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from control_plane import translate as translate_module
 from control_plane.service import ControlPlane
 from gateway.envoy_proxy import envoy_path
 from gateway.processes import free_port
@@ -24,6 +25,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="rewrite the golden files (tests/testdata/*/out) from the current output",
     )
+
+
+@pytest.fixture(autouse=True)
+def uncached_translator() -> None:
+    """Every test translates from scratch: the translator memoizes per model and policy, and
+    a result cached by an earlier test (or by mutmut's clean run, which its mutants fork
+    from) would hide what the code does now."""
+    for value in vars(translate_module).values():
+        if hasattr(value, "cache_clear"):
+            value.cache_clear()
 
 
 @pytest.fixture(scope="session")
