@@ -8,7 +8,8 @@ import jsonschema
 import pytest
 import yaml
 
-from control_plane.config import ConfigError, load, parse
+from control_plane.config import ConfigError, Shadow, load, parse, parse_endpoint
+from control_plane.resilience import Resilience
 from control_plane.schema import routing_schema
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "routing.yaml"
@@ -219,3 +220,206 @@ def test_rollout_canary_must_be_a_known_version_other_than_the_baseline():
     two_baselines = problems(three + "    rollout: {canary: v3}\n")
     assert any("needs one baseline, but traffic gives weight to v1, v2" in p for p in two_baselines)
     assert parse(BASE + "    rollout: {canary: v2}\n").models[0].rollout.baseline == "v1"
+
+
+def version_without(key: str) -> str:
+    return BASE.replace("v2: {endpoints: [127.0.0.1:9002]}", f"v2: {{{key}: [127.0.0.1:9102]}}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "models:\n  iris: {traffic: {v1: 100}}\n",
+            ["r.yaml:2:3: models.iris: missing required key 'versions'"],
+        ),
+        (
+            version_without("grpc_endpoints"),
+            [
+                "r.yaml:5:7: models.iris.versions.v2: missing required key 'endpoints'",
+                "r.yaml:6:23: models.iris.traffic.v2: unknown version 'v2' (versions: v1)",
+            ],
+        ),
+        (
+            "models:\n  iris:\n    versions: {}\n",
+            ["r.yaml:3:15: models.iris.versions: needs at least one version"],
+        ),
+        (
+            BASE.replace("[127.0.0.1:9002]}", "[127.0.0.1:9002], colour: red}"),
+            [
+                "r.yaml:5:41: models.iris.versions.v2.colour: unknown key 'colour' "
+                "(expected one of: endpoints, grpc_endpoints)"
+            ],
+        ),
+        (
+            BASE.replace("[127.0.0.1:9002]", "127.0.0.1:9002"),
+            ["r.yaml:5:23: models.iris.versions.v2.endpoints: expected a list"],
+        ),
+        (
+            BASE + "    pin_header: X_Version\n",
+            ["r.yaml:7:17: models.iris.pin_header: 'X_Version' is not a header name"],
+        ),
+        (
+            BASE + "    pin_header: 5\n",
+            ["r.yaml:7:17: models.iris.pin_header: 5 is not a header name"],
+        ),
+        (
+            BASE + "    pin_header: [x-a]\n",
+            [
+                "r.yaml:7:17: models.iris.pin_header: expected a single value, not a list or "
+                "mapping",
+                "r.yaml:7:17: models.iris.pin_header: None is not a header name",
+            ],
+        ),
+        (
+            BASE + "    timeout: soon\n",
+            [
+                "r.yaml:7:14: models.iris.timeout: 'soon' is not a positive duration like "
+                "500ms, 30s, 2m"
+            ],
+        ),
+        (
+            BASE + "    resilience: {load_balancing: magic}\n",
+            [
+                "r.yaml:7:34: models.iris.resilience.load_balancing: 'magic' is not one of: "
+                "least_request, round_robin, random, orca_weighted"
+            ],
+        ),
+        (
+            BASE.replace("    traffic:", "    grpc_listen: nowhere\n    traffic:").replace(
+                "v1: {endpoints: [127.0.0.1:9001]}", "v1: {endpoints: [], grpc_endpoints: []}"
+            ),
+            [
+                "r.yaml:5:7: models.iris.versions.v2: the model has grpc_listen, so each "
+                "version needs grpc_endpoints",
+                "r.yaml:6:18: models.iris.grpc_listen: 'nowhere' is not 'ip:port' with an IP "
+                "address",
+            ],
+        ),
+        (
+            BASE.replace("{v1: 90, v2: 10}", "{}"),
+            ["r.yaml:6:14: models.iris.traffic: needs at least one version with a positive weight"],
+        ),
+        (
+            BASE.replace("v2: 10}", "v9: 10}"),
+            ["r.yaml:6:23: models.iris.traffic.v9: unknown version 'v9' (versions: v1, v2)"],
+        ),
+        (
+            BASE.replace("v2: 10}", "v2: [10]}"),
+            [
+                "r.yaml:6:27: models.iris.traffic.v2: expected a single value, not a list or "
+                "mapping",
+                "r.yaml:6:27: models.iris.traffic.v2: weight must be a non-negative integer, "
+                "got None",
+            ],
+        ),
+        (
+            BASE + "    shadow: {version: v2}\n",
+            ["r.yaml:7:13: models.iris.shadow: missing required key 'percent'"],
+        ),
+        (
+            BASE + "    shadow: {percent: 5}\n",
+            ["r.yaml:7:13: models.iris.shadow: missing required key 'version'"],
+        ),
+        (BASE + "    shadow: [v2]\n", ["r.yaml:7:13: models.iris.shadow: expected a mapping"]),
+        (
+            BASE + "    shadow: {version: v2, percent: 5, colour: red}\n",
+            [
+                "r.yaml:7:39: models.iris.shadow.colour: unknown key 'colour' (expected one "
+                "of: percent, version)"
+            ],
+        ),
+        (
+            BASE + "    shadow: {version: [v2], percent: 5}\n",
+            [
+                "r.yaml:7:23: models.iris.shadow.version: expected a single value, not a "
+                "list or mapping",
+                "r.yaml:7:23: models.iris.shadow.version: unknown version None",
+            ],
+        ),
+        (
+            BASE + "    shadow: {version: v2, percent: [5]}\n",
+            [
+                "r.yaml:7:36: models.iris.shadow.percent: expected a single value, not a "
+                "list or mapping",
+                "r.yaml:7:36: models.iris.shadow.percent: must be a number 0-100, got None",
+            ],
+        ),
+        *[
+            (
+                BASE + f"    shadow: {{version: v2, percent: {bad}}}\n",
+                [f"r.yaml:7:36: models.iris.shadow.percent: must be a number 0-100, got {shown}"],
+            )
+            for bad, shown in (("true", "True"), ("-0.5", "-0.5"), ("100.5", "100.5"))
+        ],
+        (
+            "models:\n  - a\n b: 1\n",
+            ["r.yaml:3:2: invalid YAML: did not find expected key"],
+        ),
+        ("", ["r.yaml:1:1: the file is empty"]),
+        ("- 1\n", ["r.yaml:1:1: expected a mapping"]),
+        ("listen: 127.0.0.1:8080\n", ["r.yaml:1:1: missing required key 'models'"]),
+        ("listen: 8080\nmodels: {}\n", ["r.yaml:1:9: listen: expected 'ip:port', got 8080"]),
+        ("models: [iris]\n", ["r.yaml:1:9: models: expected a mapping"]),
+        (
+            "listen: 127.0.0.1:8080\nmodel: {}\n",
+            [
+                "r.yaml:2:1: model: unknown key 'model' (expected one of: listen, models, "
+                "resilience)",
+                "r.yaml:1:1: missing required key 'models'",
+            ],
+        ),
+    ],
+)
+def test_every_problem_is_listed_exactly(text, expected):
+    assert problems(text) == expected
+
+
+def test_a_model_without_options_gets_the_defaults():
+    config = parse(BASE)
+    (iris,) = config.models
+    assert str(config.listen) == "127.0.0.1:8080"
+    assert iris.shadow is None and iris.grpc_listen is None
+    assert iris.pin_header == "x-model-version" and iris.timeout == 30.0
+    assert iris.resilience == Resilience()
+    assert iris.version("v2").endpoints == (parse_endpoint("127.0.0.1:9002"),)
+
+
+def test_model_options_are_read():
+    text = BASE + "    pin_header: x-pin\n    timeout: 1500ms\n"
+    text += "    shadow: {version: v2, percent: 0}\n    resilience: {load_balancing: random}\n"
+    (iris,) = parse(text).models
+    assert (iris.pin_header, iris.timeout, iris.shadow) == ("x-pin", 1.5, Shadow("v2", 0.0))
+    assert iris.resilience.load_balancing == "random"
+    full = parse(BASE + "    shadow: {version: v2, percent: 100}\n").models[0].shadow
+    assert full == Shadow("v2", 100.0)
+
+
+def test_grpc_listen_clash_between_models_names_both():
+    grpc = BASE.replace("[127.0.0.1:9001]}", "[127.0.0.1:9001], grpc_endpoints: [127.0.0.1:9101]}")
+    grpc = grpc.replace("[127.0.0.1:9002]}", "[127.0.0.1:9002], grpc_endpoints: [127.0.0.1:9102]}")
+    one = grpc.replace("    traffic:", "    grpc_listen: 127.0.0.1:8081\n    traffic:")
+    two = one.replace("  iris:", "  other:").replace("models:\n", "")
+    assert problems(one + two) == [
+        "r.yaml:2:3: models.other.grpc_listen: 127.0.0.1:8081 is already used by "
+        "models.iris.grpc_listen"
+    ]
+
+
+def test_files_name_themselves_in_problems(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load(missing)
+    assert [str(p) for p in info.value.problems] == [
+        f"{missing}:1:1: cannot read file: No such file or directory"
+    ]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE.replace("v2: 10}", "v2: -1}"))
+    with pytest.raises(ConfigError) as info:
+        load(bad)
+    assert [str(p) for p in info.value.problems] == [
+        f"{bad}:6:27: models.iris.traffic.v2: weight must be a non-negative integer, got -1"
+    ]
+    good = tmp_path / "good.yaml"
+    good.write_text(BASE)
+    assert load(good) == parse(BASE)
