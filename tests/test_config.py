@@ -241,6 +241,34 @@ def version_without(key: str) -> str:
             ],
         ),
         (
+            "models:\n  iris:\n    versions: [v1]\n",
+            ["r.yaml:3:15: models.iris.versions: expected a mapping"],
+        ),
+        (
+            BASE.replace("{v1: 90, v2: 10}", "[v1]"),
+            ["r.yaml:6:14: models.iris.traffic: expected a mapping"],
+        ),
+        (
+            "models:\n  Iris: {}\n  b_: {}\n",
+            [
+                f"r.yaml:{line}:3: models.{name}: model name {name!r} must be lowercase "
+                "letters, digits, '-' or '_' (at most 63, starting and ending with a letter or "
+                "digit)"
+                for line, name in ((2, "Iris"), (3, "b_"))
+            ],
+        ),
+        (
+            BASE.replace("{endpoints: [127.0.0.1:9001]}", "{}").replace(
+                "{endpoints: [127.0.0.1:9002]}", "{}"
+            ),
+            [
+                "r.yaml:4:7: models.iris.versions.v1: missing required key 'endpoints'",
+                "r.yaml:5:7: models.iris.versions.v2: missing required key 'endpoints'",
+                "r.yaml:6:15: models.iris.traffic.v1: unknown version 'v1' (versions: )",
+                "r.yaml:6:23: models.iris.traffic.v2: unknown version 'v2' (versions: )",
+            ],
+        ),
+        (
             "models:\n  iris:\n    versions: {}\n",
             ["r.yaml:3:15: models.iris.versions: needs at least one version"],
         ),
