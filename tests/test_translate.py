@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 
 from control_plane.config import parse
@@ -124,3 +126,11 @@ def test_default_cluster_has_readiness_health_check_and_least_request():
     cluster = translate(parse(YAML)).clusters["iris/v1"]
     assert cluster.lb_policy == Cluster.LEAST_REQUEST
     assert cluster.health_checks[0].http_health_check.path == "/v2/health/ready"
+
+
+def test_health_check_timeouts_of_actively_checked_clusters_only():
+    text = (Path(__file__).parent / "testdata" / "translate" / "in" / "resilience.yaml").read_text()
+    grpc = (Path(__file__).parent / "testdata" / "translate" / "in" / "grpc.yaml").read_text()
+    assert translate(parse(text)).health_check_timeouts == {"tuned/a": 0.25, "overridden/a": 0.25}
+    timeouts = translate(parse(grpc)).health_check_timeouts
+    assert timeouts == {f"iris/{v}": 1.0 for v in ("v1", "v2", "v3")} | {"single/a": 1.0}
