@@ -15,10 +15,12 @@ import time
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+from envoy.config.listener.v3.listener_pb2 import Listener
+from google.protobuf.any_pb2 import Any
 from google.protobuf.message import Message
 
 from control_plane.config import Endpoint
-from control_plane.translate import LISTENER_NAME, Resources, gateway_listener
+from control_plane.translate import LISTENER_NAME, Resources
 from control_plane.wire import encode_any
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -110,7 +112,14 @@ def with_listen(snapshot: Snapshot, listen: Endpoint) -> Snapshot:
     """The snapshot for a node that serves the `gateway` listener on its own address:
     only the listeners differ; every other type is the same object."""
     listeners = dict(snapshot.types[LISTENER].resources)
-    listeners |= _encode(LISTENER, {LISTENER_NAME: gateway_listener(listen)})
+    # The snapshot's own gateway listener, moved: it keeps what was added after translation
+    # (the access log).
+    packed, gateway = Any(), Listener()
+    packed.ParseFromString(listeners[LISTENER_NAME])
+    packed.Unpack(gateway)
+    gateway.address.socket_address.address = listen.host
+    gateway.address.socket_address.port_value = listen.port
+    listeners |= _encode(LISTENER, {LISTENER_NAME: gateway})
     types = {**snapshot.types, LISTENER: _type_snapshot(snapshot.epoch, listeners)}
     return replace(snapshot, version=_overall_version(snapshot.epoch, types), types=types)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from control_plane.config import ConfigError, load, parse_endpoint
 from control_plane.ports import AddressInUse, ensure_free
 from control_plane.schema import routing_schema
-from gateway import logs
+from gateway import logs, observe
 
 
 class CliError(Exception):
@@ -328,7 +328,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         gone = node["disconnected_for"]  # None while connected
         connected = "yes" if gone is None else f"no, {round(gone)}s ago"
         for name, t in node["types"].items():
-            acked = "yes" if t["acked_version"] == snap.get("types", {}).get(name) else "no"
+            acked = "yes" if observe.acked(node, name, snap.get("types", {}).get(name)) else "no"
             nack = t["nack"]["message"][:60] if t["nack"] else ""
             print(f"{node['node_id']:24} {connected:16} {name:4} {acked:7} {nack}")
     return 0

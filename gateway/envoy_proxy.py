@@ -26,11 +26,13 @@ def envoy_child(
     log_level: str = "warning",
     delta: bool = False,
     tls: XdsTls | None = None,
+    listen: str | None = None,
 ) -> Child:
-    """Write the bootstrap into `workdir` and return the (unstarted) Envoy process."""
+    """Write the bootstrap into `workdir` and return the (unstarted) Envoy process (serving
+    the gateway at `listen`, ip:port, instead of the YAML's `listen` when given)."""
     workdir.mkdir(parents=True, exist_ok=True)
     bootstrap = workdir / f"envoy-{node_id}.json"
-    config = envoy_bootstrap(node_id, xds, admin, delta=delta, tls=tls)
+    config = envoy_bootstrap(node_id, xds, admin, delta=delta, tls=tls, listen=listen)
     bootstrap.write_text(json.dumps(config, indent=2))
     argv = envoy_command(envoy_path(), str(bootstrap), log_level)
     return Child(f"envoy {node_id}", argv, str(workdir / f"envoy-{node_id}.log"))

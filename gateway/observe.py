@@ -36,12 +36,17 @@ def converged(status: dict[str, Any], after: float = 0.0, nodes: int = 1) -> boo
         snapshot
         and (status["config"]["applied_at"] or 0) >= after
         and len(connected) >= nodes
-        and all(
-            n["types"].get(t, {}).get("acked_version") == v
-            for n in connected
-            for t, v in snapshot["types"].items()
-        )
+        and all(acked(n, t, v) for n in connected for t, v in snapshot["types"].items())
     )
+
+
+def acked(node: dict[str, Any], type_name: str, version: str | None) -> bool:
+    """Whether `node` ACKed `version` of a type; a node serving on its own `listen` gets a
+    listener variant of its own, so there its last sent listener version counts."""
+    state = node["types"].get(type_name, {})
+    if type_name == "lds" and node.get("listen"):
+        version = state.get("sent_version") or version
+    return state.get("acked_version") == version
 
 
 def wait_converged(

@@ -287,9 +287,15 @@ class Stack:
         wait_http(f"http://127.0.0.1:{self.envoy_admin}/ready", timeout=60, child=self.envoy)
 
     def launch_envoy(
-        self, node_id: str, admin: int, delta: bool, tls: XdsTls | None = None
+        self,
+        node_id: str,
+        admin: int,
+        delta: bool,
+        tls: XdsTls | None = None,
+        listen: int | None = None,
     ) -> Child:
-        """Start one more Envoy on the same control plane (without waiting for it)."""
+        """Start one more Envoy on the same control plane (without waiting for it), serving
+        on port `listen` of its own when given (listeners never share a port)."""
         assert Path(envoy_path()).exists()
         child = envoy_child(
             node_id,
@@ -299,6 +305,7 @@ class Stack:
             "info",
             delta=delta,
             tls=tls,
+            listen=f"127.0.0.1:{listen}" if listen else None,
         ).start()
         self.envoys.append(child)
         return child

@@ -204,7 +204,7 @@ def test_several_envoys_sotw_and_delta_and_a_late_one_converge(
         stack.start_control_plane()
         stack.start_envoy("edge-sotw")
         second = free_port()
-        stack.launch_envoy("edge-delta", second, delta=True)
+        stack.launch_envoy("edge-delta", second, delta=True, listen=free_port())
         wait_http(f"{admin_url(second)}/ready", timeout=30)
         stack.wait_converged(nodes=2)
         for traffic in ({"v2": 100}, {"v1": 50, "v3": 50}, {"v3": 100}):
@@ -215,7 +215,7 @@ def test_several_envoys_sotw_and_delta_and_a_late_one_converge(
                 split = observe.route(admin_url(admin), "iris/split")["route"]
                 assert observe.weights(split, "iris/") == traffic
         late = free_port()
-        stack.launch_envoy("edge-late", late, delta=False)
+        stack.launch_envoy("edge-late", late, delta=False, listen=free_port())
         wait_http(f"{admin_url(late)}/ready", timeout=30)
         status = stack.wait_converged(nodes=3)
         rds = status["snapshot"]["types"]["rds"]
@@ -278,7 +278,9 @@ def test_xds_over_tls_server_only_then_mutual(tmp_path, model_repository, envoy_
         stack.start_control_plane(*server_tls, "--tls-client-ca", str(ca.path))
         trusted = {mode: free_port() for mode in ("sotw", "delta")}
         for mode, port in trusted.items():
-            stack.launch_envoy(f"trusted-{mode}", port, mode == "delta", trusted_tls)
+            stack.launch_envoy(
+                f"trusted-{mode}", port, mode == "delta", trusted_tls, listen=free_port()
+            )
         anonymous, stranger = free_port(), free_port()
         stack.launch_envoy("anonymous", anonymous, False, XdsTls(str(ca.path)))
         foreign_tls = XdsTls(str(ca.path), str(foreign_cert), str(foreign_key))
