@@ -15,6 +15,7 @@ import grpc
 import pytest
 from aiohttp import web
 
+from gateway import observe
 from gateway.processes import free_port, wait_http
 from tests.stack import LoadLoop, Stack, cli, get_json, get_text, infer, routing_yaml
 
@@ -64,12 +65,9 @@ class Observer:
         }
 
     def envoy_completed(self, admin: int, version: str) -> int:
-        stack = self.stack
-        old, stack.envoy_admin = stack.envoy_admin, admin
-        try:
-            return stack.envoy_stat(f"cluster.iris/{version}.upstream_rq_completed")
-        finally:
-            stack.envoy_admin = old
+        """Requests the Envoy with admin port `admin` completed to `version`."""
+        name = f"cluster.iris/{version}.upstream_rq_completed"
+        return observe.envoy_stat(f"http://127.0.0.1:{admin}", name)
 
 
 @pytest.fixture(scope="module")
