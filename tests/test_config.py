@@ -222,6 +222,12 @@ def test_rollout_canary_must_be_a_known_version_other_than_the_baseline():
     assert parse(BASE + "    rollout: {canary: v2}\n").models[0].rollout.baseline == "v1"
 
 
+NEEDS_SERVERS = (
+    "needs 'endpoints' (servers started elsewhere), or 'replicas' or 'autoscale' (servers "
+    "that infergate run starts)"
+)
+
+
 def version_without(key: str) -> str:
     return BASE.replace("v2: {endpoints: [127.0.0.1:9002]}", f"v2: {{{key}: [127.0.0.1:9102]}}")
 
@@ -236,7 +242,7 @@ def version_without(key: str) -> str:
         (
             version_without("grpc_endpoints"),
             [
-                "r.yaml:5:7: models.iris.versions.v2: missing required key 'endpoints'",
+                "r.yaml:5:7: models.iris.versions.v2: " + NEEDS_SERVERS,
                 "r.yaml:6:23: models.iris.traffic.v2: unknown version 'v2' (versions: v1)",
             ],
         ),
@@ -262,8 +268,8 @@ def version_without(key: str) -> str:
                 "{endpoints: [127.0.0.1:9002]}", "{}"
             ),
             [
-                "r.yaml:4:7: models.iris.versions.v1: missing required key 'endpoints'",
-                "r.yaml:5:7: models.iris.versions.v2: missing required key 'endpoints'",
+                "r.yaml:4:7: models.iris.versions.v1: " + NEEDS_SERVERS,
+                "r.yaml:5:7: models.iris.versions.v2: " + NEEDS_SERVERS,
                 "r.yaml:6:15: models.iris.traffic.v1: unknown version 'v1' (versions: )",
                 "r.yaml:6:23: models.iris.traffic.v2: unknown version 'v2' (versions: )",
             ],
@@ -276,7 +282,7 @@ def version_without(key: str) -> str:
             BASE.replace("[127.0.0.1:9002]}", "[127.0.0.1:9002], colour: red}"),
             [
                 "r.yaml:5:41: models.iris.versions.v2.colour: unknown key 'colour' "
-                "(expected one of: endpoints, grpc_endpoints)"
+                "(expected one of: autoscale, endpoints, grpc_endpoints, replicas)"
             ],
         ),
         (
