@@ -1,11 +1,12 @@
 """The rollout controller: moves a canary through its steps and judges each one.
 
-It is a pure state machine: the caller passes the time to every call, measurements come in
-through the `Measurements` (and `ShadowComparisons`) protocol, and the controller acts only
-by the weights it wants (`overrides()`, applied on top of the file by `apply()`), plus one
-callback that writes the final traffic into the routing YAML when a rollout ends. Each
-decision is recorded with its numbers and reason in words, and the state is saved in a
-`StateStore` after every change, so that a restarted controller resumes at the same step.
+It is a pure state machine: the caller passes the time (a monotonic clock) to every call,
+measurements come in through the `Measurements` (and `ShadowComparisons`) protocol, and the
+controller acts only by the weights it wants (`overrides()`, applied on top of the file by
+`apply()`), plus one callback that writes the final traffic into the routing YAML when a
+rollout ends. Each decision is recorded with its numbers, reason in words and Unix time,
+and the state is saved in a `StateStore` after every change, so that a restarted
+controller resumes at the same step.
 
 Between decisions, "early looks" may roll a badly failing canary back within the interval
 at no cost in false alarms (alpha spending, see `_look_early`).
@@ -18,6 +19,7 @@ between by the operator or by an edit of the model's `traffic` in the file.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
@@ -25,19 +27,13 @@ from typing import Any, Protocol
 from control_plane.analysis import ALPHA, Analysis, Numbers, analyse
 from control_plane.config import Model, Rollout, RolloutShadow, RoutingConfig, Shadow
 from control_plane.state_store import Conflict, StateStore
+from control_plane.telemetry import IntervalStats
 
 log = logging.getLogger(__name__)
 
 ACTIVE = ("shadowing", "progressing")
 ENDED = ("succeeded", "rolled_back")
 MAX_HISTORY = 500
-
-
-@dataclass(frozen=True)
-class IntervalStats:
-    requests: float
-    errors: float
-    durations: tuple[float, ...]
 
 
 class Measurements(Protocol):
@@ -140,9 +136,11 @@ class RolloutController:
         shadows: ShadowComparisons | None = None,
         write_traffic: TrafficWriter | None = None,
         early: bool = True,
+        wall_clock: Callable[[], float] = time.time,
     ):
         self.measurements = measurements
         self.early = early
+        self.wall_clock = wall_clock
         self.shadows = shadows
         self.store = store
         self.write_traffic = write_traffic
@@ -174,7 +172,13 @@ class RolloutController:
 
     def _record(self, s: State, now: float, kind: str, reason: str, **numbers: Any) -> None:
         s.reason = reason
-        entry = {"time": now, "kind": kind, "step": s.step, "canary_weight": s.canary_weight}
+        entry = {
+            "time": self.wall_clock(),  # Unix time, for people
+            "clock": now,  # the caller's (monotonic) clock, as in window_start
+            "kind": kind,
+            "step": s.step,
+            "canary_weight": s.canary_weight,
+        }
         s.history.append({**entry, "reason": reason, **numbers})
         del s.history[:-MAX_HISTORY]
         log.info(
