@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("shadowing", "progressing")
 ENDED = ("succeeded", "rolled_back")
+PHASES = (*ACTIVE, "paused", *ENDED)
 MAX_HISTORY = 500
 
 
@@ -59,7 +60,11 @@ class ShadowComparisons(Protocol):
 
 
 class RolloutError(Exception):
-    """An action that does not apply (unknown model, wrong phase)."""
+    """An action that does not apply in the rollout's phase."""
+
+
+class NoRollout(RolloutError):
+    """The model has no rollout."""
 
 
 # Writes a model's final traffic into the routing YAML and drops its rollout block.
@@ -95,6 +100,7 @@ class State:
     detached: bool = False  # the file no longer has this rollout block
     written: bool = False  # the final traffic is in the routing YAML
     history: list[dict[str, Any]] = field(default_factory=list)
+    decisions: dict[str, int] = field(default_factory=dict)  # by kind, never truncated
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +122,7 @@ class State:
             "canary_weight": self.canary_weight,
             "reason": self.reason,
             "failures": self.failures,
+            "decisions": dict(self.decisions),
             "history": list(self.history),
         }
 
@@ -180,6 +187,7 @@ class RolloutController:
             "canary_weight": s.canary_weight,
         }
         s.history.append({**entry, "reason": reason, **numbers})
+        s.decisions[kind] = s.decisions.get(kind, 0) + 1
         del s.history[:-MAX_HISTORY]
         log.info(
             "rollout %s: %s at step %d (%d%%): %s", s.model, kind, s.step, s.canary_weight, reason
@@ -402,7 +410,7 @@ class RolloutController:
     def _get(self, model: str) -> State:
         s = self._load(model)
         if s is None:
-            raise RolloutError(f"no rollout for model {model!r}")
+            raise NoRollout(f"no rollout for model {model!r}")
         return s
 
     def _pause(self, s: State, now: float, hands_off: bool, reason: str) -> None:
@@ -447,6 +455,15 @@ class RolloutController:
             "aborted by the operator: all traffic to the baseline",
             {},
         )
+
+    ACTIONS = ("pause", "resume", "promote", "abort")
+
+    def act(self, model: str, action: str, now: float) -> dict[str, Any]:
+        """Run one of `ACTIONS` on the model's rollout; return its status."""
+        if action not in self.ACTIONS:
+            raise ValueError(f"unknown action {action!r}: one of {', '.join(self.ACTIONS)}")
+        getattr(self, action)(model, now)
+        return self._states[model].status()
 
     # -- output --------------------------------------------------------------------------
 

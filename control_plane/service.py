@@ -221,6 +221,14 @@ class ControlPlane:
     def rollout_status(self) -> dict[str, Any]:
         return self.rollouts.status()
 
+    def rollout_action(self, model: str, action: str) -> dict[str, Any]:
+        """An operator's action; new weights (an abort's baseline at 100) publish at once."""
+        before = self.rollouts.overrides()
+        status = self.rollouts.act(model, action, self.store.clock())
+        if self.rollouts.overrides() != before:
+            self._dirty.set()
+        return status
+
     def _runtime(self) -> dict[str, Runtime]:
         """The RTDS layer every Envoy's bootstrap asks for (empty without telemetry)."""
         if self.telemetry_sample is None:
