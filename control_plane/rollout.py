@@ -497,5 +497,9 @@ class RolloutController:
             models.append(m)
         return replace(config, models=tuple(models))
 
+    def shadowing(self) -> list[tuple[str, Rollout]]:
+        """The models whose canary is in its shadow phase, with their rollout."""
+        return [(n, s.spec) for n, s in self._states.items() if s.phase == "shadowing"]
+
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: s.status() for name, s in sorted(self._states.items())}
