@@ -4,12 +4,16 @@ test upstreams whose error rate and latency the test sets (a tiny aiohttp server
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import joblib
+import numpy as np
 import pytest
 from aiohttp import web
 
@@ -25,6 +29,16 @@ ROLLOUT = """\
       max_error_rate: 0.01
       max_p99_ratio: 1.5
 """
+
+SHADOW = """\
+    rollout:
+      canary: v3
+      shadow: {{percent: 100, min_pairs: {min_pairs}, min_agreement: 0.99}}
+      steps: [50, 100]
+      interval: 2s
+      min_requests: 50
+"""
+RECORD = ("--record-answers", "5000")
 
 
 @dataclass
@@ -198,3 +212,74 @@ def test_healthy_canary_succeeds_through_a_control_plane_restart(stack):
     text = s.config.read_text()
     assert "traffic: {v1: 0, v2: 100}" in text and "    rollout:" not in text
     assert "# routing for the rollout test" in text and "# the weights, written back" in text
+
+
+def iris_rows(repository: Path, disagreeing: bool, n: int) -> list[list[float]]:
+    """Iris-like inputs on which v1 and v3 predict the same class, or different ones."""
+    v1 = joblib.load(repository / "iris" / "v1" / "model.joblib")
+    v3 = joblib.load(repository / "iris" / "v3" / "model.joblib")
+    x = np.random.default_rng(0).uniform([4, 2, 1, 0.1], [8, 4.5, 7, 2.5], (5000, 4))
+    rows = x[(v1.predict(x) != v3.predict(x)) == disagreeing]
+    assert len(rows) >= n
+    return rows[:n].round(2).tolist()
+
+
+def send(port: int, rows: list[list[float]], stop: threading.Event, seen: list) -> None:
+    """Requests with these rows in turn until `stop`; records (sent at, status, version)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    i = 0
+    while not stop.is_set():
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": rows[i]}]}
+        sent, i = time.monotonic(), (i + 1) % len(rows)
+        conn.request("POST", "/v2/models/iris/infer", json.dumps(body))
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+        seen.append((sent, resp.status, answer.get("model_version")))
+    conn.close()
+
+
+@pytest.mark.parametrize("disagree", [0.0, 0.3], ids=["agreeing", "disagreeing-30%"])
+def test_shadow_phase_pairs_the_model_servers_answers(tmp_path, model_repository, disagree):
+    s = Stack(tmp_path, model_repository, replicas={"v1": 1, "v3": 1}, model_options=RECORD)
+    try:
+        s.start_models()
+        shadow = SHADOW.format(min_pairs=60)
+        text = routing_yaml(s.listen, s.model_ports, {"v1": 100}, extra=shadow)
+        s.write(text)
+        s.start_control_plane("--health-interval", "0")
+        s.start_envoy()
+        s.wait_converged()
+        bad = round(disagree * 10)
+        rows = iris_rows(model_repository, False, 10 - bad) + iris_rows(model_repository, True, bad)
+        stop, seen = threading.Event(), []
+        worker = threading.Thread(target=send, args=(s.listen, rows, stop, seen), daemon=True)
+        worker.start()
+        try:
+            shadowing_until = time.monotonic()
+            deadline = shadowing_until + 40
+            while (r := rollout(s))["phase"] == "shadowing":
+                shadowing_until = time.monotonic()
+                assert shadowing_until < deadline, r["reason"]
+                time.sleep(0.1)
+            r = wait_phase(s, {"succeeded", "rolled_back"})
+        finally:
+            stop.set()
+            worker.join(15)
+    finally:
+        s.stop()
+    assert all(status == 200 for _, status, _ in seen)
+    during = {version for sent, _, version in seen if sent < shadowing_until}
+    assert during == {"v1"}  # no client answer came from the shadow
+    judged = next(d for d in r["history"] if d["kind"] in ("advance", "rollback"))
+    numbers = judged["shadow"]
+    assert numbers["pairs"] >= 60
+    if disagree:
+        assert r["phase"] == "rolled_back" and judged["step"] == 0, r["reason"]
+        assert 0.6 < numbers["agreement"] < 0.8, numbers
+        assert "no user saw the canary" in judged["reason"]
+        example = numbers["examples"][0]
+        assert example["primary"] != example["shadow"] and example["request_id"]
+        assert {v for _, _, v in seen} == {"v1"}
+    else:
+        assert r["phase"] == "succeeded", r["reason"]
+        assert numbers["agreement"] == 1.0 and judged["kind"] == "advance"
