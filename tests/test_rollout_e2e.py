@@ -7,6 +7,7 @@ import http.client
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,3 +222,35 @@ def test_shadow_phase_pairs_the_model_servers_answers(tmp_path, model_repository
     else:
         assert r["phase"] == "succeeded", r["reason"]
         assert numbers["agreement"] == 1.0 and judged["kind"] == "advance"
+
+
+def test_abort_under_load_fails_no_request(stack, tmp_path):
+    s, _ = stack
+    (tmp_path / "token").write_text("s3cret")
+    text = routing_yaml(s.listen, s.model_ports, {"v1": 100}, extra=ROLLOUT.format(steps="50"))
+    s.write(text.replace("interval: 2s", "interval: 60m"))  # no decision of its own
+    s.start_control_plane("--health-interval", "0", "--admin-token-file", str(tmp_path / "token"))
+    s.start_envoy()
+    wait_envoy_split(s, {"iris/v1": 50, "iris/v2": 50})
+    with LoadLoop(s.listen, threads=2) as load:
+        wait_until_served(load, "v2")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{s.admin}/rollouts/iris/abort",
+            method="POST",
+            headers={"Authorization": "Bearer s3cret"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert json.load(resp)["rollout"]["phase"] == "rolled_back"
+        wait_envoy_split(s, {"iris/v1": 100})
+        after = time.monotonic()
+        wait_until_served(load, "v1", since=after)
+    assert load.failures() == []
+    assert load.versions_since(after + 1).keys() <= {"v1"}
+    assert rollout(s)["history"][-1]["kind"] == "abort"
+
+
+def wait_until_served(load: LoadLoop, version: str, since: float = 0.0) -> None:
+    deadline = time.monotonic() + 10
+    while load.versions_since(since)[version] < 20:
+        assert time.monotonic() < deadline, load.versions_since(since)
+        time.sleep(0.05)
