@@ -66,7 +66,7 @@ def rollout(s: Stack) -> dict:
     return get_json(f"http://127.0.0.1:{s.admin}/rollouts")["rollouts"]["iris"]
 
 
-def wait_phase(s: Stack, phases: set[str], timeout: float = 30) -> dict:
+def wait_phase(s: Stack, phases: set[str], timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while (r := rollout(s))["phase"] not in phases:
         assert time.monotonic() < deadline, json.dumps(r, indent=1)[:3000]
@@ -91,7 +91,7 @@ def envoy_split(s: Stack) -> dict[str, int]:
     raise AssertionError("no iris/split route in Envoy's config")
 
 
-def wait_envoy_split(s: Stack, want: dict[str, int], timeout: float = 10) -> None:
+def wait_envoy_split(s: Stack, want: dict[str, int], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while (found := envoy_split(s)) != want:
         assert time.monotonic() < deadline, found
