@@ -25,8 +25,9 @@ from scipy.stats import binomtest
 
 from bench.__main__ import git_revision
 from control_plane.config import parse
-from control_plane.rollout import IntervalStats, RolloutController
+from control_plane.rollout import RolloutController
 from control_plane.state_store import Conflict, Stored
+from control_plane.telemetry import IntervalStats
 
 ROUTING = """\
 models:

@@ -11,7 +11,8 @@ Reads are open (the API binds to 127.0.0.1 by default); writes need
 - `GET /traffic[?history=1]`: per model and version, the last 10 s and 60 s of traffic
   as Envoy reported it (see docs/telemetry.md).
 - `GET /rollouts`: per model its rollout's phase, step, canary weight, reason and history
-  of decisions (see docs/rollouts.md).
+  of decisions (see docs/rollouts.md). `POST /rollouts/MODEL/pause|resume|promote|abort`
+  acts on one (404: no rollout, 409: not in a phase where the action applies).
 - `GET /metrics`: Prometheus text. `GET /ui`: the live dashboard (one static page).
 """
 
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from control_plane.config import Endpoint, parse_endpoint
 from control_plane.endpoints import UnknownVersion
 from control_plane.metrics import CONTENT_TYPE, exposition
+from control_plane.rollout import NoRollout, RolloutController, RolloutError
 
 DASHBOARD = Path(__file__).with_name("ui") / "index.html"
 
@@ -38,6 +40,7 @@ class Plane(Protocol):
     def deregister(self, model: str, version: str, ep: Endpoint) -> bool: ...
     def traffic(self, history: bool = False) -> dict[str, Any]: ...
     def rollout_status(self) -> dict[str, Any]: ...
+    def rollout_action(self, model: str, action: str) -> dict[str, Any]: ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -72,6 +75,18 @@ def make_admin_app(
 
     async def rollouts(_: web.Request) -> web.Response:
         return web.json_response({"rollouts": plane.rollout_status()})
+
+    async def rollout_action(request: web.Request) -> web.Response:
+        if denied := authorized(request):
+            return denied
+        model = request.match_info["model"]
+        try:
+            status = plane.rollout_action(model, request.match_info["action"])
+        except NoRollout as exc:
+            return _error(404, str(exc))
+        except RolloutError as exc:
+            return _error(409, str(exc))
+        return web.json_response({"model": model, "rollout": status})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -115,6 +130,8 @@ def make_admin_app(
     app.router.add_delete("/endpoints", change_endpoint)
     app.router.add_get("/traffic", traffic)
     app.router.add_get("/rollouts", rollouts)
+    actions = "|".join(RolloutController.ACTIONS)
+    app.router.add_post(f"/rollouts/{{model}}/{{action:{actions}}}", rollout_action)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/ui", dashboard)
     return app

@@ -22,41 +22,41 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from scipy.stats import binomtest, fisher_exact, mannwhitneyu
 
 from control_plane.config import Rollout, RolloutShadow
+from control_plane.telemetry import IntervalStats
 
 ALPHA = 0.01  # per check and window
 TAIL = 0.01  # the share of requests allowed above a p99 limit
 
 
-class Window(Protocol):
-    """One version's measurements over the window (telemetry's IntervalStats)."""
-
-    requests: float
-    errors: float
-    durations: Sequence[float]
-
-
 @dataclass(frozen=True)
 class Numbers:
-    """What was measured for one version, as shown in status and history."""
+    """What was measured for one version, as shown in status and history: `requests` and
+    `errors` scaled up by telemetry sampling (estimates of all requests), `sampled` and
+    `sampled_errors` as logged. The statistical tests count the logged ones: scaled counts
+    would overstate the evidence by 1/fraction."""
 
     requests: int
     errors: int
     error_rate: float | None
     p99: float | None
+    sampled: int
+    sampled_errors: int
 
     @classmethod
-    def of(cls, window: Window) -> Numbers:
+    def of(cls, window: IntervalStats) -> Numbers:
         requests = round(window.requests)
         errors = min(round(window.errors), requests)
-        rate = errors / requests if requests else None
+        sampled = requests if window.sampled_requests is None else window.sampled_requests
+        sampled_errors = errors if window.sampled_errors is None else window.sampled_errors
+        rate = sampled_errors / sampled if sampled else None
         p99 = float(np.percentile(window.durations, 99)) if len(window.durations) else None
-        return cls(requests, errors, rate, p99)
+        return cls(requests, errors, rate, p99, sampled, min(sampled_errors, sampled))
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.0f}ms"
 
 
-def _p(p: float) -> str:
-    return f"p={p:.2g}"
+def _logged(n: Numbers) -> str:
+    return "" if n.sampled == n.requests else f" logged (of ~{n.requests})"
 
 
 def _judge(
@@ -112,10 +112,10 @@ def _judge(
 
 
 def error_rate(c: Numbers, limit: float, alpha: float) -> Check:
-    if not c.requests:
+    if not c.sampled:
         return Check("error_rate", True, "no canary requests", limit=limit)
-    p = binomtest(c.errors, c.requests, limit, alternative="greater").pvalue
-    said = f"{c.errors} errors in {c.requests} requests ({_pct(c.error_rate)})"
+    p = binomtest(c.sampled_errors, c.sampled, limit, alternative="greater").pvalue
+    said = f"{c.sampled_errors} errors in {c.sampled} requests{_logged(c)} ({_pct(c.error_rate)})"
     return _judge(
         "error_rate",
         True,
@@ -129,9 +129,12 @@ def error_rate(c: Numbers, limit: float, alpha: float) -> Check:
 
 
 def errors_vs_baseline(c: Numbers, b: Numbers, alpha: float) -> Check:
-    if not b.requests:
+    if not b.sampled:
         return Check("errors_vs_baseline", True, "no baseline requests to compare with")
-    table = [[c.errors, c.requests - c.errors], [b.errors, b.requests - b.errors]]
+    table = [
+        [c.sampled_errors, c.sampled - c.sampled_errors],
+        [b.sampled_errors, b.sampled - b.sampled_errors],
+    ]
     p = fisher_exact(table, alternative="greater").pvalue
     said = f"canary {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} errors"
     return _judge(
@@ -173,7 +176,9 @@ def latency_vs_baseline(
     )
 
 
-def analyse(canary: Window, baseline: Window, rollout: Rollout, alpha: float = ALPHA) -> Analysis:
+def analyse(
+    canary: IntervalStats, baseline: IntervalStats, rollout: Rollout, alpha: float = ALPHA
+) -> Analysis:
     """Run every check of `rollout` on one window of canary and baseline measurements."""
     c, b = Numbers.of(canary), Numbers.of(baseline)
     checks = [error_rate(c, rollout.max_error_rate, alpha), errors_vs_baseline(c, b, alpha)]

@@ -23,6 +23,7 @@ from control_plane.access_log import AccessLogServer
 from control_plane.callbacks import NodeInfo
 from control_plane.config import RoutingConfig
 from control_plane.nodes import NodeRegistry
+from control_plane.rollout import PHASES, RolloutController
 from control_plane.snapshot import SHORT_NAMES
 from control_plane.telemetry import DURATION_BUCKETS, TelemetryStore
 
@@ -38,6 +39,7 @@ class Observed(Protocol):
     reloads: Counter[str]
     last_reload_ok: float | None  # time.monotonic()
     sampler_fraction: float
+    rollouts: RolloutController
 
 
 class XdsMetrics:
@@ -101,6 +103,7 @@ class PlaneCollector(Collector):
         yield from self._routes()
         yield from self._xds()
         yield from self._config()
+        yield from self._rollouts()
 
     def _traffic(self) -> Iterator[Metric]:
         store = self.plane.store
@@ -190,6 +193,34 @@ class PlaneCollector(Collector):
                 "Seconds since the routing file last loaded successfully",
                 value=time.monotonic() - last,
             )
+
+    def _rollouts(self) -> Iterator[Metric]:
+        phase = GaugeMetricFamily(
+            "infergate_rollout_phase",
+            "1 for the phase each model's rollout is in, 0 for the others",
+            labels=["model", "phase"],
+        )
+        weight = GaugeMetricFamily(
+            "infergate_rollout_canary_weight",
+            "The weight the rollout gives its canary (0-100)",
+            labels=["model", "canary"],
+        )
+        step = GaugeMetricFamily(
+            "infergate_rollout_step", "The rollout's step (0: shadow phase)", labels=["model"]
+        )
+        decisions = CounterMetricFamily(
+            "infergate_rollout_decisions",
+            "Rollout decisions by kind (advance, hold, fail, rollback, promote, ...)",
+            labels=["model", "kind"],
+        )
+        for model, s in self.plane.rollouts.status().items():
+            for name in PHASES:
+                phase.add_metric([model, name], float(s["phase"] == name))
+            weight.add_metric([model, s["canary"]], s["canary_weight"])
+            step.add_metric([model], s["step"])
+            for kind, n in sorted(s["decisions"].items()):
+                decisions.add_metric([model, kind], n)
+        yield from (phase, weight, step, decisions)
 
 
 def make_registry(plane: Observed) -> CollectorRegistry:

@@ -1,11 +1,12 @@
 """The rollout controller: moves a canary through its steps and judges each one.
 
-It is a pure state machine: the caller passes the time to every call, measurements come in
-through the `Measurements` (and `ShadowComparisons`) protocol, and the controller acts only
-by the weights it wants (`overrides()`, applied on top of the file by `apply()`), plus one
-callback that writes the final traffic into the routing YAML when a rollout ends. Each
-decision is recorded with its numbers and reason in words, and the state is saved in a
-`StateStore` after every change, so that a restarted controller resumes at the same step.
+It is a pure state machine: the caller passes the time (a monotonic clock) to every call,
+measurements come in through the `Measurements` (and `ShadowComparisons`) protocol, and the
+controller acts only by the weights it wants (`overrides()`, applied on top of the file by
+`apply()`), plus one callback that writes the final traffic into the routing YAML when a
+rollout ends. Each decision is recorded with its numbers, reason in words and Unix time,
+and the state is saved in a `StateStore` after every change, so that a restarted
+controller resumes at the same step.
 
 Between decisions, "early looks" may roll a badly failing canary back within the interval
 at no cost in false alarms (alpha spending, see `_look_early`).
@@ -18,6 +19,7 @@ between by the operator or by an edit of the model's `traffic` in the file.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
@@ -25,19 +27,14 @@ from typing import Any, Protocol
 from control_plane.analysis import ALPHA, Analysis, Numbers, analyse
 from control_plane.config import Model, Rollout, RolloutShadow, RoutingConfig, Shadow
 from control_plane.state_store import Conflict, StateStore
+from control_plane.telemetry import IntervalStats
 
 log = logging.getLogger(__name__)
 
 ACTIVE = ("shadowing", "progressing")
 ENDED = ("succeeded", "rolled_back")
+PHASES = (*ACTIVE, "paused", *ENDED)
 MAX_HISTORY = 500
-
-
-@dataclass(frozen=True)
-class IntervalStats:
-    requests: float
-    errors: float
-    durations: tuple[float, ...]
 
 
 class Measurements(Protocol):
@@ -63,7 +60,11 @@ class ShadowComparisons(Protocol):
 
 
 class RolloutError(Exception):
-    """An action that does not apply (unknown model, wrong phase)."""
+    """An action that does not apply in the rollout's phase."""
+
+
+class NoRollout(RolloutError):
+    """The model has no rollout."""
 
 
 # Writes a model's final traffic into the routing YAML and drops its rollout block.
@@ -99,6 +100,7 @@ class State:
     detached: bool = False  # the file no longer has this rollout block
     written: bool = False  # the final traffic is in the routing YAML
     history: list[dict[str, Any]] = field(default_factory=list)
+    decisions: dict[str, int] = field(default_factory=dict)  # by kind, never truncated
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +122,7 @@ class State:
             "canary_weight": self.canary_weight,
             "reason": self.reason,
             "failures": self.failures,
+            "decisions": dict(self.decisions),
             "history": list(self.history),
         }
 
@@ -140,9 +143,11 @@ class RolloutController:
         shadows: ShadowComparisons | None = None,
         write_traffic: TrafficWriter | None = None,
         early: bool = True,
+        wall_clock: Callable[[], float] = time.time,
     ):
         self.measurements = measurements
         self.early = early
+        self.wall_clock = wall_clock
         self.shadows = shadows
         self.store = store
         self.write_traffic = write_traffic
@@ -174,8 +179,15 @@ class RolloutController:
 
     def _record(self, s: State, now: float, kind: str, reason: str, **numbers: Any) -> None:
         s.reason = reason
-        entry = {"time": now, "kind": kind, "step": s.step, "canary_weight": s.canary_weight}
+        entry = {
+            "time": self.wall_clock(),  # Unix time, for people
+            "clock": now,  # the caller's (monotonic) clock, as in window_start
+            "kind": kind,
+            "step": s.step,
+            "canary_weight": s.canary_weight,
+        }
         s.history.append({**entry, "reason": reason, **numbers})
+        s.decisions[kind] = s.decisions.get(kind, 0) + 1
         del s.history[:-MAX_HISTORY]
         log.info(
             "rollout %s: %s at step %d (%d%%): %s", s.model, kind, s.step, s.canary_weight, reason
@@ -398,7 +410,7 @@ class RolloutController:
     def _get(self, model: str) -> State:
         s = self._load(model)
         if s is None:
-            raise RolloutError(f"no rollout for model {model!r}")
+            raise NoRollout(f"no rollout for model {model!r}")
         return s
 
     def _pause(self, s: State, now: float, hands_off: bool, reason: str) -> None:
@@ -444,6 +456,15 @@ class RolloutController:
             {},
         )
 
+    ACTIONS = ("pause", "resume", "promote", "abort")
+
+    def act(self, model: str, action: str, now: float) -> dict[str, Any]:
+        """Run one of `ACTIONS` on the model's rollout; return its status."""
+        if action not in self.ACTIONS:
+            raise ValueError(f"unknown action {action!r}: one of {', '.join(self.ACTIONS)}")
+        getattr(self, action)(model, now)
+        return self._states[model].status()
+
     # -- output --------------------------------------------------------------------------
 
     def _traffic(self, s: State) -> dict[str, int]:
@@ -475,6 +496,10 @@ class RolloutController:
                 m = replace(m, traffic=tuple(o.traffic.items()), shadow=shadow)
             models.append(m)
         return replace(config, models=tuple(models))
+
+    def shadowing(self) -> list[tuple[str, Rollout]]:
+        """The models whose canary is in its shadow phase, with their rollout."""
+        return [(n, s.spec) for n, s in self._states.items() if s.phase == "shadowing"]
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {name: s.status() for name, s in sorted(self._states.items())}

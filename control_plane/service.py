@@ -34,6 +34,7 @@ from control_plane.nodes import NodeRegistry
 from control_plane.ports import AddressInUse, ensure_free
 from control_plane.rollout import RolloutController
 from control_plane.sampling import SamplingController
+from control_plane.shadow_pairs import ShadowPairs
 from control_plane.snapshot import (
     SHORT_NAMES,
     Snapshot,
@@ -126,8 +127,13 @@ class ControlPlane:
         # Rollout progress survives restarts in `state_dir` (default: `.infergate-state`
         # beside the routing file); times are the telemetry store's clock.
         state = FileStateStore(state_dir or self.config_path.with_name(".infergate-state"))
+        # A shadow phase pairs the answers the model servers record (`/v2/answers`).
+        self.shadow_pairs = ShadowPairs(self.store.clock, admin_token)
         self.rollouts = RolloutController(
-            self.store, state, write_traffic=partial(write_traffic, self.config_path)
+            self.store,
+            state,
+            shadows=self.shadow_pairs,
+            write_traffic=partial(write_traffic, self.config_path),
         )
         self.xds_metrics = XdsMetrics()
         self.watcher = ConfigWatcher(
@@ -218,8 +224,38 @@ class ControlPlane:
             if self.rollouts.overrides() != before:
                 self._dirty.set()
 
+    async def _poll_answers(self, period: float = 0.5) -> None:
+        """Read the answers of both versions of each shadowing rollout for pairing."""
+        while True:
+            await asyncio.sleep(period)
+            if self.file_config is None:
+                continue
+            models = {m.name: m for m in self.endpoints.merge(self.file_config).models}
+            for name, spec in self.rollouts.shadowing():
+                model = models.get(name)
+                if model is None or spec.shadow is None:
+                    continue
+                endpoints = {v.name: v.endpoints for v in model.versions}
+                try:
+                    await self.shadow_pairs.poll(
+                        name,
+                        (spec.baseline, endpoints.get(spec.baseline, ())),
+                        (spec.canary, endpoints.get(spec.canary, ())),
+                        spec.shadow,
+                    )
+                except Exception:  # e.g. a malformed answer: keep polling
+                    log.exception("shadow pairs of %s", name)
+
     def rollout_status(self) -> dict[str, Any]:
         return self.rollouts.status()
+
+    def rollout_action(self, model: str, action: str) -> dict[str, Any]:
+        """An operator's action; new weights (an abort's baseline at 100) publish at once."""
+        before = self.rollouts.overrides()
+        status = self.rollouts.act(model, action, self.store.clock())
+        if self.rollouts.overrides() != before:
+            self._dirty.set()
+        return status
 
     def _runtime(self) -> dict[str, Runtime]:
         """The RTDS layer every Envoy's bootstrap asks for (empty without telemetry)."""
@@ -323,6 +359,7 @@ class ControlPlane:
             asyncio.create_task(self.watcher.run()),
             asyncio.create_task(self._publisher()),
             asyncio.create_task(self._drive_rollouts()),
+            asyncio.create_task(self._poll_answers()),
         ]
         if self.health:
             self._tasks.append(asyncio.create_task(self.health.run()))
@@ -340,6 +377,7 @@ class ControlPlane:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await self.shadow_pairs.close()
         if self._grpc:
             await self._grpc.stop(grace=0.5)
         if self._admin:

@@ -64,6 +64,10 @@ class IntervalStats:
     requests: float  # scaled up by 1/sampling fraction
     errors: float  # 5xx plus Envoy local failures (code 0 or flags such as UF, UH, NR, UO)
     durations: tuple[float, ...]  # per-request durations (sampled, bounded: newest N)
+    # The records behind `requests` and `errors` as logged (not scaled): what statistical
+    # tests must count. None: not sampled, the same as `requests` and `errors`.
+    sampled_requests: int | None = None
+    sampled_errors: int | None = None
 
 
 def status_class(code: int) -> str:
@@ -106,6 +110,8 @@ class _Bucket:
     slot: int  # start time / step
     requests: float = 0.0
     errors: float = 0.0
+    records: int = 0  # requests as logged (not scaled)
+    error_records: int = 0
     local_failures: float = 0.0
     duration_sum: float = 0.0
     classes: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -179,6 +185,8 @@ class TelemetryStore:
             bucket.local_failures += weight if local else 0.0
             bucket.duration_sum += weight * record.duration
             bucket.classes[cls] += weight
+            bucket.records += 1
+            bucket.error_records += error
         history.histogram[slot] += weight  # type: ignore[index]
         series.durations.append((now, record.duration))
         series.totals[cls] += weight
@@ -201,7 +209,7 @@ class TelemetryStore:
         resolution: the buckets from the one holding `since` to the one before `until`."""
         series = self.series.get((model, version))
         if series is None:
-            return IntervalStats(0.0, 0.0, ())
+            return IntervalStats(0.0, 0.0, (), 0, 0)
         low = math.floor(since / self.resolution)
         if until is None:
             until = math.inf
@@ -213,6 +221,8 @@ class TelemetryStore:
             requests=sum(b.requests for b in buckets),
             errors=sum(b.errors for b in buckets),
             durations=tuple(d for t, d in series.durations if since <= t < until),
+            sampled_requests=sum(b.records for b in buckets),
+            sampled_errors=sum(b.error_records for b in buckets),
         )
 
     def window(self, model: str, version: str, seconds: float) -> dict[str, Any]:

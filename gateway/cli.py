@@ -7,7 +7,9 @@ import asyncio
 import json
 import os
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -334,6 +336,63 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_call(url: str, token: str | None = None) -> dict:
+    """GET `url`, or POST to it with the bearer token; the admin API's error as a CliError."""
+    request = urllib.request.Request(url, method="POST" if token is not None else "GET")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        raise CliError(message) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach the control plane at {url}: {exc}") from None
+
+
+def _print_rollout(model: str, r: dict) -> None:
+    steps = ", ".join(map(str, r["steps"]))
+    print(
+        f"{model}: {r['phase']}, {r['canary']} over {r['baseline']} at {r['canary_weight']}%, "
+        f"step {r['step']} of [{steps}]"
+    )
+    print(f"  reason: {r['reason']}")
+    print(f"  {'TIME':8} {'DECISION':8} {'STEP':4} {'WEIGHT':6} REASON")
+    for d in r["history"]:
+        at = time.strftime("%H:%M:%S", time.localtime(d["time"]))
+        print(f"  {at:8} {d['kind']:8} {d['step']:<4} {d['canary_weight']:<6} {d['reason']}")
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    base = args.admin_url.rstrip("/") + "/rollouts"
+    if args.action == "status":
+        rollouts = _admin_call(base)["rollouts"]
+        if args.model:
+            if args.model not in rollouts:
+                raise CliError(f"no rollout for model {args.model!r}")
+            rollouts = {args.model: rollouts[args.model]}
+    else:
+        if not args.model:
+            raise CliError(f"{args.action} needs a MODEL")
+        token = admin_token(args)
+        if not token:
+            raise CliError("writes need --admin-token-file or INFERGATE_ADMIN_TOKEN")
+        quoted = urllib.parse.quote(args.model, safe="")
+        rollouts = {args.model: _admin_call(f"{base}/{quoted}/{args.action}", token)["rollout"]}
+    if args.json:
+        print(json.dumps(rollouts, indent=2))
+        return 0
+    if not rollouts:
+        print("no rollouts")
+    for model, r in rollouts.items():
+        _print_rollout(model, r)
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from gateway.top import top
 
@@ -540,6 +599,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", default="run", help="the run folder of infergate run, for its replicas"
     )
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "rollout", help="show a model's canary rollout, or pause, resume, promote or abort it"
+    )
+    p.add_argument("action", choices=["status", "pause", "resume", "promote", "abort"])
+    p.add_argument("model", nargs="?", help="the model (status: all when omitted)")
+    p.add_argument("--admin-url", default="http://127.0.0.1:18001")
+    p.add_argument("--admin-token-file", help="the admin token (also $INFERGATE_ADMIN_TOKEN)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("top", help="live traffic per model version (refreshes every second)")
     p.add_argument("--admin-url", default="http://127.0.0.1:18001")

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from control_plane.analysis import analyse, compare_outputs
 from control_plane.config import Rollout, RolloutShadow
+from control_plane.telemetry import IntervalStats as W
 
 RULES = Rollout(canary="v2", baseline="v1", max_p99=0.2)
-
-
-@dataclass(frozen=True)
-class W:
-    requests: float
-    errors: float
-    durations: tuple[float, ...]
 
 
 def window(n: int, errors: int, scale: float, seed: int) -> W:
@@ -26,6 +18,20 @@ def window(n: int, errors: int, scale: float, seed: int) -> W:
 
 def checks(result) -> dict[str, bool]:
     return {c.name: c.passed for c in result.checks}
+
+
+def test_sampled_windows_are_tested_on_the_logged_counts_not_the_scaled_ones():
+    # 25 logged requests at a sampling fraction of 1/40, one of them failed: ~1000 requests
+    # and ~40 errors. 1 in 25 is no evidence of an error rate above 1%; 40 in 1000 would be.
+    canary = W(1000, 40, (0.05,) * 25, sampled_requests=25, sampled_errors=1)
+    baseline = W(9000, 0, (0.05,) * 225, sampled_requests=225, sampled_errors=0)
+    result = analyse(canary, baseline, RULES)
+    assert checks(result)["error_rate"] and checks(result)["errors_vs_baseline"]
+    d = result.to_dict()["canary"]
+    assert (d["requests"], d["errors"], d["sampled"], d["sampled_errors"]) == (1000, 40, 25, 1)
+    assert "1 errors in 25 requests logged (of ~1000)" in result.checks[0].reason
+    unsampled = analyse(W(1000, 40, (0.05,) * 1000), W(9000, 0, (0.05,) * 9000), RULES)
+    assert not checks(unsampled)["error_rate"]
 
 
 def test_same_distribution_passes_and_records_the_numbers():

@@ -11,12 +11,12 @@ import pytest
 
 from control_plane.config import load, parse
 from control_plane.rollout import (
-    IntervalStats,
     RolloutController,
     RolloutError,
     ShadowStats,
 )
 from control_plane.state_store import FileStateStore
+from control_plane.telemetry import IntervalStats
 from control_plane.yaml_edit import write_traffic
 
 FILE = """\
@@ -102,13 +102,14 @@ def test_healthy_canary_walks_every_step_then_promotes(tmp_path):
 
 def test_failing_canary_is_rolled_back_in_one_interval_with_its_numbers(tmp_path):
     records = Records()
-    c = controller(tmp_path, records, early=False)
+    c = controller(tmp_path, records, early=False, wall_clock=lambda: 1_800_000_000.0)
     st = run_interval(c, records, 0.0, canary=(200, 0.05, 0.05))
     assert (st["phase"], st["canary_weight"]) == ("rolled_back", 0)
     assert c.overrides()["iris"].traffic == {"v1": 100, "v2": 0}
     assert "error_rate failed" in st["reason"] and "errors_vs_baseline failed" in st["reason"]
     decision = st["history"][-1]
-    assert decision["kind"] == "rollback" and decision["time"] == 10.0
+    assert decision["kind"] == "rollback" and decision["clock"] == 10.0
+    assert decision["time"] == 1_800_000_000.0  # Unix time, for people
     assert decision["canary"]["errors"] > 0
     failed = [ch for ch in decision["checks"] if not ch["passed"]]
     assert failed and all(ch["p_value"] < ch["alpha"] == 0.01 for ch in failed)
@@ -119,7 +120,7 @@ def test_early_looks_roll_a_failing_canary_back_before_the_interval_ends(tmp_pat
     c = controller(tmp_path, records)
     st = run_interval(c, records, 0.0, canary=(2000, 0.05, 0.05), baseline=(18000, 0.0, 0.05))
     decision = st["history"][-1]
-    assert st["phase"] == "rolled_back" and decision["time"] < 10.0
+    assert st["phase"] == "rolled_back" and decision["clock"] < 10.0
     assert st["reason"].startswith("early look: ")
     failed = [ch for ch in decision["checks"] if not ch["passed"]]
     assert failed and all(ch["p_value"] < ch["alpha"] < 0.005 for ch in failed)

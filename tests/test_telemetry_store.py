@@ -63,10 +63,10 @@ def test_interval_and_scaling_by_sampling_weight():
     store.add(rec(code=503, flags="UF", duration=0.3), weight=4)
     assert store.window("iris", "v1", 10)["local_failures"] == 4
     clock.now += 5
-    assert store.interval("iris", "v1", start) == IntervalStats(8, 4, (0.2, 0.3))
-    assert store.interval("iris", "v1", middle) == IntervalStats(4, 4, (0.3,))
-    assert store.interval("iris", "v1", start, middle) == IntervalStats(4, 0, (0.2,))
-    assert store.interval("iris", "v2", start) == IntervalStats(0, 0, ())
+    assert store.interval("iris", "v1", start) == IntervalStats(8, 4, (0.2, 0.3), 2, 1)
+    assert store.interval("iris", "v1", middle) == IntervalStats(4, 4, (0.3,), 1, 1)
+    assert store.interval("iris", "v1", start, middle) == IntervalStats(4, 0, (0.2,), 1, 0)
+    assert store.interval("iris", "v2", start) == IntervalStats(0, 0, (), 0, 0)
     assert store.totals("iris", "v1") == {"2xx": 4, "5xx": 4}
 
 
