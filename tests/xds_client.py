@@ -59,6 +59,10 @@ class AdsClient:
             version_info=version,
             response_nonce=nonce,
         )
+        await self._put(req, error)
+
+    async def _put(self, req, error: str | None) -> None:
+        """Queue a request: the node on the stream's first, `error_detail` for a NACK."""
         if not self._sent_node:
             req.node = self.node
             self._sent_node = True
@@ -101,12 +105,7 @@ class DeltaClient(AdsClient):
             response_nonce=nonce,
             initial_resource_versions=initial or {},
         )
-        if not self._sent_node:
-            req.node = self.node
-            self._sent_node = True
-        if error is not None:
-            req.error_detail = Status(code=3, message=error)
-        await self.requests.put(req)
+        await self._put(req, error)
 
     async def ack(self, resp, names=()) -> None:
         await self.delta(resp.type_url, nonce=resp.nonce)
