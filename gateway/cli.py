@@ -572,25 +572,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default="infergate:latest")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("set-weight", help="set a model's traffic weights in the routing file")
-    p.add_argument("file")
-    p.add_argument("model")
-    p.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
-    p.set_defaults(func=cmd_set_weight)
+    def file_edit(name: str, help: str, func) -> argparse.ArgumentParser:
+        """A command that edits a model in the routing file: FILE MODEL, then its own."""
+        p = sub.add_parser(name, help=help)
+        p.add_argument("file")
+        p.add_argument("model")
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("shadow", help="mirror a percent of a model's traffic to a version")
-    p.add_argument("file")
-    p.add_argument("model")
+    p = file_edit("set-weight", "set a model's traffic weights in the routing file", cmd_set_weight)
+    p.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    p = file_edit("shadow", "mirror a percent of a model's traffic to a version", cmd_shadow)
     p.add_argument("version")
     p.add_argument("percent", type=float)
-    p.set_defaults(func=cmd_shadow)
-
-    p = sub.add_parser("scale", help="set the replicas of a version in the routing file")
-    p.add_argument("file")
-    p.add_argument("model")
+    p = file_edit("scale", "set the replicas of a version in the routing file", cmd_scale)
     p.add_argument("version")
     p.add_argument("replicas", type=int)
-    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("status", help="show what each Envoy has applied")
     p.add_argument("--admin-url", default="http://127.0.0.1:18001")
