@@ -5,18 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from bench.load import AiohttpLoad, LoadResult, WrkLoad
+from bench.load import AiohttpLoad, LoadResult, WrkLoad, medians
 from bench.stack import BenchStack
 from bench.stats import median
-
-
-def _medians(rounds: list[LoadResult]) -> dict[str, float]:
-    return {
-        "rps": round(median([r.rps for r in rounds]), 1),
-        "p50_ms": round(median([r.p50_ms for r in rounds]), 3),
-        "p99_ms": round(median([r.p99_ms for r in rounds]), 3),
-        "errors": sum(r.errors for r in rounds),
-    }
 
 
 def run(
@@ -47,7 +38,7 @@ def run(
                     f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms",
                     file=sys.stderr,
                 )
-        direct, gateway = _medians(per_target["direct"]), _medians(per_target["gateway"])
+        direct, gateway = medians(per_target["direct"]), medians(per_target["gateway"])
         # Ratios per round (same round, adjacent in time), then their median.
         rps_ratios = [g.rps / d.rps for d, g in zip(*per_target.values(), strict=True)]
         p50_deltas = [g.p50_ms - d.p50_ms for d, g in zip(*per_target.values(), strict=True)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.stats import percentile
+from bench.stats import median, percentile
 
 IRIS_PATH = "/v2/models/iris/infer"
 IRIS_BODY = json.dumps(
@@ -52,6 +52,16 @@ class LoadResult:
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def medians(rounds: list[LoadResult]) -> dict[str, float]:
+    """Rounds of one target: median rps and latencies, total errors."""
+    return {
+        "rps": round(median([r.rps for r in rounds]), 1),
+        "p50_ms": round(median([r.p50_ms for r in rounds]), 3),
+        "p99_ms": round(median([r.p99_ms for r in rounds]), 3),
+        "errors": sum(r.errors for r in rounds),
+    }
 
 
 class WrkLoad:

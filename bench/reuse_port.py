@@ -29,7 +29,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from google.protobuf.json_format import MessageToDict
 
 from bench.__main__ import machine
-from bench.load import IRIS_PATH, LoadResult, WrkLoad, load_generator
+from bench.load import IRIS_PATH, LoadResult, WrkLoad, load_generator, medians
 from bench.stats import median
 from control_plane.config import parse
 from control_plane.translate import LISTENER_NAME, ROUTE_CONFIG_NAME, Resources, translate
@@ -80,15 +80,6 @@ def start_envoy(workdir: Path, name: str, model_port: int, reuse_port: bool) -> 
     return envoy, f"http://{LOCAL}:{listen}"
 
 
-def _medians(rounds: list[LoadResult]) -> dict[str, float]:
-    return {
-        "rps": round(median([r.rps for r in rounds]), 1),
-        "p50_ms": round(median([r.p50_ms for r in rounds]), 3),
-        "p99_ms": round(median([r.p99_ms for r in rounds]), 3),
-        "errors": sum(r.errors for r in rounds),
-    }
-
-
 def compare(
     load: WrkLoad, bases: dict[str, str], path: str, rounds: int, seconds: float, concurrency: int
 ) -> dict[str, Any]:
@@ -109,7 +100,7 @@ def compare(
     ]
     return {
         "path": path,
-        **{name: _medians(results) for name, results in per.items()},
+        **{name: medians(results) for name, results in per.items()},
         "off_over_on_rps": round(median(ratios), 3),
         "per_round": {name: [r.as_dict() for r in rs] for name, rs in per.items()},
     }

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.__main__ import machine
-from bench.gateway_overhead import _medians
-from bench.load import LoadResult, load_generator
+from bench.load import LoadResult, load_generator, medians
 from bench.stack import BenchStack
 from bench.stats import median
 from gateway.processes import host_port
@@ -87,7 +86,7 @@ def overhead(on: BenchStack, off: BenchStack, load, rounds: int, seconds: float)
                 file=sys.stderr,
             )
     pairs = list(zip(runs["off"], runs["on"], strict=True))
-    on_m, off_m = _medians(runs["on"]), _medians(runs["off"])
+    on_m, off_m = medians(runs["on"]), medians(runs["off"])
     served = sum(r.requests for r in runs["on"])
     envoy_per_10k = {
         name: envoy_cpu[name] / sum(r.requests for r in runs[name]) * 10_000 for name in stacks
