@@ -6,10 +6,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 from bench import convergence, gateway_overhead
 from bench.load import load_generator
 from bench.stack import BenchStack
+from bench.workdir import scratch_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (1.0 if args.quick else 5.0)
     edits = args.edits or (3 if args.quick else 20)
 
-    workdir = Path(tempfile.mkdtemp(prefix="infergate-bench-"))
     load = load_generator(args.load)
     report: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -74,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "load_generator": load.name,
     }
-    ok = False
     try:
-        with BenchStack(workdir, repository.resolve()) as stack:
+        with (
+            scratch_dir("infergate-bench-") as workdir,
+            BenchStack(workdir, repository.resolve()) as stack,
+        ):
             print(f"gateway overhead ({load.name}, {rounds} x {seconds:g} s)", file=sys.stderr)
             report["gateway_overhead"] = gateway_overhead.run(
                 stack, load, rounds=rounds, seconds=seconds
@@ -88,13 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 stack.wait_converged()
                 print(f"convergence, watch={watch} ({edits} edits)", file=sys.stderr)
                 report["convergence"][watch] = convergence.run(stack, edits=edits)
-        ok = True
     finally:
         load.close()
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"benchmark failed; process logs kept in {workdir}", file=sys.stderr)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from google.protobuf.json_format import MessageToDict
 from bench.__main__ import machine
 from bench.load import IRIS_PATH, LoadResult, WrkLoad, load_generator, medians
 from bench.stats import median
+from bench.workdir import scratch_dir
 from control_plane.config import parse
 from control_plane.translate import LISTENER_NAME, ROUTE_CONFIG_NAME, Resources, translate
 from gateway.bootstrap import envoy_command
@@ -111,27 +110,25 @@ def run(
 ) -> dict[str, Any]:
     """Inference through Envoy to the model server, and Envoy's own direct health response
     (Envoy alone, without the Python model server as the bottleneck)."""
-    workdir = Path(tempfile.mkdtemp(prefix="infergate-reuse-port-"))
     children: list[Child] = []
-    try:
-        model_port = free_port()
-        log = str(workdir / "model.log")
-        model = model_server_child(str(repository), "iris", "v1", (LOCAL, model_port), log)
-        children.append(model.start())
-        wait_http(f"http://{LOCAL}:{model_port}/v2/health/ready", child=model)
-        bases = {}
-        for name, reuse in VARIANTS.items():  # ready after its first health check
-            envoy, bases[name] = start_envoy(workdir, name, model_port, reuse)
-            children.append(envoy)
-        results = {
-            kind: compare(load, bases, path, rounds, seconds, concurrency)
-            for kind, path in (("inference", IRIS_PATH), ("envoy_direct_response", HEALTH_PATH))
-        }
-        shutil.rmtree(workdir, ignore_errors=True)
-        return results
-    finally:
-        for child in reversed(children):
-            child.stop()
+    with scratch_dir("infergate-reuse-port-") as workdir:
+        try:
+            model_port = free_port()
+            log = str(workdir / "model.log")
+            model = model_server_child(str(repository), "iris", "v1", (LOCAL, model_port), log)
+            children.append(model.start())
+            wait_http(f"http://{LOCAL}:{model_port}/v2/health/ready", child=model)
+            bases = {}
+            for name, reuse in VARIANTS.items():  # ready after its first health check
+                envoy, bases[name] = start_envoy(workdir, name, model_port, reuse)
+                children.append(envoy)
+            return {
+                kind: compare(load, bases, path, rounds, seconds, concurrency)
+                for kind, path in (("inference", IRIS_PATH), ("envoy_direct_response", HEALTH_PATH))
+            }
+        finally:
+            for child in reversed(children):
+                child.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

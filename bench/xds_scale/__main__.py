@@ -6,15 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.workdir import scratch_dir
 from bench.xds_scale import analysis, models, push, storm
 from control_plane.xds_server import INITIAL_SYNCS
 
@@ -147,18 +146,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="infergate-xds-scale-"))
     started = time.monotonic()
-    ok = False
-    try:
+    with scratch_dir("infergate-xds-scale-") as workdir:
         report = run(args, workdir)
-        report["duration_s"] = round(time.monotonic() - started, 1)
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"benchmark failed; logs kept in {workdir}", file=sys.stderr)
+    report["duration_s"] = round(time.monotonic() - started, 1)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

@@ -23,6 +23,16 @@ def workers_for(clients: int) -> int:
     return max(1, -(-clients // CLIENTS_PER_WORKER))
 
 
+def scenario(name: str, delta: bool, clients: int, models: int) -> dict[str, Any]:
+    """The fields that name a scenario in the report."""
+    return {
+        "scenario": name,
+        "mode": "delta" if delta else "sotw",
+        "clients": clients,
+        "models": models,
+    }
+
+
 class Fleet:
     """`clients` simulated Envoys spread over `workers` processes."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.stats import percentile
 from bench.xds_scale.configs import routing_yaml, write_atomically
-from bench.xds_scale.fleet import Fleet, workers_for
+from bench.xds_scale.fleet import Fleet, scenario, workers_for
 from bench.xds_scale.plane import PlaneProcess
 
 
@@ -101,10 +101,7 @@ def _summary(
         file=sys.stderr,
     )
     return {
-        "scenario": name,
-        "mode": "delta" if delta else "sotw",
-        "clients": clients,
-        "models": models,
+        **scenario(name, delta, clients, models),
         "edits": len(rows),
         "initial_converge_s": round(initial_s, 2),
         "after_connect": connected,

@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.stats import percentile
 from bench.xds_scale.configs import routing_yaml
-from bench.xds_scale.fleet import Fleet, workers_for
+from bench.xds_scale.fleet import Fleet, scenario, workers_for
 from bench.xds_scale.plane import PlaneProcess
 
 
@@ -50,10 +50,7 @@ def run(
         file=sys.stderr,
     )
     return {
-        "scenario": name,
-        "mode": "delta" if delta else "sotw",
-        "clients": clients,
-        "models": models,
+        **scenario(name, delta, clients, models),
         "initial_syncs": initial_syncs or "unbounded",
         "kill_to_all_current_s": round(done - killed, 2),
         "ready_to_all_current_s": round(done - ready, 2),
