@@ -6,8 +6,7 @@ import asyncio
 import json
 import random
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from sklearn.datasets import load_iris
 from model_servers.repository import LoadedModel, load_model
 from model_servers.settings import Batching
 from tests.app_client import app_client as _client
+from tests.app_client import poll
 
 ROOT = Path(__file__).resolve().parent.parent
 X, _ = load_iris(return_X_y=True)
@@ -165,14 +165,6 @@ async def recording() -> AsyncIterator[tuple[TestClient, _RecordingModel]]:
     await client.close()
 
 
-async def _poll(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 20) -> None:
-    """Wait until `condition()` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.01)
-
-
 async def test_requests_queue_while_model_busy_and_merge(
     recording: tuple[TestClient, _RecordingModel],
 ) -> None:
@@ -188,13 +180,13 @@ async def test_requests_queue_while_model_busy_and_merge(
         return value(await metrics(), "infergate_model_queue_depth") == 7
 
     first = asyncio.create_task(client.post("/v2/models/rec/infer", json=_body([1])))
-    await _poll(entered, "the first request is inside predict()")
+    await poll(entered, "the first request is inside predict()")
     rest = [
         asyncio.create_task(client.post("/v2/models/rec/infer", json=_body([i, i + 1])))
         for i in range(10, 16)
     ]
     bad = asyncio.create_task(client.post("/v2/models/rec/infer", json=_body([-1])))
-    await _poll(all_queued, "the queue depth rises to 7, behind the blocked first call")
+    await poll(all_queued, "the queue depth rises to 7, behind the blocked first call")
     model.gate.set()
     responses = [await t for t in [first, *rest, bad]]
     bodies = [await r.json() for r in responses]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from model_servers.protocol import ProtocolError, decode_request, encode_respons
 from model_servers.repository import LoadedModel, ModelNotFoundError, load_model
 from model_servers.runtimes import SklearnRuntime
 from tests.app_client import app_client as _client
+from tests.app_client import poll
 
 ROOT = Path(__file__).resolve().parent.parent
 X, _ = load_iris(return_X_y=True)
@@ -463,14 +464,6 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str, proc: subproces
     raise AssertionError("server did not become ready")
 
 
-async def _poll(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 20) -> None:
-    """Wait until `condition()` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_serve_drains_in_flight_request_on_sigterm(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -500,9 +493,9 @@ async def test_serve_drains_in_flight_request_on_sigterm(
             pending = asyncio.create_task(
                 session.post(f"{base}/v2/models/gated/versions/v7/infer", json=_tensor())
             )
-            await _poll(inflight, "the request is inside predict()")
+            await poll(inflight, "the request is inside predict()")
             proc.send_signal(signal.SIGTERM)
-            await _poll(not_ready, "readiness turns 503")
+            await poll(not_ready, "readiness turns 503")
             assert not pending.done()
             gate.touch()
             resp = await pending
