@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -151,12 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_run": args.seconds,
         "envoy_workers": "default (one per core)",
     }
-    try:
+    with closing(load):
         report |= run(
             Path(args.repository).resolve(), load, args.rounds, args.seconds, args.concurrency
         )
-    finally:
-        load.close()
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

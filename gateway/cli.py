@@ -623,12 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level, log_file, f"{PREFIXES.get(args.command, args.command)}: ")
     try:
         return args.func(args)
-    except CliError as exc:
+    except (CliError, AddressInUse) as exc:
         print(f"infergate {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except AddressInUse as exc:
-        print(f"infergate {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, CliError) else 1
 
 
 if __name__ == "__main__":
