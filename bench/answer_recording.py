@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.model_server.__main__ import BODY, ROOT, _check, _median, _port
-from bench.model_server.servers import start_infergate
+from bench.model_server.__main__ import BODY, _check, _median, _port
+from bench.model_server.servers import start_infergate, train_iris
 from bench.model_server.wrk import run_wrk
 
 # a fresh x-request-id per request, as Envoy gives; the same script for both configurations
@@ -41,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGURATIONS}
     with tempfile.TemporaryDirectory(prefix="bench-answers-") as tmp:
         workdir = Path(tmp)
-        repo = workdir / "models"
-        script = ROOT / "examples" / "train_iris.py"
-        subprocess.run([sys.executable, str(script), str(repo)], check=True, capture_output=True)
+        repo = train_iris(workdir)
         for _ in range(args.repeat):  # rounds interleave configurations against drifting noise
             for name, options in CONFIGURATIONS.items():
                 server = start_infergate(repo, _port(), workdir, max_batch_size=None, **options)

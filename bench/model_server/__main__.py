@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.model_server.mlserver_env import ensure_mlserver
-from bench.model_server.servers import ROOT, Running, start_infergate, start_mlserver
+from bench.model_server.servers import Running, start_infergate, start_mlserver, train_iris
 from bench.model_server.wrk import run_wrk
 
 BODY = json.dumps(
@@ -128,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-model-server-") as tmp:
         workdir = Path(tmp)
-        repo = workdir / "models"
-        script = ROOT / "examples" / "train_iris.py"
-        subprocess.run([sys.executable, str(script), str(repo)], check=True, capture_output=True)
+        repo = train_iris(workdir)
         for _ in range(args.repeat):  # rounds interleave configurations against drifting noise
             for name, start in configurations(repo, mlserver, workdir).items():
                 if args.only and name not in args.only:

@@ -36,6 +36,23 @@ class Running:
                 self.proc.wait()
 
 
+def train_iris(workdir: Path) -> Path:
+    """Train the example iris models into `workdir/models`; return that repository."""
+    repo = workdir / "models"
+    script = ROOT / "examples" / "train_iris.py"
+    subprocess.run([sys.executable, str(script), str(repo)], check=True, capture_output=True)
+    return repo
+
+
+def _start(name: str, argv: list[str], cwd: Path, log: Path, ready: str, infer: str) -> Running:
+    """Start `argv` (output to `log`) and wait until `ready` answers 200."""
+    proc = subprocess.Popen(
+        argv, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    _wait_ready(ready, proc, log)
+    return Running(name, proc, infer)
+
+
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -66,16 +83,14 @@ def start_infergate(
         f"serve({str(repo)!r}, 'iris', 'v1', '127.0.0.1', {port}, "
         f"max_batch_size={max_batch_size!r}, processes={processes}, **{options!r})"
     )
-    log = workdir / f"infergate-{port}.log"
-    proc = subprocess.Popen(
+    return _start(
+        "infergate",
         [sys.executable, "-c", code],
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        ROOT,
+        workdir / f"infergate-{port}.log",
+        f"http://127.0.0.1:{port}/v2/health/ready",
+        f"http://127.0.0.1:{port}/v2/models/iris/infer",
     )
-    _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc, log)
-    return Running("infergate", proc, f"http://127.0.0.1:{port}/v2/models/iris/infer")
 
 
 def start_mlserver(
@@ -110,13 +125,11 @@ def start_mlserver(
         model_settings["max_batch_time"] = max_batch_time
     (folder / "settings.json").write_text(json.dumps(settings))
     (folder / "iris" / "model-settings.json").write_text(json.dumps(model_settings))
-    log = workdir / f"mlserver-{http_port}.log"
-    proc = subprocess.Popen(
+    return _start(
+        "mlserver",
         [str(mlserver), "start", str(folder)],
-        cwd=folder,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        folder,
+        workdir / f"mlserver-{http_port}.log",
+        f"http://127.0.0.1:{http_port}/v2/models/iris/ready",
+        f"http://127.0.0.1:{http_port}/v2/models/iris/infer",
     )
-    _wait_ready(f"http://127.0.0.1:{http_port}/v2/models/iris/ready", proc, log)
-    return Running("mlserver", proc, f"http://127.0.0.1:{http_port}/v2/models/iris/infer")
