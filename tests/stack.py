@@ -315,6 +315,12 @@ class Stack:
             if child:
                 child.stop()
 
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     # --- config and observation ------------------------------------------------------
     def write(self, text: str) -> None:
         """Replace the routing file atomically, as editors do."""

@@ -49,12 +49,11 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, model_repository, envoy_binary) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("dashboard"), model_repository, replicas={"v1": 1, "v2": 1})
-    try:
+    with Stack(
+        tmp_path_factory.mktemp("dashboard"), model_repository, replicas={"v1": 1, "v2": 1}
+    ) as s:
         s.start_all({"v1": 90, "v2": 10})
         yield s
-    finally:
-        s.stop()
 
 
 def texts(driver: webdriver.Chrome, attribute: str) -> dict[str, str]:

@@ -35,13 +35,9 @@ def infer_waiting(port: int, path: str = "/v2/models/iris/infer") -> Reply:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, model_repository, envoy_binary):
-    r = Run(
-        tmp_path_factory.mktemp("zero"), model_repository, FROM_ZERO, "--activation-timeout", "20"
-    )
-    try:
+    options = ("--activation-timeout", "20")
+    with Run(tmp_path_factory.mktemp("zero"), model_repository, FROM_ZERO, *options) as r:
         yield r
-    finally:
-        r.stop()
 
 
 def test_first_and_concurrent_requests_from_zero_all_succeed(run):

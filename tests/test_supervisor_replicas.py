@@ -84,17 +84,20 @@ class Run:
             self.proc.send_signal(signal.SIGINT)
             self.proc.wait(60)
 
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def ready_addresses(self, version: str) -> set[str]:
         return {r["address"] for r in self.replicas(version) if r["state"] == "ready"}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, model_repository, envoy_binary):
-    r = Run(tmp_path_factory.mktemp("replicas"), model_repository)
-    try:
+    with Run(tmp_path_factory.mktemp("replicas"), model_repository) as r:
         yield r
-    finally:
-        r.stop()
 
 
 def test_replicas_start_register_and_serve(run):

@@ -72,12 +72,11 @@ class Observer:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, model_repository, envoy_binary) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("telemetry"), model_repository, replicas={"v1": 1, "v2": 1})
-    try:
+    with Stack(
+        tmp_path_factory.mktemp("telemetry"), model_repository, replicas={"v1": 1, "v2": 1}
+    ) as s:
         s.start_all({"v1": 90, "v2": 10})
         yield s
-    finally:
-        s.stop()
 
 
 def send(port: int, n: int, new_connections: bool = False) -> list[int]:
