@@ -59,6 +59,14 @@ def _guarded(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"scenario": label, "error": repr(exc)[:500]}
 
 
+def _push(workdir: Path, clients: int, models: int, delta: bool, edits: int) -> dict[str, Any]:
+    """One guarded push scenario, labelled `<mode>-<clients>c-<models>m`."""
+    return _guarded(
+        f"{'delta' if delta else 'sotw'}-{clients}c-{models}m",
+        lambda: push.run(workdir, clients=clients, models=models, delta=delta, edits=edits),
+    )
+
+
 def _edits_for(model_count: int, edits: int) -> int:
     """Fewer edits where one build takes many seconds."""
     return min(edits, 3) if model_count >= 1000 else edits
@@ -82,12 +90,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if "clients" in want:
         print(f"push by clients ({CLIENT_MODELS} models, {edits} edits)", file=sys.stderr)
         report["push_by_clients"] = [
-            _guarded(
-                f"{'delta' if delta else 'sotw'}-{n}c-{CLIENT_MODELS}m",
-                lambda n=n, delta=delta: push.run(
-                    workdir, clients=n, models=CLIENT_MODELS, delta=delta, edits=edits
-                ),
-            )
+            _push(workdir, n, CLIENT_MODELS, delta, edits)
             for n in clients
             for delta in (False, True)
         ]
@@ -96,17 +99,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         route_clients = min(ROUTE_CLIENTS, max(clients))
         print(f"push by models ({route_clients} SotW clients)", file=sys.stderr)
         report["push_by_models"] = [
-            _guarded(
-                f"sotw-{route_clients}c-{n}m",
-                lambda n=n: push.run(
-                    workdir,
-                    clients=route_clients,
-                    models=n,
-                    delta=False,
-                    edits=_edits_for(n, edits),
-                ),
-            )
-            for n in model_counts
+            _push(workdir, route_clients, n, False, _edits_for(n, edits)) for n in model_counts
         ]
 
     if "storm" in want:
