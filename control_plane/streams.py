@@ -212,7 +212,19 @@ class Stream:
         state.acked_names = state.sent_names
         if type_url == ROUTE:
             self.routes_acked = state.sent_snapshot
+        elif type_url == ENDPOINT and self._same_routes(state.sent_snapshot):
+            # Same routes, newer endpoints (e.g. registered since): clusters that linger
+            # after a removal keep these endpoints, not the ones of the routes' first ACK.
+            self.routes_acked = state.sent_snapshot
         self.callbacks.on_ack(self.node, type_url, version)
+
+    def _same_routes(self, snapshot: Snapshot | None) -> bool:
+        acked = self.routes_acked
+        return (
+            acked is not None
+            and snapshot is not None
+            and snapshot.types[ROUTE].version == acked.types[ROUTE].version
+        )
 
     def _desired(self, type_url: str, snapshot: Snapshot) -> Desired:
         """What the stream should have for a type: the snapshot's resources, plus, for

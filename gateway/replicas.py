@@ -218,13 +218,18 @@ class Replicas:
         deadline = time.monotonic() + GONE_TIMEOUT
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(self.envoy_admin_url + "/clusters", timeout=1) as resp:
+                with urllib.request.urlopen(self.envoy_admin_url + "/clusters", timeout=5) as resp:
                     if not any(
                         line.startswith(needle) for line in resp.read().decode().splitlines()
                     ):
                         return
-            except (urllib.error.URLError, OSError):
-                return  # no Envoy: nothing routes to it
+            except urllib.error.URLError as exc:
+                if isinstance(exc.reason, ConnectionRefusedError):
+                    return  # no Envoy: nothing routes to it
+            except ConnectionRefusedError:
+                return
+            except OSError:
+                pass  # a slow answer on a busy machine is not "gone": ask again
             time.sleep(0.05)
         log.warning("Envoy still lists %s after %.0f s; going on", name, GONE_TIMEOUT)
 

@@ -363,6 +363,24 @@ def test_removed_clusters_linger_until_envoy_acks_routes_without_them(mode):
 
 
 @MODES
+def test_lingering_clusters_keep_endpoints_that_arrived_after_their_routes(mode):
+    """A replica that registered after the routes were ACKed stays on its cluster while that
+    cluster lingers: removing the version must not empty it under the running routes."""
+    peer = Peer(mode, snap(TWO_VERSIONS))
+    peer.converge()
+    more = TWO_VERSIONS.replace("[127.0.0.1:9002]", "[127.0.0.1:9002, 127.0.0.1:9012]")
+    peer.retarget(more)
+    assert peer.types() == ["eds"]  # the registration: endpoints only
+    peer.ack(ENDPOINT)
+    peer.retarget(
+        more.replace("      v2: {endpoints: [127.0.0.1:9002, 127.0.0.1:9012]}\n", "").replace(
+            "{v1: 90, v2: 10}", "{v1: 100}"
+        )
+    )
+    assert peer.types() == ["rds"]  # v2's endpoints stay as Envoy has them
+
+
+@MODES
 def test_endpoints_follow_every_cluster_push(mode):
     """A changed cluster re-warms in Envoy and needs its endpoints again."""
     peer = Peer(mode, snap(TWO_VERSIONS))

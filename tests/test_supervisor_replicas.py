@@ -142,6 +142,8 @@ def test_killed_replica_fails_no_request_and_is_replaced(run):
 
 
 def test_added_version_is_started_and_routed_then_drained_when_removed(run):
+    run.wait("2 ready replicas of v1", lambda: len(run.ready_addresses("v1")) == 2)
+    run.wait("Envoy routes to both", lambda: run.healthy_hosts("v1") == run.ready_addresses("v1"))
     run.write(TWO)
     run.wait("v2 ready", lambda: len(run.ready_addresses("v2")) == 1)
     run.wait("v2 takes traffic", lambda: count_versions(run.listen, 20).get("v2", 0) > 0)
