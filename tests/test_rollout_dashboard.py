@@ -7,32 +7,14 @@ import asyncio
 
 from selenium.webdriver.support.ui import WebDriverWait
 
-from control_plane.service import ControlPlane
-from gateway.processes import free_port
 from tests.test_dashboard import browser as browser  # the module-scoped Chromium fixture
 from tests.test_dashboard import texts
-
-ROUTING = """\
-models:
-  iris:
-    versions:
-      v1: {endpoints: [127.0.0.1:9001]}
-      v2: {endpoints: [127.0.0.1:9002]}
-    traffic: {v1: 100}
-    rollout: {canary: v2, steps: [10, 50], interval: 1s, hold_timeout: 10m}
-"""
+from tests.test_rollout_service import ROUTING, started
 
 
 async def test_dashboard_shows_the_rollout_and_its_decisions(tmp_path, browser):
     (tmp_path / "routing.yaml").write_text(ROUTING)
-    plane = ControlPlane(
-        tmp_path / "routing.yaml",
-        ("127.0.0.1", free_port()),
-        ("127.0.0.1", free_port()),
-        health_interval=0,
-        state_dir=tmp_path / "state",
-    )
-    await plane.start()
+    plane = await started(tmp_path)
     try:
         await asyncio.to_thread(browser.get, f"http://127.0.0.1:{plane.admin_address[1]}/ui")
 
