@@ -26,6 +26,7 @@ import aiohttp
 
 from bench.__main__ import machine
 from bench.rollout_upstreams import Upstreams
+from gateway import observe
 from tests.stack import IRIS_BODY, Stack, get_json, routing_yaml
 
 ROLLOUT = """\
@@ -81,18 +82,10 @@ class PacedLoad:
 
 
 def envoy_split(s: Stack) -> dict[str, int]:
-    """iris's split route in Envoy's config: cluster -> weight (one cluster: 100)."""
-    dump = get_json(f"http://127.0.0.1:{s.envoy_admin}/config_dump?resource=dynamic_route_configs")
-    for config in dump["configs"]:
-        for host in config["route_config"].get("virtual_hosts", []):
-            for route in host["routes"]:
-                if route["name"] == "iris/split":
-                    action = route["route"]
-                    if "cluster" in action:
-                        return {action["cluster"]: 100}
-                    clusters = action["weighted_clusters"]["clusters"]
-                    return {c["name"]: c.get("weight", 0) for c in clusters}
-    return {}
+    """The cluster weights of iris's split route in Envoy's own config (its admin port)."""
+    return observe.weights(
+        observe.route(f"http://127.0.0.1:{s.envoy_admin}", "iris/split")["route"]
+    )
 
 
 def wait_until(condition, timeout: float, what: str, poll: float = 0.01) -> float:

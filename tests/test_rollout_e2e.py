@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from bench.rollout_upstreams import Behaviour, Upstreams
+from gateway import observe
 from tests.stack import LoadLoop, Stack, get_json, routing_yaml
 
 ROLLOUT = """\
@@ -76,19 +77,9 @@ def wait_phase(s: Stack, phases: set[str], timeout: float = 60) -> dict:
 
 def envoy_split(s: Stack) -> dict[str, int]:
     """The cluster weights of iris's split route in Envoy's own config (its admin port)."""
-    dump = get_json(f"http://127.0.0.1:{s.envoy_admin}/config_dump?resource=dynamic_route_configs")
-    for config in dump["configs"]:
-        for host in config["route_config"].get("virtual_hosts", []):
-            for route in host["routes"]:
-                if route["name"] == "iris/split":
-                    action = route["route"]
-                    if "cluster" in action:
-                        return {action["cluster"]: 100}
-                    return {
-                        c["name"]: c.get("weight", 0)
-                        for c in action["weighted_clusters"]["clusters"]
-                    }
-    raise AssertionError("no iris/split route in Envoy's config")
+    return observe.weights(
+        observe.route(f"http://127.0.0.1:{s.envoy_admin}", "iris/split")["route"]
+    )
 
 
 def wait_envoy_split(s: Stack, want: dict[str, int], timeout: float = 30) -> None:
