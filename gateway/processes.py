@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 
 from gateway.logs import one_line
 
@@ -57,11 +59,38 @@ def host_port(address: tuple[str, int]) -> str:
     return f"{address[0]}:{address[1]}"
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_FIRST_PORT = 10000
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that is free now, never one this process handed out before. It is picked
+    below the kernel's ephemeral range, so the source port of an outgoing connection cannot
+    take it between now and its bind (a CI run lost an OS-picked port that way: Envoy's
+    listener bind NACKed with 'Address already in use')."""
+    last = _ephemeral_start()
+    if last - _FIRST_PORT < 1000:  # an unusual range: let the OS pick
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    while True:
+        port = random.randrange(_FIRST_PORT, last)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 class Child:

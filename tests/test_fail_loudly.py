@@ -69,6 +69,14 @@ def test_address_in_use_names_the_holder(listening):
     assert f"pid {os.getpid()} (" in message
 
 
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
+    start = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == 200 and max(ports) < start
+    with socket.socket() as s:  # still free: nothing else holds it
+        s.bind(("127.0.0.1", ports[-1]))
+
+
 def test_second_control_plane_on_the_same_xds_port_fails_clearly(tmp_path):
     config = tmp_path / "routing.yaml"
     config.write_text(one_model(free_port(), free_port()))
@@ -382,18 +390,19 @@ def test_a_missing_token_file_is_one_line(tmp_path, command):
     ]
 
 
-def test_refused_registration_says_why_and_what_next(tmp_path, model_repository):
+def plane_and_registering_server(tmp_path, model_repository, *plane_options: str):
+    """(control plane child, not started; model server child started with --register-with
+    that plane's admin API; admin port; server port; server log path)."""
     config = tmp_path / "routing.yaml"
     config.write_text(one_model(free_port(), free_port()))
-    admin = free_port()
-    plane = Child(  # no admin token: writes are refused
+    admin, port = free_port(), free_port()
+    plane = Child(
         "control plane",
         [*CLI, "control-plane", str(config), "--xds", f"127.0.0.1:{free_port()}",
-         "--admin", f"127.0.0.1:{admin}"],
-    ).start()  # fmt: skip
+         "--admin", f"127.0.0.1:{admin}", *plane_options],
+    )  # fmt: skip
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    port = free_port()
     log_path = tmp_path / "serve.log"
     server = Child(
         "model server",
@@ -402,23 +411,54 @@ def test_refused_registration_says_why_and_what_next(tmp_path, model_repository)
          "--register-with", f"http://127.0.0.1:{admin}", "--admin-token-file", str(token)],
         str(log_path),
     )  # fmt: skip
+    return plane, server, admin, port, log_path
+
+
+def wait_for_line(log_path, words: str, child: Child) -> str:
+    """The first line of the log that contains `words`, waiting up to 60 s."""
+    deadline = time.monotonic() + 60
+    while not (lines := [s for s in log_path.read_text().splitlines() if words in s]):
+        assert time.monotonic() < deadline and child.running, log_path.read_text()
+        time.sleep(0.1)
+    return lines[0]
+
+
+def test_refused_registration_says_why_and_what_next(tmp_path, model_repository):
+    plane, server, admin, port, log_path = plane_and_registering_server(
+        tmp_path, model_repository
+    )  # no admin token: writes are refused
     try:
+        plane.start()
         wait_http(f"http://127.0.0.1:{admin}/healthz", child=plane)
         server.start()
-        deadline = time.monotonic() + 60
-        while "refused" not in log_path.read_text():
-            assert time.monotonic() < deadline and server.running, log_path.read_text()
-            time.sleep(0.1)
+        said = wait_for_line(log_path, "refused", server)
     finally:
         server.stop()
         plane.stop()
-    said = [line for line in log_path.read_text().splitlines() if "refused" in line][0]
     assert said.endswith(
         f"the control plane refused the registration (HTTP 403: writes are disabled: start the "
         f"control plane with an admin token (--admin-token-file or INFERGATE_ADMIN_TOKEN)) at "
         f"http://127.0.0.1:{admin}: this server keeps serving iris/v1 on 127.0.0.1:{port}, but "
         "the gateway sends it no request until it is registered"
     )
+
+
+def test_registration_waits_for_a_control_plane_that_starts_later(tmp_path, model_repository):
+    plane, server, admin, port, log_path = plane_and_registering_server(
+        tmp_path, model_repository, "--admin-token-file", str(tmp_path / "token")
+    )
+    try:
+        server.start()  # nothing listens on the admin address yet
+        said = wait_for_line(log_path, "could not register", server)
+        assert f"could not register with http://127.0.0.1:{admin} yet" in said
+        assert "retrying until it answers" in said
+        plane.start()
+        wait_for_line(log_path, f"registered 127.0.0.1:{port} for iris/v1", server)
+        endpoints = get_json(f"http://127.0.0.1:{admin}/endpoints")["endpoints"]
+        assert {"model": "iris", "version": "v1", "address": f"127.0.0.1:{port}"} in endpoints
+    finally:
+        server.stop()
+        plane.stop()
 
 
 # --- the terminal of `infergate run`, end to end ---------------------------------------------
