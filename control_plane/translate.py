@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -75,6 +75,7 @@ from google.protobuf.any_pb2 import Any
 from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 
+from control_plane import api_filters
 from control_plane.config import Endpoint as ServerAddress
 from control_plane.config import Model, RoutingConfig
 from control_plane.resilience import HealthCheck as HealthCheckPolicy
@@ -327,6 +328,10 @@ def _model_routes(model: Model) -> list[Route]:
             route=_split_action(model),
         )
     )
+    per_route = api_filters.per_route_configs(model)
+    for route in routes:
+        for name, config in per_route.items():
+            route.typed_per_filter_config[name].CopyFrom(config)
     return routes
 
 
@@ -348,13 +353,18 @@ def _health_routes() -> list[Route]:
     ]
 
 
-def _listener(name: str, address: ServerAddress, route_config: str) -> Listener:
+def _listener(
+    name: str, address: ServerAddress, route_config: str, filters: Sequence[HttpFilter] = ()
+) -> Listener:
     """An HTTP listener (HTTP/1.1, or HTTP/2 when the client starts with its preface, as
-    gRPC does) whose routes come from RDS."""
+    gRPC does) whose routes come from RDS; `filters` run before the router."""
     hcm = HttpConnectionManager(
         stat_prefix=name.replace("/", "_"),
         rds=Rds(config_source=_ads(), route_config_name=route_config),
-        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router()))],
+        http_filters=[
+            *filters,
+            HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router())),
+        ],
     )
     return Listener(
         name=name,
@@ -464,7 +474,9 @@ def translate(config: RoutingConfig) -> Resources:
             VirtualHost(name="models", domains=["*"], routes=[*_health_routes(), *routes])
         ],
     )
-    listeners[LISTENER_NAME] = gateway_listener(config.listen)
+    listeners[LISTENER_NAME] = _listener(
+        LISTENER_NAME, config.listen, ROUTE_CONFIG_NAME, api_filters.http_filters(config)
+    )
     return Resources(
         clusters=clusters,
         endpoints=endpoints,
@@ -472,8 +484,3 @@ def translate(config: RoutingConfig) -> Resources:
         routes=route_configs,
         health_check_timeouts=timeouts,
     )
-
-
-def gateway_listener(address: ServerAddress) -> Listener:
-    """The `gateway` listener on `address` (the YAML's `listen`, or a node's own)."""
-    return _listener(LISTENER_NAME, address, ROUTE_CONFIG_NAME)
