@@ -13,6 +13,9 @@ Reads are open (the API binds to 127.0.0.1 by default); writes need
 - `GET /rollouts`: per model its rollout's phase, step, canary weight, reason and history
   of decisions (see docs/rollouts.md). `POST /rollouts/MODEL/pause|resume|promote|abort`
   acts on one (404: no rollout, 409: not in a phase where the action applies).
+- `PUT /autoscaling`: the autoscaler's last decision per version, reported by the
+  supervisor that acts on them (`{"model/version": {"desired": n, "ready": n, ...}}`);
+  shown in `GET /status` (`autoscale`) and on `/metrics`.
 - `GET /metrics`: Prometheus text. `GET /ui`: the live dashboard (one static page).
 """
 
@@ -41,6 +44,7 @@ class Plane(Protocol):
     def traffic(self, history: bool = False) -> dict[str, Any]: ...
     def rollout_status(self) -> dict[str, Any]: ...
     def rollout_action(self, model: str, action: str) -> dict[str, Any]: ...
+    def report_autoscaling(self, decisions: dict[str, dict[str, Any]]) -> None: ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -53,6 +57,33 @@ def _parse_endpoint(body: Any) -> tuple[str, str, Endpoint]:
     ):
         raise ValueError('the body must be {"model": str, "version": str, "address": "ip:port"}')
     return body["model"], body["version"], parse_endpoint(body["address"])
+
+
+DECISION_FIELDS = {
+    "desired": int,
+    "ready": int,
+    "stable_concurrency": (int, float),
+    "panic_concurrency": (int, float),
+    "panic": bool,
+    "reason": str,
+}
+
+
+def _parse_decisions(body: Any) -> dict[str, dict[str, Any]]:
+    """`{"model/version": {desired, ready, stable_concurrency, panic_concurrency, panic,
+    reason}}`, checked field by field (ValueError names the first problem)."""
+    if not isinstance(body, dict):
+        raise ValueError('the body must be {"model/version": {"desired": n, ...}}')
+    decisions = {}
+    for key, d in body.items():
+        if key.count("/") != 1 or not isinstance(d, dict):
+            raise ValueError(f"{key!r}: expected 'model/version' with an object")
+        for name, kind in DECISION_FIELDS.items():
+            value = d.get(name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{key}.{name}: missing or of the wrong type")
+        decisions[key] = {name: d[name] for name in DECISION_FIELDS}
+    return decisions
 
 
 def make_admin_app(
@@ -112,6 +143,16 @@ def make_admin_app(
             {"model": model, "version": version, "address": str(ep), "changed": changed}
         )
 
+    async def report_autoscaling(request: web.Request) -> web.Response:
+        if denied := authorized(request):
+            return denied
+        try:
+            decisions = _parse_decisions(await request.json())
+        except ValueError as exc:
+            return _error(400, str(exc))
+        plane.report_autoscaling(decisions)
+        return web.json_response({"versions": sorted(decisions)})
+
     async def traffic(request: web.Request) -> web.Response:
         return web.json_response(plane.traffic(request.query.get("history") == "1"))
 
@@ -132,6 +173,7 @@ def make_admin_app(
     app.router.add_get("/rollouts", rollouts)
     actions = "|".join(RolloutController.ACTIONS)
     app.router.add_post(f"/rollouts/{{model}}/{{action:{actions}}}", rollout_action)
+    app.router.add_put("/autoscaling", report_autoscaling)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/ui", dashboard)
     return app

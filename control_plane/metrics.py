@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -40,6 +40,7 @@ class Observed(Protocol):
     last_reload_ok: float | None  # time.monotonic()
     sampler_fraction: float
     rollouts: RolloutController
+    autoscaling: dict[str, dict[str, Any]]  # "model/version" -> the last decision
 
 
 class XdsMetrics:
@@ -104,6 +105,7 @@ class PlaneCollector(Collector):
         yield from self._xds()
         yield from self._config()
         yield from self._rollouts()
+        yield from self._autoscaling()
 
     def _traffic(self) -> Iterator[Metric]:
         store = self.plane.store
@@ -221,6 +223,29 @@ class PlaneCollector(Collector):
             for kind, n in sorted(s["decisions"].items()):
                 decisions.add_metric([model, kind], n)
         yield from (phase, weight, step, decisions)
+
+    def _autoscaling(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        desired = GaugeMetricFamily(
+            "infergate_autoscaler_desired_replicas", "The autoscaler's last decision", labels=labels
+        )
+        ready = GaugeMetricFamily(
+            "infergate_autoscaler_ready_replicas", "Ready replicas when it decided", labels=labels
+        )
+        concurrency = GaugeMetricFamily(
+            "infergate_autoscaler_concurrency",
+            "Average concurrency over the stable and the panic window",
+            labels=[*labels, "window"],
+        )
+        panic = GaugeMetricFamily("infergate_autoscaler_panic", "1 in panic mode", labels=labels)
+        for key, d in sorted(self.plane.autoscaling.items()):
+            model_version = key.split("/", 1)
+            desired.add_metric(model_version, d["desired"])
+            ready.add_metric(model_version, d["ready"])
+            concurrency.add_metric([*model_version, "stable"], d["stable_concurrency"])
+            concurrency.add_metric([*model_version, "panic"], d["panic_concurrency"])
+            panic.add_metric(model_version, float(d["panic"]))
+        yield from (desired, ready, concurrency, panic)
 
 
 def make_registry(plane: Observed) -> CollectorRegistry:

@@ -136,6 +136,8 @@ class ControlPlane:
             write_traffic=partial(write_traffic, self.config_path),
         )
         self.xds_metrics = XdsMetrics()
+        # The autoscaler's last decision per "model/version", as its supervisor reports it.
+        self.autoscaling: dict[str, dict[str, Any]] = {}
         self.watcher = ConfigWatcher(
             self.config_path, self.set_file_config, self.reject, mode=watch_mode
         )
@@ -302,6 +304,9 @@ class ControlPlane:
     def traffic(self, history: bool = False) -> dict[str, Any]:
         return traffic_report(self.store, self.file_config, self.sampler_fraction, history)
 
+    def report_autoscaling(self, decisions: dict[str, dict[str, Any]]) -> None:
+        self.autoscaling = decisions
+
     def status(self) -> dict[str, Any]:
         snap = self.cache.snapshot
         return {
@@ -320,6 +325,7 @@ class ControlPlane:
             "registered_endpoints": self.endpoints.as_list(),
             "versions": self.health.versions() if self.health else None,
             "nodes": self.registry.as_list(),
+            "autoscale": self.autoscaling,
         }
 
     # --- lifecycle -------------------------------------------------------------------

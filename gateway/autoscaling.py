@@ -4,7 +4,8 @@ Every `PERIOD` seconds the supervisor calls `Autoscaling.step`: it reads `GET /t
 telemetry store's per-version windows, i.e. what every Envoy reported, not one Envoy's view),
 gives each autoscaled version's 10 s average concurrency to its `Scaler`, and returns the
 desired replica counts. A decision that changes a count is logged with its numbers; the last
-decision of each version is kept for `infergate status`.
+decision of each version is kept for `infergate status` and reported to the control plane
+(`PUT /autoscaling`), which shows it in its `/status` and on `/metrics`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ Key = tuple[str, str]
 
 
 class Autoscaling:
-    def __init__(self, admin_url: str):
+    def __init__(self, admin_url: str, token: str):
         self.admin_url = admin_url
+        self.token = token
         self.scalers: dict[Key, Scaler] = {}
 
     def follow(self, config: RoutingConfig) -> None:
@@ -62,6 +64,7 @@ class Autoscaling:
             decision = scaler.decide(now, ready.get((model, version), 0))
             if decision.desired != before[(model, version)]:
                 log.info("%s/%s: %s", model, version, decision.reason)
+        self._report()
         return self.desired() != before
 
     def _traffic(self) -> dict | None:
@@ -70,6 +73,20 @@ class Autoscaling:
                 return json.load(resp)["models"]
         except (urllib.error.URLError, OSError, ValueError, KeyError):
             return None
+
+    def _report(self) -> None:
+        """Tell the control plane; it being away costs only this report (logged at debug)."""
+        req = urllib.request.Request(
+            self.admin_url + "/autoscaling",
+            json.dumps(self.status()).encode(),
+            {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+            method="PUT",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=1) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as exc:
+            log.debug("could not report decisions to the control plane: %s", exc)
 
     def status(self) -> dict[str, dict]:
         return {f"{m}/{v}": asdict(s.last) for (m, v), s in self.scalers.items() if s.last}

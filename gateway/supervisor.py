@@ -255,14 +255,18 @@ class Supervisor:
         )
         self.envoy = envoy_child("infergate-local", addresses.xds, addresses.envoy_admin, workdir)
         self.restarter = Restarter(self.children)
-        self.replicas = Replicas(
-            executor or LocalExecutor(repository),
+        admin_url, admin_token = (
             f"http://{host_port(addresses.admin)}",
             admin_token_file.read_text().strip(),
+        )
+        self.replicas = Replicas(
+            executor or LocalExecutor(repository),
+            admin_url,
+            admin_token,
             f"http://{host_port(addresses.envoy_admin)}",
             workdir,
         )
-        self.autoscaling = Autoscaling(f"http://{host_port(addresses.admin)}")
+        self.autoscaling = Autoscaling(admin_url, admin_token)
         self.activator = Activator(activation_timeout)
         self._gates: set[tuple[str, str]] = set()  # registered with the control plane
         self._zero_pending: set[tuple[str, str]] = set()  # to zero once its gate is in Envoy

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from gateway.observe import get_json
 from tests.stack import LoadLoop
 from tests.test_supervisor_replicas import Run
 
@@ -34,6 +35,12 @@ def decision(run: Run) -> dict:
     return status["autoscale"].get("iris/v1", {})
 
 
+def reported(run: Run) -> dict:
+    """The decision as the control plane shows it (reported by the supervisor)."""
+    status = get_json(f"http://127.0.0.1:{run.admin}/status")
+    return status["autoscale"].get("iris/v1", {"desired": 0})
+
+
 def test_load_step_scales_up_then_down_to_min_without_a_failed_request(run):
     run.wait("min replicas", lambda: len(run.healthy_hosts("v1")) == 1)
     with LoadLoop(run.listen, threads=1) as calm:
@@ -41,6 +48,7 @@ def test_load_step_scales_up_then_down_to_min_without_a_failed_request(run):
         with LoadLoop(run.listen, threads=16) as burst:
             run.wait("3 healthy hosts", lambda: len(run.healthy_hosts("v1")) >= 3, timeout=60)
             up = decision(run)
+            run.wait("the control plane shows it", lambda: reported(run)["desired"] >= 3)
         run.wait("scaled down to min", lambda: len(run.healthy_hosts("v1")) == 1, timeout=90)
         run.wait("drained", lambda: len(run.replicas("v1")) == 1)
         down = decision(run)
