@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import aiohttp
@@ -40,26 +40,19 @@ class _Model:
     examples: deque[tuple[float, dict[str, Any]]] = field(default_factory=deque)
 
 
+@dataclass
 class ShadowPairs:
-    def __init__(
-        self,
-        clock: Callable[[], float],
-        token: str | None = None,
-        *,
-        max_pending: int = 20_000,
-        max_pairs: int = 100_000,
-        max_examples: int = 20,
-        limit: int = 1000,
-    ):
-        self.clock = clock
-        self.token = token
-        self.max_pending = max_pending
-        self.max_pairs = max_pairs
-        self.max_examples = max_examples
-        self.limit = limit
-        self._models: dict[str, _Model] = {}
-        self._cursors: dict[str, tuple[str, int]] = {}  # endpoint -> (epoch, cursor)
-        self._session: aiohttp.ClientSession | None = None
+    clock: Callable[[], float]
+    token: str | None = None
+    _: KW_ONLY
+    max_pending: int = 20_000
+    max_pairs: int = 100_000
+    max_examples: int = 20
+    limit: int = 1000
+    _models: dict[str, _Model] = field(default_factory=dict, init=False)
+    # endpoint -> (epoch, cursor)
+    _cursors: dict[str, tuple[str, int]] = field(default_factory=dict, init=False)
+    _session: aiohttp.ClientSession | None = field(default=None, init=False)
 
     # -- reading answers ---------------------------------------------------------------
 

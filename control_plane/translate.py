@@ -241,8 +241,10 @@ def _retry_policy(retries: Retries) -> RetryPolicy:
             )
         ],
         # Least-request prefers a dead host (it has no active request): with two hosts it is
-        # picked 3 times in 4, so three re-picks still chose it 42% of the time.
-        host_selection_retry_max_attempts=12,
+        # picked 3 times in 4, so 12 re-picks still chose it 3% of the time, and a request
+        # whose first and second tries hit it fails (a third try can avoid neither host):
+        # one request in ~40 of those sent to a just-killed replica. 50 re-picks: 0.75^50.
+        host_selection_retry_max_attempts=50,
     )
 
 

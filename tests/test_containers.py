@@ -13,19 +13,11 @@ from pathlib import Path
 import pytest
 
 from gateway.testing import GatewayStack, gateway_stack
-from tests.stack import LoadLoop, binomial_p_value, count_versions
+from tests.stack import LoadLoop, binomial_p_value, count_versions, routing_yaml
 
 # Ports are placeholders: gateway_stack puts every address on a free port of 127.0.0.1.
 # v1 has two replicas (two model-server containers), v2 one.
-ROUTING = """\
-listen: 127.0.0.1:8080
-models:
-  iris:
-    versions:
-      v1: {endpoints: [127.0.0.1:9001, 127.0.0.1:9011]}
-      v2: {endpoints: [127.0.0.1:9002]}
-    traffic: {v1: 70, v2: 30}
-"""
+ROUTING = routing_yaml(8080, {"v1": [9001, 9011], "v2": [9002]}, {"v1": 70, "v2": 30})
 
 
 @pytest.fixture(scope="module")

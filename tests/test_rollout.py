@@ -18,16 +18,13 @@ from control_plane.rollout import (
 from control_plane.state_store import FileStateStore
 from control_plane.telemetry import IntervalStats
 from control_plane.yaml_edit import write_traffic
+from tests.test_config import BASE as TWO_VERSIONS
 
-FILE = """\
-models:
-  iris:
-    versions:
-      v1: {endpoints: [127.0.0.1:9001]}
-      v2: {endpoints: [127.0.0.1:9002]}
-    traffic: {v1: 100}
-    rollout: {canary: v2, steps: [10, 25, 50, 100], interval: 10s, min_requests: 100%s}
-"""
+# iris v1 and v2 (test_config's), all traffic on v1
+ALL_ON_V1 = TWO_VERSIONS.replace("traffic: {v1: 90, v2: 10}", "traffic: {v1: 100}")
+FILE = ALL_ON_V1 + (
+    "    rollout: {canary: v2, steps: [10, 25, 50, 100], interval: 10s, min_requests: 100%s}\n"
+)
 
 
 @dataclass
@@ -283,11 +280,7 @@ def test_ended_rollout_writes_its_traffic_once_and_retries_on_error(tmp_path):
     c.tick(3.0)
     assert writes == [("iris", {"v1": 100, "v2": 0})]
     # the written file no longer has the block: the record stays, the file rules
-    done = FILE.replace(
-        "    rollout: {canary: v2, steps: [10, 25, 50, 100], interval: 10s, min_requests: 100%s}\n",
-        "",
-    )
-    c.observe_config(parse(done), now=4.0)
+    c.observe_config(parse(ALL_ON_V1), now=4.0)
     assert c.status()["iris"]["phase"] == "rolled_back" and "iris" not in c.overrides()
     c.observe_config(parse(FILE % ""), now=5.0)  # the block again: a new rollout
     assert [h["kind"] for h in c.status()["iris"]["history"]] == ["start"]

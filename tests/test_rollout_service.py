@@ -16,16 +16,11 @@ from control_plane.service import ControlPlane
 from control_plane.snapshot import ROUTE
 from gateway.cli import main
 from gateway.processes import free_port
+from tests.test_rollout import ALL_ON_V1
 
-ROUTING = """\
-models:
-  iris:
-    versions:
-      v1: {endpoints: [127.0.0.1:9001]}
-      v2: {endpoints: [127.0.0.1:9002]}
-    traffic: {v1: 100}
-    rollout: {canary: v2, steps: [10, 50], interval: 1s, hold_timeout: 10m}
-"""
+ROUTING = ALL_ON_V1 + (
+    "    rollout: {canary: v2, steps: [10, 50], interval: 1s, hold_timeout: 10m}\n"
+)
 
 
 def weights(plane: ControlPlane) -> dict[str, int]:
