@@ -241,9 +241,8 @@ def _retry_policy(retries: Retries) -> RetryPolicy:
             )
         ],
         # Least-request prefers a dead host (it has no active request): with two hosts it is
-        # picked 3 times in 4, so 12 re-picks still chose it 3% of the time, and a request
-        # whose first and second tries hit it fails (a third try can avoid neither host):
-        # one request in ~40 of those sent to a just-killed replica. 50 re-picks: 0.75^50.
+        # picked 3 times in 4, so 12 re-picks would still choose it 3% of the time; 50 re-picks
+        # make that 0.75^50 (host selection is cheap, and only retries do it).
         host_selection_retry_max_attempts=50,
     )
 
