@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -151,6 +152,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address = f"{args.host}:{args.port}"
         registration = Registration(args.register_with, token, args.model, args.version, address)
         registration.register_when_ready()
+    left = threading.Event()
+
+    def leave() -> None:  # on SIGTERM (one process), else on exit; once
+        if registration and not left.is_set():
+            left.set()
+            registration.deregister()
+
+    grace = args.drain_grace
+    if grace is None:
+        grace = REGISTERED_DRAIN_GRACE if registration else 0.0
     try:
         serve(
             Path(args.repository),
@@ -163,16 +174,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             processes=args.processes,
             workers=args.workers,
-            drain_grace=args.drain_grace,
+            drain_grace=grace,
+            on_drain=leave if args.processes == 1 else None,
             record_answers=args.record_answers,
             answers_max_bytes=args.record_answers_max_mib * 1024 * 1024,
             admin_token=admin_token(args),
             tls=tls,
         )
     finally:
-        if registration:
-            registration.deregister()
+        leave()
     return 0
+
+
+REGISTERED_DRAIN_GRACE = 2.0
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -497,8 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drain-grace",
         type=float,
-        default=0.0,
-        help="seconds to keep answering after SIGTERM while readiness reports 503",
+        default=None,
+        help="seconds to keep answering after SIGTERM while readiness reports 503 (default 0; "
+        f"{REGISTERED_DRAIN_GRACE:g} with --register-with, which deregisters first, so the "
+        "gateway stops routing here before the listener closes)",
     )
     p.add_argument(
         "--register-with",

@@ -295,6 +295,7 @@ def serve(
     processes: int = 1,
     reuse_port: bool = False,
     drain_grace: float = 0.0,
+    on_drain: Callable[[], None] | None = None,
     shutdown_timeout: float = 30.0,
     record_answers: int = 0,
     answers_max_bytes: int = DEFAULT_ANSWERS_MAX_BYTES,
@@ -307,8 +308,9 @@ def serve(
     `max_batch_size` (with `max_batch_delay_ms`) overrides the models' batching settings.
     `grpc_port` also serves the KServe V2 gRPC API there. `processes` > 1 runs that many
     server processes sharing the ports through SO_REUSEPORT (metrics are per process).
-    On a signal, readiness turns false; after `drain_grace` seconds the listener closes and
-    in-flight requests get up to `shutdown_timeout` seconds to finish.
+    On a signal, readiness turns false and `on_drain` runs (in a thread; one process only:
+    e.g. deregistration, so the gateway stops routing here); after `drain_grace` seconds the
+    listener closes and in-flight requests get up to `shutdown_timeout` seconds to finish.
     `record_answers` > 0 keeps that many of the newest answers (at most `answers_max_bytes`
     of outputs) for `/v2/answers`. `admin_token` guards the admin endpoints (see
     `AdminGuard`); `tls` serves both APIs over TLS.
@@ -348,7 +350,7 @@ def serve(
     )
     listen = _Listen(host, port, grpc_port, reuse_port, admin, tls)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_run(app, listen, drain_grace, shutdown_timeout))
+        runner.run(_run(app, listen, drain_grace, shutdown_timeout, on_drain))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -370,7 +372,11 @@ class _Listen(NamedTuple):
 
 
 async def _run(
-    app: web.Application, listen: _Listen, drain_grace: float, shutdown_timeout: float
+    app: web.Application,
+    listen: _Listen,
+    drain_grace: float,
+    shutdown_timeout: float,
+    on_drain: Callable[[], None] | None = None,
 ) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
@@ -402,6 +408,8 @@ async def _run(
         await stop.wait()
         log.info("signal received: draining")
         core.drain()
+        if on_drain is not None:
+            await asyncio.to_thread(on_drain)
         await asyncio.sleep(drain_grace)
     finally:
         if grpc_server is not None:

@@ -334,10 +334,17 @@ def test_model_server_registers_itself_and_leaves_on_sigterm_without_failures(
         stack.serve_until_replica_answers(extra)
         with LoadLoop(stack.listen) as load:
             load.wait_results(50)
-            assert server.stop(timeout=30) == 0  # drains, deregisters, exits
+            assert server.stop(timeout=30) == 0  # deregisters, drains, exits
             assert stack.status()["registered_endpoints"] == []
             load.wait_results(100)
         assert f"127.0.0.1:{extra}" not in observe.hosts(stack.envoy_url, "iris/v1")
         assert load.failures() == []
+        # It left the gateway first, then answered its last requests, then closed.
+        said = (tmp_path / "extra.log").read_text()
+        order = [
+            said.index(f"deregistered 127.0.0.1:{extra}"),
+            said.index("model_servers.server INFO stopped"),
+        ]
+        assert said.index("signal received: draining") < order[0] < order[1], said[-1500:]
     finally:
         stack.stop()
