@@ -103,7 +103,9 @@ class AuthStack:
         try:
             method = "POST" if path.endswith("/infer") else "GET"
             body = IRIS_BODY if method == "POST" else None
-            conn.request(method, path, body, {"content-type": "application/json", **(headers or {})})
+            conn.request(
+                method, path, body, {"content-type": "application/json", **(headers or {})}
+            )
             resp = conn.getresponse()
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
         finally:
