@@ -75,6 +75,8 @@ models:
   pub:
     versions: {{v1: {{endpoints: [127.0.0.1:{echo}]}}}}
     access: {{public: true}}
+  down:
+    versions: {{v1: {{endpoints: [127.0.0.1:{down}]}}}}
 """
 
 
@@ -135,6 +137,7 @@ def auth(tmp_path_factory, model_repository, envoy_binary) -> Iterator[AuthStack
                 issuer=ISSUER,
                 iris=stack.model_ports["v1"][0],
                 echo=a.echo,
+                down=free_port(),  # nothing listens there
             )
         )
         stack.start_control_plane()
@@ -185,6 +188,8 @@ def test_open_routes_need_no_credential_and_errors_have_one_shape(auth: AuthStac
         reply = auth.request(path, {"x-api-key": auth.keys["alice"]})
         assert reply[0] == 404 and "no model" in error_of(reply)
         assert auth.request(path)[0] == 404
+    down = auth.request("/v2/models/down/infer", {"x-api-key": auth.keys["alice"]})
+    assert down[0] == 503 and error_of(down)
 
 
 def test_jwt(auth: AuthStack):
