@@ -290,3 +290,22 @@ def test_no_key_in_logs_or_status(auth: AuthStack):
     text += "".join(p.read_text(errors="replace") for p in Path(auth.stack.workdir).glob("*.log"))
     for key in auth.keys.values():
         assert key not in text
+
+
+def test_jwks_rotation_applies_without_a_restart(auth: AuthStack):
+    """A new JWKS (the issuer rotated its key): tokens of the new key work, those of the old
+    key stop. (A JWKS edit is a listener update, which drains connections: unlike a keys
+    edit it may reset a request that races a connection's close, docs/api-management.md.)"""
+    old, new = auth.idp, Idp()
+    jwks = auth.stack.workdir / "jwks.json"
+    try:
+        tmp = jwks.with_suffix(".tmp")
+        tmp.write_text(new.jwks())
+        tmp.replace(jwks)
+        deadline = time.monotonic() + 20
+        while auth.status("/v2/models/echo/infer", **auth.bearer(new.token())) != 200:
+            assert time.monotonic() < deadline, "the new JWKS was not applied"
+            time.sleep(0.05)
+        assert auth.status("/v2/models/echo/infer", **auth.bearer(old.token())) == 401
+    finally:
+        jwks.write_text(old.jwks())
