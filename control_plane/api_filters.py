@@ -1,24 +1,94 @@
 """The seam where API management (the routing YAML's `consumers`, `access` and `limits`)
-enters the translation: the HTTP filters of the `gateway` listener, in order, and each
-model route's per-filter configuration. Without those keys both are empty and the gateway
-is open to all, as before."""
+enters the translation: the HTTP filters of the `gateway` listener, in order, the
+per-filter configuration of its virtual host and of each route, and the one error shape of
+its local replies. Without those keys the gateway is open to all, as before."""
 
 from __future__ import annotations
 
+from envoy.config.accesslog.v3.accesslog_pb2 import (
+    AccessLogFilter,
+    ComparisonFilter,
+    StatusCodeFilter,
+)
+from envoy.config.core.v3.base_pb2 import DataSource, RuntimeUInt32
+from envoy.config.core.v3.substitution_format_string_pb2 import SubstitutionFormatString
+from envoy.config.route.v3.route_components_pb2 import Route
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
     HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
 )
 from google.protobuf.any_pb2 import Any
+from google.protobuf.struct_pb2 import Struct
 
+from control_plane import translate_auth
 from control_plane.config import Model, RoutingConfig
 
 
 def http_filters(config: RoutingConfig) -> list[HttpFilter]:
     """The filters that run before the router on the `gateway` listener: who the caller
     is (auth), then what the caller may spend (limits)."""
-    return []
+    identity = translate_auth.http_filters(config.consumers) if config.consumers else []
+    return [*identity]
+
+
+def virtual_host_configs(config: RoutingConfig) -> dict[str, Any]:
+    """Filter name -> typed config for every route of the gateway's virtual host."""
+    return translate_auth.virtual_host_configs(config.consumers) if config.consumers else {}
 
 
 def per_route_configs(model: Model) -> dict[str, Any]:
     """Filter name -> typed per-route config, for every route of `model`."""
-    return {}
+    return translate_auth.access_route_configs(model)
+
+
+def open_route_configs(config: RoutingConfig) -> dict[str, Any]:
+    """Filter name -> typed per-route config of the gateway's own routes (health, server
+    metadata), which need no credential."""
+    return translate_auth.open_route_configs() if config.consumers else {}
+
+
+def fallback_routes(config: RoutingConfig) -> list[Route]:
+    """Routes after every model's."""
+    return [translate_auth.not_found_route()] if config.consumers else []
+
+
+def _status_at_least(status: int) -> AccessLogFilter:
+    return AccessLogFilter(
+        status_code_filter=StatusCodeFilter(
+            comparison=ComparisonFilter(
+                op=ComparisonFilter.GE,
+                value=RuntimeUInt32(default_value=status, runtime_key="infergate.error_status"),
+            )
+        )
+    )
+
+
+def _status_is(status: int) -> AccessLogFilter:
+    return AccessLogFilter(
+        status_code_filter=StatusCodeFilter(
+            comparison=ComparisonFilter(
+                op=ComparisonFilter.EQ,
+                value=RuntimeUInt32(default_value=status, runtime_key="infergate.no_route_status"),
+            )
+        )
+    )
+
+
+def local_reply_config() -> LocalReplyConfig:
+    """Every error Envoy answers itself (401, 403, 404, 413, 429, 503, ...) in the Open
+    Inference Protocol's shape, `{"error": "..."}` as application/json; its own successful
+    answers (health, server metadata) stay as they are."""
+    body = Struct()
+    body.update({"error": "%LOCAL_REPLY_BODY%"})
+    shape = SubstitutionFormatString(json_format=body)
+    return LocalReplyConfig(
+        mappers=[
+            ResponseMapper(
+                filter=_status_is(404),
+                body=DataSource(inline_string="no model at this path"),
+                body_format_override=shape,
+            ),
+            ResponseMapper(filter=_status_at_least(400), body_format_override=shape),
+        ]
+    )

@@ -8,6 +8,7 @@ position in the file.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,11 @@ from control_plane.yaml_reader import NAME_RE, Problem, Reader
 
 __all__ = [
     "NAME_RE",
+    "Access",
     "ConfigError",
+    "Consumers",
     "Endpoint",
+    "Jwt",
     "Model",
     "Problem",
     "Rollout",
@@ -82,8 +86,9 @@ def parse_endpoint(value: object) -> Endpoint:
 class ConfigError(Exception):
     """The file is not a valid routing config; `problems` lists every error found."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], files: tuple[Path, ...] = ()):
         self.problems = problems
+        self.files = files  # the keys and JWKS files the routing file names (to watch them)
         super().__init__("\n".join(str(p) for p in problems))
 
 
@@ -135,6 +140,49 @@ class Rollout:
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who may call a model: everyone (`public`), or the named consumers only."""
+
+    public: bool = False
+    consumers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Jwt:
+    """JWTs from one issuer, verified against a local JWKS; the consumer is a claim."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_file: Path
+    jwks: str = field(repr=False)  # the JWKS document (JSON text) read from jwks_file
+    consumer_claim: str = "sub"
+
+
+@dataclass(frozen=True)
+class Consumers:
+    """Who may call the gateway: API keys (from `keys_file`) and/or JWTs, and each
+    consumer's priority. Keys are secrets: never in a repr, log or message."""
+
+    keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (consumer, key)
+    keys_file: Path | None = None
+    jwt: Jwt | None = None
+    priority: dict[str, str] = field(default_factory=dict, hash=False)  # name -> level
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The files this block was read from (the watcher watches them too)."""
+        return tuple(f for f in (self.keys_file, self.jwt and self.jwt.jwks_file) if f)
+
+    @property
+    def known(self) -> frozenset[str] | None:
+        """The consumer names access rules may use; None when any name may authenticate
+        (a JWT's claim names consumers that no file lists)."""
+        if self.keys_file is None or self.jwt is not None:
+            return None
+        return frozenset(name for name, _ in self.keys)
+
+
+@dataclass(frozen=True)
 class Model:
     name: str
     versions: tuple[Version, ...]
@@ -147,6 +195,7 @@ class Model:
     # request body, which Envoy does not route on: one listener per model instead).
     grpc_listen: Endpoint | None = None
     rollout: Rollout | None = None
+    access: Access | None = None  # None: any valid consumer (once `consumers` is configured)
 
     def version(self, name: str) -> Version:
         return next(v for v in self.versions if v.name == name)
@@ -156,6 +205,7 @@ class Model:
 class RoutingConfig:
     listen: Endpoint
     models: tuple[Model, ...] = field(default_factory=tuple)
+    consumers: Consumers | None = None  # None: the gateway is open to all
 
 
 def _read_endpoint(r: Reader, node: yaml.Node, fieldname: str) -> Endpoint | None:
@@ -177,11 +227,17 @@ MODEL_KEYS = {
     "resilience",
     "grpc_listen",
     "rollout",
+    "access",
 }
 
 
 def _read_model(
-    r: Reader, name: str, name_node: yaml.Node, node: yaml.Node, defaults: Resilience
+    r: Reader,
+    name: str,
+    name_node: yaml.Node,
+    node: yaml.Node,
+    defaults: Resilience,
+    consumers: Consumers | None = None,
 ) -> Model | None:
     where = f"models.{name}"
     keys = r.mapping(node, where, MODEL_KEYS)
@@ -241,6 +297,9 @@ def _read_model(
     rollout = None
     if "rollout" in keys:
         rollout = _read_rollout(r, f"{where}.rollout", keys["rollout"][1], known, traffic)
+    access = None
+    if "access" in keys:
+        access = _read_access(r, f"{where}.access", keys["access"][1], consumers)
     if len(r.problems) > before:
         return None
     return Model(
@@ -253,6 +312,7 @@ def _read_model(
         resilience,
         grpc_listen,
         rollout=rollout,
+        access=access,
     )
 
 
@@ -461,6 +521,180 @@ def _read_rollout(
     return Rollout(canary=canary, baseline=holders[0], **values)
 
 
+PRIORITIES = ("low", "normal", "high")
+CONSUMERS_KEYS = {"keys_file", "jwt", "priority"}
+JWT_KEYS = {"issuer", "audiences", "jwks_file", "consumer_claim"}
+# No dots: a bearer token with dots is read as a JWT.
+KEY_RE = re.compile(r"^[A-Za-z0-9_~+/=-]{16,256}$")
+BAD_KEY = "a key must be 16-256 letters, digits or _-~+/= (no dots, which mark a JWT)"
+BAD_CONSUMER = (
+    "a consumer name must be lowercase letters, digits, '-' or '_' "
+    "(at most 63, starting and ending with a letter or digit)"
+)
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _read_named_file(
+    r: Reader, node: yaml.Node, where: str, base: Path, files: list[Path]
+) -> tuple[Path, str] | None:
+    """The file named at `node`, relative to the routing file's folder, and its text."""
+    name = r.scalar(node, where)
+    if not isinstance(name, str) or not name:
+        r.fail(node, where, f"must be a file name, got {name!r}")
+        return None
+    path = base / name
+    files.append(path)
+    try:
+        return path, path.read_text()
+    except OSError as exc:
+        r.fail(node, where, f"cannot read {path}: {exc.strerror}")
+        return None
+
+
+def _read_keys(path: Path, text: str) -> tuple[tuple[tuple[str, str], ...], list[Problem]]:
+    """A keys file: `consumer: key` lines (`consumer: [key, ...]` while rotating). Its
+    messages never quote a key, nor a name that may be one."""
+
+    def problem(node: yaml.Node, message: str) -> Problem:
+        return Problem(str(path), node.start_mark.line + 1, node.start_mark.column + 1, "", message)
+
+    try:
+        root = yaml.compose(text, Loader=FAST_LOADER)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        return (), [Problem(str(path), line, col, "", f"invalid YAML: {exc.problem}")]
+    if root is None:
+        return (), []  # no keys: nobody authenticates with a key
+    if not isinstance(root, yaml.MappingNode):
+        return (), [problem(root, "expected 'consumer: key' lines")]
+    problems: list[Problem] = []
+    pairs: list[tuple[str, str]] = []
+    owner: dict[str, str] = {}
+    for name_node, value in root.value:
+        name = name_node.value if isinstance(name_node, yaml.ScalarNode) else None
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            problems.append(problem(name_node, BAD_CONSUMER))
+            continue
+        if name in owner.values():
+            problems.append(problem(name_node, f"consumer {name!r} is listed twice"))
+            continue
+        items = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        for item in items:
+            key = item.value if isinstance(item, yaml.ScalarNode) else None
+            if not isinstance(key, str) or not KEY_RE.match(key):
+                problems.append(problem(item, f"{name}: {BAD_KEY}"))
+            elif key in owner:
+                problems.append(problem(item, f"{name}: the same key as {owner[key]!r}"))
+            else:
+                owner[key] = name
+                pairs.append((name, key))
+    return tuple(pairs), problems
+
+
+def _read_jwks(path: Path, text: str) -> list[Problem]:
+    """Problems of a JWKS document (JSON with a non-empty `keys` list)."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return [Problem(str(path), exc.lineno, exc.colno, "", f"invalid JSON: {exc.msg}")]
+    if not isinstance(document, dict) or not document.get("keys"):
+        return [Problem(str(path), 1, 1, "", "a JWKS needs a non-empty 'keys' list")]
+    return []
+
+
+def _read_jwt(r: Reader, node: yaml.Node, base: Path, files: list[Path]) -> Jwt | None:
+    where = "consumers.jwt"
+    keys = r.mapping(node, where, JWT_KEYS)
+    missing = [k for k in ("issuer", "jwks_file") if k not in keys]
+    for key in missing:
+        if isinstance(node, yaml.MappingNode):
+            r.fail(node, where, f"missing required key {key!r}")
+    if missing:
+        return None
+
+    def text(key: str) -> str | None:
+        return r.checked(keys[key][1], f"{where}.{key}", _is_text, "a non-empty string")
+
+    issuer = text("issuer")
+    claim = text("consumer_claim") if "consumer_claim" in keys else "sub"
+    audiences: tuple[str, ...] | None = ()
+    if "audiences" in keys:
+        audiences = r.names(keys["audiences"][1], f"{where}.audiences")
+    read = _read_named_file(r, keys["jwks_file"][1], f"{where}.jwks_file", base, files)
+    if read:
+        r.problems += _read_jwks(*read)
+    if read is None or issuer is None or claim is None or audiences is None:
+        return None
+    return Jwt(issuer, audiences, read[0], read[1], claim)
+
+
+def _read_priority(r: Reader, node: yaml.Node, known: frozenset[str] | None) -> dict[str, str]:
+    out = {}
+    for name, (name_node, level_node) in r.mapping(node, "consumers.priority").items():
+        where = f"consumers.priority.{name}"
+        if known is not None and name not in known:
+            r.fail(name_node, where, f"unknown consumer {name!r}")
+        level = r.scalar(level_node, where)
+        if level not in PRIORITIES:
+            r.fail(level_node, where, f"must be one of {', '.join(PRIORITIES)}, got {level!r}")
+        else:
+            out[name] = level
+    return out
+
+
+def _read_consumers(r: Reader, node: yaml.Node, base: Path, files: list[Path]) -> Consumers:
+    """The `consumers` block, with the keys and JWKS files it names (relative to `base`)."""
+    keys = r.mapping(node, "consumers", CONSUMERS_KEYS)
+    if isinstance(node, yaml.MappingNode) and not {"keys_file", "jwt"} & keys.keys():
+        r.fail(node, "consumers", "needs 'keys_file', 'jwt' or both")
+    pairs: tuple[tuple[str, str], ...] = ()
+    keys_path = None
+    if "keys_file" in keys:
+        read = _read_named_file(r, keys["keys_file"][1], "consumers.keys_file", base, files)
+        if read:
+            keys_path = read[0]
+            pairs, problems = _read_keys(*read)
+            r.problems += problems
+    jwt = _read_jwt(r, keys["jwt"][1], base, files) if "jwt" in keys else None
+    consumers = Consumers(pairs, keys_path, jwt)
+    if "priority" in keys:
+        priority = _read_priority(r, keys["priority"][1], consumers.known)
+        consumers = Consumers(pairs, keys_path, jwt, priority)
+    return consumers
+
+
+def _read_access(
+    r: Reader, where: str, node: yaml.Node, consumers: Consumers | None
+) -> Access | None:
+    """A model's `access`: `{consumers: [...]}` or `{public: true}`."""
+    keys = r.mapping(node, where, {"consumers", "public"})
+    if consumers is None:
+        r.fail(node, where, "needs a top-level 'consumers' block (without it all is public)")
+        return None
+    if len(keys) != 1:
+        if isinstance(node, yaml.MappingNode):
+            r.fail(node, where, "give either 'consumers: [names]' or 'public: true'")
+        return None
+    if "public" in keys:
+        ok = r.checked(keys["public"][1], f"{where}.public", lambda v: v is True, "true")
+        return Access(public=True) if ok else None
+    known = consumers.known
+    names = []
+    for name_node in r.sequence(keys["consumers"][1], f"{where}.consumers"):
+        name = r.checked(name_node, f"{where}.consumers", _is_text, "a consumer name")
+        if known is not None and name is not None and name not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            r.fail(name_node, f"{where}.consumers", f"unknown consumer {name!r} (known: {listed})")
+        names.append(name)
+    if None in names:
+        return None
+    return Access(consumers=tuple(names))
+
+
 def parse(text: str, path: str = "<string>") -> RoutingConfig:
     """Parse routing YAML text; raise ConfigError listing every problem with its position."""
     try:
@@ -473,7 +707,11 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
     if root is None:
         raise ConfigError([Problem(path, 1, 1, "", "the file is empty")])
     r = Reader(path)
-    top = r.mapping(root, "", {"listen", "models", "resilience"})
+    top = r.mapping(root, "", {"listen", "models", "resilience", "consumers"})
+    files: list[Path] = []  # the keys and JWKS files named, read relative to this file
+    consumers = None
+    if "consumers" in top:
+        consumers = _read_consumers(r, top["consumers"][1], Path(path).parent, files)
     defaults = Resilience()
     if "resilience" in top:
         defaults = read_resilience(r, top["resilience"][1], "resilience", defaults)
@@ -487,7 +725,7 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
     else:
         for mname, (mkey, mnode) in r.mapping(top["models"][1], "models").items():
             if r.name(mkey, f"models.{mname}", "model"):
-                model = _read_model(r, mname, mkey, mnode, defaults)
+                model = _read_model(r, mname, mkey, mnode, defaults, consumers)
                 if model:
                     models.append(model)
     taken = {listen: "listen"}
@@ -503,8 +741,8 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
             )
         taken[model.grpc_listen] = f"models.{model.name}.grpc_listen"
     if r.problems:
-        raise ConfigError(r.problems)
-    return RoutingConfig(listen, tuple(models))
+        raise ConfigError(r.problems, tuple(files))
+    return RoutingConfig(listen, tuple(models), consumers)
 
 
 def load(path: str | Path) -> RoutingConfig:

@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from control_plane.config import HEADER_RE, NAME_RE, ROLLOUT_NUMBERS, SHADOW_NUMBERS
+from control_plane.config import (
+    HEADER_RE,
+    NAME_RE,
+    PRIORITIES,
+    ROLLOUT_NUMBERS,
+    SHADOW_NUMBERS,
+)
 from control_plane.resilience import LOAD_BALANCING, RETRY_CONDITIONS, Resilience
 from control_plane.yaml_reader import field_kind
 
@@ -90,6 +96,51 @@ def _rollout() -> dict[str, Any]:
     }
 
 
+def _consumers() -> dict[str, Any]:
+    """The `consumers` block (the files it names are checked by `infergate validate`)."""
+    text = {"type": "string", "minLength": 1}
+    jwt = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["issuer", "jwks_file"],
+        "properties": {
+            "issuer": text,
+            "audiences": {"type": "array", "items": text},
+            "jwks_file": {**text, "description": "a JWKS (JSON), relative to this file"},
+            "consumer_claim": {**text, "description": "the claim naming the consumer (sub)"},
+        },
+    }
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "anyOf": [{"required": ["keys_file"]}, {"required": ["jwt"]}],
+        "properties": {
+            "keys_file": {**text, "description": "'consumer: key' lines, relative to this file"},
+            "jwt": jwt,
+            "priority": {"type": "object", "additionalProperties": {"enum": list(PRIORITIES)}},
+        },
+    }
+
+
+_ACCESS = {
+    "description": "who may call the model (absent: any valid consumer)",
+    "oneOf": [
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["consumers"],
+            "properties": {"consumers": {"type": "array", "items": {"type": "string"}}},
+        },
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["public"],
+            "properties": {"public": {"const": True}},
+        },
+    ],
+}
+
+
 def routing_schema() -> dict[str, Any]:
     """Return the JSON Schema (draft 2020-12) for a routing file."""
     count = {"type": "integer", "minimum": 0}
@@ -161,6 +212,7 @@ def routing_schema() -> dict[str, Any]:
             "resilience": _resilience(),
             "grpc_listen": _listen("this model's KServe V2 gRPC API"),
             "rollout": _rollout(),
+            "access": _ACCESS,
         },
     }
     return {
@@ -172,6 +224,7 @@ def routing_schema() -> dict[str, Any]:
         "properties": {
             "listen": _listen("the HTTP API of every model"),
             "resilience": _resilience(),
+            "consumers": _consumers(),
             "models": {
                 "type": "object",
                 "propertyNames": {"pattern": _NAME},

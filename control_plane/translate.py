@@ -14,6 +14,7 @@ pure-Python messages took 21 s, see docs/xds-scale.md).
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ from envoy.extensions.filters.http.router.v3.router_pb2 import Router
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
     HttpConnectionManager,
     HttpFilter,
+    LocalReplyConfig,
     Rds,
 )
 from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3.client_side_weighted_round_robin_pb2 import (  # noqa: E501
@@ -336,30 +338,49 @@ def _model_routes(model: Model) -> list[Route]:
     return routes
 
 
-def _health_routes() -> list[Route]:
-    """The gateway's own `/v2/health/live` and `/v2/health/ready`, answered by Envoy (per
-    model readiness is `/v2/models/<m>[/versions/<v>]/ready`, routed to the model)."""
+# KServe V2 extensions the gateway passes through to the model servers (not
+# `model_repository`: the gateway routes no repository endpoint).
+GATEWAY_EXTENSIONS = ["binary_tensor_data", "parameters"]
+
+
+def _gateway_routes(config: RoutingConfig) -> list[Route]:
+    """The gateway's own `/v2/health/live`, `/v2/health/ready` and server metadata `/v2`,
+    answered by Envoy (per model readiness is `/v2/models/<m>[/versions/<v>]/ready`, routed
+    to the model)."""
+    answers = {name: (f"/v2/health/{name}", {name: True}) for name in ("live", "ready")}
+    metadata = {
+        "name": "infergate",
+        "version": importlib.metadata.version("infergate"),
+        "extensions": GATEWAY_EXTENSIONS,
+    }
+    answers["metadata"] = ("/v2", metadata)
     return [
         Route(
             name=f"gateway/{name}",
-            match=RouteMatch(path=f"/v2/health/{name}"),
+            match=RouteMatch(path=path),
             direct_response=DirectResponseAction(
-                status=200, body=DataSource(inline_string=json.dumps({name: True}))
+                status=200, body=DataSource(inline_string=json.dumps(answer))
             ),
             response_headers_to_add=[
                 HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
             ],
+            typed_per_filter_config=api_filters.open_route_configs(config),
         )
-        for name in ("live", "ready")
+        for name, (path, answer) in answers.items()
     ]
 
 
 def _listener(
-    name: str, address: ServerAddress, route_config: str, filters: Sequence[HttpFilter] = ()
+    name: str,
+    address: ServerAddress,
+    route_config: str,
+    filters: Sequence[HttpFilter] = (),
+    local_reply: LocalReplyConfig | None = None,
 ) -> Listener:
     """An HTTP listener (HTTP/1.1, or HTTP/2 when the client starts with its preface, as
     gRPC does) whose routes come from RDS; `filters` run before the router."""
     hcm = HttpConnectionManager(
+        local_reply_config=local_reply,
         stat_prefix=name.replace("/", "_"),
         rds=Rds(config_source=_ads(), route_config_name=route_config),
         http_filters=[
@@ -472,11 +493,20 @@ def translate(config: RoutingConfig) -> Resources:
     route_configs[ROUTE_CONFIG_NAME] = RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[
-            VirtualHost(name="models", domains=["*"], routes=[*_health_routes(), *routes])
+            VirtualHost(
+                name="models",
+                domains=["*"],
+                routes=[*_gateway_routes(config), *routes, *api_filters.fallback_routes(config)],
+                typed_per_filter_config=api_filters.virtual_host_configs(config),
+            )
         ],
     )
     listeners[LISTENER_NAME] = _listener(
-        LISTENER_NAME, config.listen, ROUTE_CONFIG_NAME, api_filters.http_filters(config)
+        LISTENER_NAME,
+        config.listen,
+        ROUTE_CONFIG_NAME,
+        api_filters.http_filters(config),
+        api_filters.local_reply_config(),
     )
     return Resources(
         clusters=clusters,

@@ -1,7 +1,8 @@
-"""Watch the routing file and hand every changed, valid version of it to a callback.
+"""Watch the routing file, and the keys and JWKS files it names, and hand every changed,
+valid version of them to a callback.
 
-The kernel tells us when the file changes (inotify, through `watchfiles`); we watch its
-folder, so editors that save by writing a new file and renaming it over the old one are
+The kernel tells us when a file changes (inotify, through `watchfiles`); we watch their
+folders, so editors that save by writing a new file and renaming it over the old one are
 seen too. Where notifications are not available (some network and container file
 systems) the watcher falls back to polling `stat` every `interval` seconds.
 
@@ -44,18 +45,39 @@ class ConfigWatcher:
         self.settle = settle
         self.mode = mode
         self.using: str | None = None  # "notify" or "poll" once running
-        self._stat: tuple[int, int, int] | None = None
+        self.extra: tuple[Path, ...] = ()  # the keys and JWKS files the routing file names
+        self._stat: tuple | None = None
         self._digest: str | None = None
         self._pending_error: asyncio.TimerHandle | None = None
 
+    def _stats(self) -> tuple | None:
+        """(mtime, size, inode) of the routing file and of each extra file (None if missing);
+        None while the routing file itself is missing."""
+        stats = []
+        for i, path in enumerate((self.path, *self.extra)):
+            try:
+                st = path.stat()
+            except OSError:
+                if i == 0:
+                    return None  # mid-rename, or deleted: keep serving and look again
+                stats.append(None)  # reported by the parse as a file it cannot read
+            else:
+                stats.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stats)
+
+    def _digest_of(self, text: str) -> str:
+        digest = hashlib.sha256(text.encode())
+        for path in self.extra:
+            try:
+                digest.update(b"\0" + path.read_bytes())
+            except OSError:
+                digest.update(b"\1")
+        return digest.hexdigest()
+
     def check(self, defer_error: bool = False) -> None:
-        """Reload if the file changed since the last check."""
-        try:
-            st = self.path.stat()
-        except OSError:
-            return  # mid-rename, or deleted: keep serving and look again
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if key == self._stat:
+        """Reload if a watched file changed since the last check."""
+        key = self._stats()
+        if key is None or key == self._stat:
             return
         self._stat = key
         try:
@@ -63,24 +85,30 @@ class ConfigWatcher:
         except OSError:
             self._stat = None
             return
-        digest = hashlib.sha256(text.encode()).hexdigest()
+        digest = self._digest_of(text)
         if digest == self._digest:
             return
         self._digest = digest
         if self._pending_error:
             self._pending_error.cancel()
             self._pending_error = None
+        config = error = None
         try:
             with paused_gc():
                 config = parse(text, str(self.path))
         except ConfigError as exc:
-            if defer_error and self.settle > 0:
-                loop = asyncio.get_running_loop()
-                self._pending_error = loop.call_later(self.settle, self._report, exc)
-            else:
-                self._report(exc)
-            return
-        self.on_config(config)
+            error = exc
+        files = error.files if error else config.consumers.files if config.consumers else ()
+        if files != self.extra:  # look again with the new files' stats and contents
+            self.extra = files
+            self._stat = self._digest = None
+        if error is None:
+            self.on_config(config)
+        elif defer_error and self.settle > 0:
+            loop = asyncio.get_running_loop()
+            self._pending_error = loop.call_later(self.settle, self._report, error)
+        else:
+            self._report(error)
 
     def _report(self, exc: ConfigError) -> None:
         self._pending_error = None
@@ -101,22 +129,28 @@ class ConfigWatcher:
                 )
         await self._polled()
 
+    def _targets(self) -> set[str]:
+        return {str(p.resolve()) for p in (self.path, *self.extra)}
+
     async def _notified(self) -> None:
-        folder = self.path.resolve().parent
-        target = str(self.path.resolve())
         self.using = "notify"
         log.info("watching %s with file notifications", self.path)
-        async for _ in watchfiles.awatch(
-            folder,
-            watch_filter=lambda _, changed: changed == target,
-            debounce=50,
-            step=1,
-            recursive=False,
-            force_polling=False,
-            rust_timeout=1000,  # a stat check every second as well, in case an event was missed
-            yield_on_timeout=True,
-        ):
-            self.check(defer_error=True)
+        while True:  # again whenever the set of watched files changes
+            targets = self._targets()
+            folders = {Path(t).parent for t in targets}
+            async for _ in watchfiles.awatch(
+                *(f for f in folders if f.is_dir()),
+                watch_filter=lambda _, changed, targets=targets: changed in targets,
+                debounce=50,
+                step=1,
+                recursive=False,
+                force_polling=False,
+                rust_timeout=1000,  # a stat check every second too, in case an event was missed
+                yield_on_timeout=True,
+            ):
+                self.check(defer_error=True)
+                if self._targets() != targets:
+                    break
 
     async def _polled(self) -> None:
         self.using = "poll"

@@ -398,8 +398,8 @@ def version_without(key: str) -> str:
         (
             "listen: 127.0.0.1:8080\nmodel: {}\n",
             [
-                "r.yaml:2:1: model: unknown key 'model' (expected one of: listen, models, "
-                "resilience)",
+                "r.yaml:2:1: model: unknown key 'model' (expected one of: consumers, listen, "
+                "models, resilience)",
                 "r.yaml:1:1: missing required key 'models'",
             ],
         ),

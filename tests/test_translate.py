@@ -47,6 +47,7 @@ def test_route_order_path_then_pin_then_split():
     assert names == [
         "gateway/live",
         "gateway/ready",
+        "gateway/metadata",
         "iris/path/v1",
         "iris/path/v2",
         "iris/path/v3",
@@ -55,10 +56,10 @@ def test_route_order_path_then_pin_then_split():
         "iris/pin/v3",
         "iris/split",
     ]
-    path_v2 = routes()[3]
+    path_v2 = routes()[4]
     assert path_v2.match.path_separated_prefix == "/v2/models/iris/versions/v2"
     assert path_v2.route.cluster == "iris/v2"
-    pin_v3 = routes()[7]
+    pin_v3 = routes()[8]
     assert pin_v3.match.headers[0].name == "x-model-version"
     assert pin_v3.match.headers[0].string_match.exact == "v3"
     assert pin_v3.route.cluster == "iris/v3"

@@ -1,0 +1,205 @@
+"""Who the caller is and which models they may call, as Envoy filters (docs/api-management.md).
+
+On the `gateway` listener, in order:
+  1. `header_mutation` removes any client-sent `x-infergate-consumer`;
+  2. `api_key_auth` checks a key (`Authorization: Bearer KEY` or `x-api-key: KEY`) and
+     sets `x-infergate-consumer` to the key's consumer;
+  3. `jwt_authn` verifies a bearer token shaped like a JWT (against the JWKS inlined here)
+     and copies the consumer claim into `x-infergate-consumer`;
+  4. `rbac` answers 403 on a model whose `access` does not list that consumer.
+Which of 2 and 3 runs is decided by a matcher on the `authorization` header, so that each
+credential meets exactly one check. Missing or unknown credentials get 401 from 2 or 3.
+
+The keys live in the route configuration (the virtual host's per-filter config), not in
+the listener: an edit of the keys file is an RDS update, which applies to the next request
+on every connection, where a listener update would drain connections. The JWKS is part of
+the listener (`jwt_authn` takes it nowhere else), so a JWKS edit drains connections
+gracefully. Routes that need no credential (public models, the gateway's own routes)
+disable the filters by name.
+"""
+
+from __future__ import annotations
+
+from envoy.config.common.mutation_rules.v3.mutation_rules_pb2 import HeaderMutation as Mutation
+from envoy.config.core.v3.base_pb2 import DataSource
+from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
+from envoy.config.rbac.v3.rbac_pb2 import RBAC as Rules
+from envoy.config.rbac.v3.rbac_pb2 import Permission, Policy, Principal
+from envoy.config.route.v3.route_components_pb2 import (
+    DirectResponseAction,
+    FilterConfig,
+    HeaderMatcher,
+    Route,
+    RouteMatch,
+)
+from envoy.extensions.common.matching.v3.extension_matcher_pb2 import ExtensionWithMatcher
+from envoy.extensions.filters.common.matcher.action.v3.skip_action_pb2 import SkipFilter
+from envoy.extensions.filters.http.api_key_auth.v3.api_key_auth_pb2 import (
+    ApiKeyAuth,
+    ApiKeyAuthPerRoute,
+    Credential,
+    Forwarding,
+    KeySource,
+)
+from envoy.extensions.filters.http.header_mutation.v3.header_mutation_pb2 import (
+    HeaderMutation,
+    Mutations,
+)
+from envoy.extensions.filters.http.jwt_authn.v3.config_pb2 import (
+    JwtAuthentication,
+    JwtClaimToHeader,
+    JwtHeader,
+    JwtProvider,
+    JwtRequirement,
+    PerRouteConfig,
+)
+from envoy.extensions.filters.http.rbac.v3.rbac_pb2 import RBAC, RBACPerRoute
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
+    HttpFilter,
+)
+from envoy.type.matcher.v3.http_inputs_pb2 import HttpRequestHeaderMatchInput
+from envoy.type.matcher.v3.string_pb2 import StringMatcher
+from google.protobuf.any_pb2 import Any
+from google.protobuf.message import Message
+from xds.core.v3.extension_pb2 import TypedExtensionConfig as XdsTypedExtensionConfig
+from xds.type.matcher.v3.matcher_pb2 import Matcher
+from xds.type.matcher.v3.regex_pb2 import RegexMatcher as XdsRegexMatcher
+from xds.type.matcher.v3.string_pb2 import StringMatcher as XdsStringMatcher
+
+from control_plane.config import Consumers, Model
+
+# The authenticated consumer, as telemetry (access_log.CONSUMER_HEADER) and limits read it
+# (access_log imports translate, so the name is repeated here; a test holds them equal).
+CONSUMER_HEADER = "x-infergate-consumer"
+STRIP = "infergate.strip_consumer"
+JWT = "envoy.filters.http.jwt_authn"
+KEYS = "envoy.filters.http.api_key_auth"
+ACCESS = "envoy.filters.http.rbac"
+PROVIDER = "infergate"
+REQUIREMENT = "consumer"
+# A bearer token of three base64url parts separated by dots is a JWT; keys have no dots.
+JWT_BEARER = r"^Bearer [A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$"
+KEY_SOURCES = [KeySource(header="authorization"), KeySource(header="x-api-key")]
+FORWARDING = Forwarding(header=CONSUMER_HEADER, hide_credentials=True)
+
+
+def _pack(message: Message) -> Any:
+    packed = Any()
+    packed.Pack(message)
+    return packed
+
+
+def _filter(name: str, config: Message) -> HttpFilter:
+    return HttpFilter(name=name, typed_config=_pack(config))
+
+
+def _skip_unless(config: Message, jwt: bool) -> ExtensionWithMatcher:
+    """`config` as a filter that runs only when the bearer token is (`jwt`) or is not a JWT."""
+    is_jwt = Matcher.MatcherList.Predicate(
+        single_predicate=Matcher.MatcherList.Predicate.SinglePredicate(
+            input=XdsTypedExtensionConfig(
+                name="authorization",
+                typed_config=_pack(HttpRequestHeaderMatchInput(header_name="authorization")),
+            ),
+            value_match=XdsStringMatcher(
+                safe_regex=XdsRegexMatcher(google_re2=XdsRegexMatcher.GoogleRE2(), regex=JWT_BEARER)
+            ),
+        )
+    )
+    skip_when = Matcher.MatcherList.Predicate(not_matcher=is_jwt) if jwt else is_jwt
+    skip = Matcher.OnMatch(
+        action=XdsTypedExtensionConfig(name="skip", typed_config=_pack(SkipFilter()))
+    )
+    return ExtensionWithMatcher(
+        xds_matcher=Matcher(
+            matcher_list=Matcher.MatcherList(
+                matchers=[Matcher.MatcherList.FieldMatcher(predicate=skip_when, on_match=skip)]
+            )
+        ),
+        extension_config=_typed(config),
+    )
+
+
+def _typed(config: Message) -> TypedExtensionConfig:
+    return TypedExtensionConfig(name=type(config).__name__, typed_config=_pack(config))
+
+
+def _jwt_authentication(consumers: Consumers) -> JwtAuthentication:
+    jwt = consumers.jwt
+    assert jwt is not None
+    provider = JwtProvider(
+        issuer=jwt.issuer,
+        audiences=list(jwt.audiences),
+        local_jwks=DataSource(inline_string=jwt.jwks),
+        from_headers=[JwtHeader(name="authorization", value_prefix="Bearer ")],
+        claim_to_headers=[
+            JwtClaimToHeader(header_name=CONSUMER_HEADER, claim_name=jwt.consumer_claim)
+        ],
+    )
+    return JwtAuthentication(
+        providers={PROVIDER: provider},
+        requirement_map={REQUIREMENT: JwtRequirement(provider_name=PROVIDER)},
+    )
+
+
+def http_filters(consumers: Consumers) -> list[HttpFilter]:
+    """Identity and access filters of the gateway listener, before any limit."""
+    strip = HeaderMutation(
+        mutations=Mutations(request_mutations=[Mutation(remove=CONSUMER_HEADER)])
+    )
+    keys = ApiKeyAuth(key_sources=KEY_SOURCES, forwarding=FORWARDING)
+    # Keys before JWTs: each filter removes the credential it checked, and the JWT check
+    # must still find its bearer token after the key check skipped it.
+    filters = [_filter(STRIP, strip), _filter(KEYS, _skip_unless(keys, jwt=False))]
+    if consumers.jwt:
+        filters.append(_filter(JWT, _skip_unless(_jwt_authentication(consumers), jwt=True)))
+    filters.append(_filter(ACCESS, RBAC()))
+    return filters
+
+
+def virtual_host_configs(consumers: Consumers) -> dict[str, Any]:
+    """Per-filter configs of the gateway's virtual host: the keys, and the JWT requirement."""
+    keys = ApiKeyAuthPerRoute(
+        credentials=[Credential(key=key, client=name) for name, key in consumers.keys],
+        key_sources=KEY_SOURCES,  # a route's config replaces the listener's whole
+        forwarding=FORWARDING,
+    )
+    configs = {KEYS: _pack(keys)}
+    if consumers.jwt:
+        configs[JWT] = _pack(PerRouteConfig(requirement_name=REQUIREMENT))
+    return configs
+
+
+def open_route_configs() -> dict[str, Any]:
+    """Per-filter configs of a route that needs no credential (a filter that is not in the
+    chain, JWT without `jwt`, ignores its entry)."""
+    return {name: _pack(FilterConfig(disabled=True)) for name in (JWT, KEYS)}
+
+
+def access_route_configs(model: Model) -> dict[str, Any]:
+    """Per-filter configs of each of `model`'s routes: open, restricted to the consumers its
+    `access` lists, or (without `access`) nothing beyond the virtual host's."""
+    if model.access is None:
+        return {}
+    if model.access.public:
+        return open_route_configs()
+    principals = [
+        Principal(header=HeaderMatcher(name=CONSUMER_HEADER, string_match=StringMatcher(exact=c)))
+        for c in model.access.consumers
+    ]
+    policies = {}
+    if principals:
+        policies["access"] = Policy(permissions=[Permission(any=True)], principals=principals)
+    rules = Rules(action=Rules.ALLOW, policies=policies)
+    return {ACCESS: _pack(RBACPerRoute(rbac=RBAC(rules=rules)))}
+
+
+def not_found_route() -> Route:
+    """The last route: a path no model route matched answers 404 with no credential (without
+    it such a request would meet the key check with no keys, a misleading 401)."""
+    return Route(
+        name="gateway/not-found",
+        match=RouteMatch(prefix="/"),
+        direct_response=DirectResponseAction(status=404),
+        typed_per_filter_config=open_route_configs(),
+    )

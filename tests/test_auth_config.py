@@ -1,0 +1,247 @@
+"""`consumers` and `access` in the routing YAML: parsing, every validation error with its
+position (never quoting a key), the translation's split between listener and routes, and
+the watcher following the keys and JWKS files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from control_plane import access_log, translate_auth
+from control_plane.config import ConfigError, RoutingConfig, load
+from control_plane.schema import routing_schema
+from control_plane.translate import translate
+from control_plane.watcher import ConfigWatcher
+
+ALICE = "alice-key-000000000001"
+BOB = "bob-key-00000000000002"
+NEW = "alice-key-000000000003"
+JWKS = json.dumps({"keys": [{"kty": "RSA", "kid": "k1", "n": "AQAB", "e": "AQAB"}]})
+ROUTING = """\
+consumers:
+  keys_file: keys.yaml
+  priority: {bob: low}
+models:
+  iris:
+    versions: {v1: {endpoints: [127.0.0.1:9001]}}
+    access: {consumers: [alice]}
+  open:
+    versions: {v1: {endpoints: [127.0.0.1:9002]}}
+    access: {public: true}
+  any:
+    versions: {v1: {endpoints: [127.0.0.1:9003]}}
+"""
+
+
+def write(folder: Path, routing: str = ROUTING, keys: str | None = None) -> Path:
+    (folder / "keys.yaml").write_text(f"alice: {ALICE}\nbob: {BOB}\n" if keys is None else keys)
+    (folder / "jwks.json").write_text(JWKS)
+    path = folder / "routing.yaml"
+    path.write_text(routing)
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    text = str(caught.value)
+    for key in (ALICE, BOB, "short.key"):
+        assert key not in text
+    return text.splitlines()
+
+
+def test_consumers_and_access_parse(tmp_path: Path):
+    config = load(write(tmp_path))
+    consumers = config.consumers
+    assert consumers is not None
+    assert consumers.keys == (("alice", ALICE), ("bob", BOB))
+    assert consumers.keys_file == tmp_path / "keys.yaml" and consumers.jwt is None
+    assert consumers.priority == {"bob": "low"}
+    assert ALICE not in repr(config)
+    models = {m.name: m for m in config.models}
+    assert models["iris"].access.consumers == ("alice",)
+    assert models["open"].access.public and models["any"].access is None
+
+
+def test_jwt_and_rotating_keys(tmp_path: Path):
+    routing = ROUTING.replace(
+        "  keys_file: keys.yaml\n",
+        "  keys_file: keys.yaml\n  jwt: {issuer: https://idp, jwks_file: jwks.json}\n",
+    ).replace("[alice]", "[alice, carol]")
+    config = load(write(tmp_path, routing, f"alice: [{ALICE}, {BOB}]\n"))
+    assert config.consumers.keys == (("alice", ALICE), ("alice", BOB))
+    jwt = config.consumers.jwt
+    assert (jwt.issuer, jwt.audiences, jwt.consumer_claim) == ("https://idp", (), "sub")
+    assert json.loads(jwt.jwks) == json.loads(JWKS)
+    # A JWT's claim names consumers no file lists: access may name them (carol).
+    assert config.consumers.known is None
+
+
+@pytest.mark.parametrize(
+    ("routing", "keys", "expected"),
+    [
+        (
+            ROUTING.replace("[alice]", "[alice, mallory]"),
+            None,
+            "routing.yaml:7:33: models.iris.access.consumers: unknown consumer 'mallory' "
+            "(known: alice, bob)",
+        ),
+        (ROUTING, "alice: short.key\n", "keys.yaml:1:8: alice: a key must be 16-256"),
+        (ROUTING, f"alice: {ALICE}\nbob: {ALICE}\n", "keys.yaml:2:6: bob: the same key as 'alice'"),
+        (ROUTING, f"- {ALICE}\n", "keys.yaml:1:1: expected 'consumer: key' lines"),
+        (ROUTING, f"Alice: {ALICE}\n", "keys.yaml:1:1: a consumer name must be lowercase"),
+        (ROUTING, f"alice {ALICE}\n", "keys.yaml:1:1: expected 'consumer: key' lines"),
+        (
+            ROUTING.replace("keys.yaml", "nokeys.yaml"),
+            None,
+            "routing.yaml:2:14: consumers.keys_file: cannot read",
+        ),
+        (
+            ROUTING.replace("keys_file: keys.yaml", "jwt: {issuer: x, jwks_file: none.json}"),
+            None,
+            "routing.yaml:2:31: consumers.jwt.jwks_file: cannot read",
+        ),
+        (
+            ROUTING.replace("{bob: low}", "{bob: urgent}"),
+            None,
+            "routing.yaml:3:19: consumers.priority.bob: must be one of low, normal, high",
+        ),
+        (
+            ROUTING.replace("{bob: low}", "{carl: low}"),
+            None,
+            "routing.yaml:3:14: consumers.priority.carl: unknown consumer 'carl'",
+        ),
+        (
+            ROUTING.replace("{public: true}", "{public: false}"),
+            None,
+            "routing.yaml:10:22: models.open.access.public: must be true",
+        ),
+        (
+            ROUTING.replace("{public: true}", "{public: true, consumers: [alice]}"),
+            None,
+            "routing.yaml:10:13: models.open.access: give either",
+        ),
+        (
+            "models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:9001]}}\n"
+            "    access: {public: true}\n",
+            None,
+            "routing.yaml:4:13: models.iris.access: needs a top-level 'consumers' block",
+        ),
+        (
+            ROUTING.replace("keys_file: keys.yaml", "priority2: {}"),
+            None,
+            "routing.yaml:2:3: consumers.priority2: unknown key",
+        ),
+    ],
+)
+def test_errors_name_file_line_and_column(tmp_path: Path, routing: str, keys, expected: str):
+    found = problems(write(tmp_path, routing, keys))
+    assert any(expected in p for p in found), found
+
+
+def test_jwks_must_be_a_key_set(tmp_path: Path):
+    routing = ROUTING.replace(
+        "keys_file: keys.yaml", "keys_file: keys.yaml\n  jwt: {issuer: x, jwks_file: jwks.json}"
+    )
+    path = write(tmp_path, routing)
+    (tmp_path / "jwks.json").write_text('{"keys": [}')
+    assert any("jwks.json:1:11: invalid JSON" in p for p in problems(path))
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    assert any("jwks.json:1:1: a JWKS needs" in p for p in problems(path))
+
+
+def test_schema_accepts_consumers_and_access(tmp_path: Path):
+    jsonschema.validate(yaml.safe_load(ROUTING), routing_schema())
+    with pytest.raises(jsonschema.ValidationError):
+        bad = yaml.safe_load(ROUTING.replace("{bob: low}", "{bob: urgent}"))
+        jsonschema.validate(bad, routing_schema())
+
+
+def test_keys_travel_in_routes_not_in_the_listener(tmp_path: Path):
+    """A keys edit changes RDS only: Envoy applies it to the next request on every open
+    connection, where a listener change would drain them."""
+    resources = translate(load(write(tmp_path)))
+    listener = resources.listeners["gateway"].SerializeToString()
+    routes = resources.routes["gateway-routes"].SerializeToString()
+    assert ALICE.encode() not in listener and ALICE.encode() in routes
+    filters = [f.name for f in hcm(resources).http_filters]
+    assert filters == [
+        translate_auth.STRIP,
+        translate_auth.KEYS,
+        translate_auth.ACCESS,
+        "envoy.filters.http.router",
+    ]
+
+
+def test_without_consumers_the_gateway_is_open(tmp_path: Path):
+    config = load(
+        write(tmp_path, "models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:9001]}}\n")
+    )
+    assert config.consumers is None
+    resources = translate(config)
+    assert [f.name for f in hcm(resources).http_filters] == ["envoy.filters.http.router"]
+    assert not any(r.typed_per_filter_config for r in all_routes(resources))
+
+
+def test_the_consumer_header_is_the_one_telemetry_reads():
+    assert translate_auth.CONSUMER_HEADER == access_log.CONSUMER_HEADER
+
+
+def hcm(resources):
+    from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
+        HttpConnectionManager,
+    )
+
+    out = HttpConnectionManager()
+    resources.listeners["gateway"].filter_chains[0].filters[0].typed_config.Unpack(out)
+    return out
+
+
+def all_routes(resources):
+    return [r for vh in resources.routes["gateway-routes"].virtual_hosts for r in vh.routes]
+
+
+async def test_the_watcher_follows_the_keys_file(tmp_path: Path):
+    """An edit of the keys file alone reloads; a bad one is an error naming the keys file
+    (the last good config stays); a keys file in another folder is watched too."""
+    path = write(tmp_path)
+    seen: list[RoutingConfig] = []
+    errors: list[ConfigError] = []
+    watcher = ConfigWatcher(path, seen.append, errors.append, mode="notify", settle=0)
+    watcher.check()
+    task = asyncio.create_task(watcher.run())
+
+    async def until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, "not seen"
+            await asyncio.sleep(0.01)
+
+    try:
+        save(tmp_path / "keys.yaml", f"bob: {BOB}\nalice: {NEW}\n")
+        await until(lambda: seen[-1].consumers.keys == (("bob", BOB), ("alice", NEW)))
+        save(tmp_path / "keys.yaml", f"bob: {BOB}\nalice: short.key\n")
+        await until(lambda: errors)
+        assert "keys.yaml:2:8" in str(errors[-1])
+        assert seen[-1].consumers.keys == (("bob", BOB), ("alice", NEW))
+        elsewhere = tmp_path / "secrets"
+        elsewhere.mkdir()
+        save(elsewhere / "k.yaml", f"alice: {ALICE}\nbob: {BOB}\n")
+        save(path, ROUTING.replace("keys.yaml", "secrets/k.yaml"))
+        await until(lambda: seen[-1].consumers.keys_file == elsewhere / "k.yaml")
+        save(elsewhere / "k.yaml", f"alice: {NEW}\nbob: {BOB}\n")
+        await until(lambda: seen[-1].consumers.keys == (("alice", NEW), ("bob", BOB)))
+    finally:
+        task.cancel()
+
+
+def save(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
