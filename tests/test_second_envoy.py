@@ -68,7 +68,10 @@ async def test_a_second_envoy_serves_on_its_own_listen_address(tmp_path, envoy_b
             )
         )
         for child, admin in envoys:
-            await asyncio.to_thread(wait_http, f"http://127.0.0.1:{admin}/ready", 60, child)
+            try:
+                await asyncio.to_thread(wait_http, f"http://127.0.0.1:{admin}/ready", 60, child)
+            except (RuntimeError, TimeoutError) as exc:  # say why (an abort was seen once)
+                raise AssertionError(f"{exc}: {Path(child.log_path).read_text()[-3000:]}") from exc
         (_, first), (_, second) = envoys
         assert await asyncio.to_thread(gateway_port, first) == listen
         assert await asyncio.to_thread(gateway_port, second) == own
