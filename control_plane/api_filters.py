@@ -53,25 +53,11 @@ def fallback_routes(config: RoutingConfig) -> list[Route]:
     return [translate_auth.not_found_route()] if config.consumers else []
 
 
-def _status_at_least(status: int) -> AccessLogFilter:
+def _status(op: ComparisonFilter.Op, status: int, runtime_key: str) -> AccessLogFilter:
+    """Replies whose status compares `op` to `status`."""
+    value = RuntimeUInt32(default_value=status, runtime_key=runtime_key)
     return AccessLogFilter(
-        status_code_filter=StatusCodeFilter(
-            comparison=ComparisonFilter(
-                op=ComparisonFilter.GE,
-                value=RuntimeUInt32(default_value=status, runtime_key="infergate.error_status"),
-            )
-        )
-    )
-
-
-def _status_is(status: int) -> AccessLogFilter:
-    return AccessLogFilter(
-        status_code_filter=StatusCodeFilter(
-            comparison=ComparisonFilter(
-                op=ComparisonFilter.EQ,
-                value=RuntimeUInt32(default_value=status, runtime_key="infergate.no_route_status"),
-            )
-        )
+        status_code_filter=StatusCodeFilter(comparison=ComparisonFilter(op=op, value=value))
     )
 
 
@@ -85,10 +71,13 @@ def local_reply_config() -> LocalReplyConfig:
     return LocalReplyConfig(
         mappers=[
             ResponseMapper(
-                filter=_status_is(404),
+                filter=_status(ComparisonFilter.EQ, 404, "infergate.no_route_status"),
                 body=DataSource(inline_string="no model at this path"),
                 body_format_override=shape,
             ),
-            ResponseMapper(filter=_status_at_least(400), body_format_override=shape),
+            ResponseMapper(
+                filter=_status(ComparisonFilter.GE, 400, "infergate.error_status"),
+                body_format_override=shape,
+            ),
         ]
     )

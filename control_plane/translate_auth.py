@@ -93,8 +93,8 @@ def _filter(name: str, config: Message) -> HttpFilter:
     return HttpFilter(name=name, typed_config=_pack(config))
 
 
-def _skip_unless(config: Message, jwt: bool) -> ExtensionWithMatcher:
-    """`config` as a filter that runs only when the bearer token is (`jwt`) or is not a JWT."""
+def _filter_unless(name: str, config: Message, jwt: bool) -> HttpFilter:
+    """Filter `name` running `config` only when the bearer token is (`jwt`) or is not a JWT."""
     is_jwt = Matcher.MatcherList.Predicate(
         single_predicate=Matcher.MatcherList.Predicate.SinglePredicate(
             input=XdsTypedExtensionConfig(
@@ -110,18 +110,15 @@ def _skip_unless(config: Message, jwt: bool) -> ExtensionWithMatcher:
     skip = Matcher.OnMatch(
         action=XdsTypedExtensionConfig(name="skip", typed_config=_pack(SkipFilter()))
     )
-    return ExtensionWithMatcher(
+    wrapped = ExtensionWithMatcher(
         xds_matcher=Matcher(
             matcher_list=Matcher.MatcherList(
                 matchers=[Matcher.MatcherList.FieldMatcher(predicate=skip_when, on_match=skip)]
             )
         ),
-        extension_config=_typed(config),
+        extension_config=TypedExtensionConfig(name=name, typed_config=_pack(config)),
     )
-
-
-def _typed(config: Message) -> TypedExtensionConfig:
-    return TypedExtensionConfig(name=type(config).__name__, typed_config=_pack(config))
+    return _filter(name, wrapped)
 
 
 def _jwt_authentication(consumers: Consumers) -> JwtAuthentication:
@@ -150,9 +147,9 @@ def http_filters(consumers: Consumers) -> list[HttpFilter]:
     keys = ApiKeyAuth(key_sources=KEY_SOURCES, forwarding=FORWARDING)
     # Keys before JWTs: each filter removes the credential it checked, and the JWT check
     # must still find its bearer token after the key check skipped it.
-    filters = [_filter(STRIP, strip), _filter(KEYS, _skip_unless(keys, jwt=False))]
+    filters = [_filter(STRIP, strip), _filter_unless(KEYS, keys, jwt=False)]
     if consumers.jwt:
-        filters.append(_filter(JWT, _skip_unless(_jwt_authentication(consumers), jwt=True)))
+        filters.append(_filter_unless(JWT, _jwt_authentication(consumers), jwt=True))
     filters.append(_filter(ACCESS, RBAC()))
     return filters
 
