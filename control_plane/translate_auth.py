@@ -147,9 +147,14 @@ def http_filters(consumers: Consumers) -> list[HttpFilter]:
     keys = ApiKeyAuth(key_sources=KEY_SOURCES, forwarding=FORWARDING)
     # Keys before JWTs: each filter removes the credential it checked, and the JWT check
     # must still find its bearer token after the key check skipped it.
-    filters = [_filter(STRIP, strip), _filter_unless(KEYS, keys, jwt=False)]
-    if consumers.jwt:
-        filters.append(_filter_unless(JWT, _jwt_authentication(consumers), jwt=True))
+    if consumers.jwt is None:  # every credential is a key: JWT-shaped ones are unknown keys
+        filters = [_filter(STRIP, strip), _filter(KEYS, keys)]
+    else:
+        filters = [
+            _filter(STRIP, strip),
+            _filter_unless(KEYS, keys, jwt=False),
+            _filter_unless(JWT, _jwt_authentication(consumers), jwt=True),
+        ]
     filters.append(_filter(ACCESS, RBAC()))
     return filters
 

@@ -309,3 +309,19 @@ def test_jwks_rotation_applies_without_a_restart(auth: AuthStack):
         assert auth.status("/v2/models/echo/infer", **auth.bearer(old.token())) == 401
     finally:
         jwks.write_text(old.jwks())
+
+
+def test_keys_without_jwt(auth: AuthStack):
+    """Without `jwt` (no JWT filter in the chain) Envoy takes the config and keys work;
+    a bearer JWT is then an unknown key (it once skipped every check on `echo`). Runs last:
+    it drops `jwt` for the module's stack."""
+    routing = auth.stack.config.read_text()
+    started = time.time()
+    without_jwt = routing.replace("  jwt: {", "  # jwt: {").replace("alice, carol", "alice")
+    auth.stack.write(without_jwt)
+    auth.stack.wait_converged(after=started)
+    assert auth.status("/v2/models/iris/infer", **{"x-api-key": auth.keys["alice"]}) == 200
+    for model in ("iris", "echo"):
+        assert auth.status(f"/v2/models/{model}/infer", **auth.bearer(auth.idp.token())) == 401
+    assert auth.status("/v2/models/pub/infer") == 200
+    assert auth.status("/v2/health/ready") == 200
