@@ -307,7 +307,8 @@ def test_usage_per_consumer_and_model_counts_rejections_by_reason(stack):
         echo_path = "/v2/models/echo/infer"
         poll(lambda: call("probe", echo_path) == 200, what="the echo model")
         anonymous_before = usage_total(get_json(f"{admin}/traffic"), ANONYMOUS, "iris")["ok"]
-        assert [call("alice") for _ in range(5)] == [200] * 5
+        key = {"authorization": "Bearer sk-alice-secret", "x-api-key": "sk-alice-secret"}
+        assert [call("alice", **key) for _ in range(5)] == [200] * 5
         assert [call("bob") for _ in range(3)] == [200] * 3
         assert [call("bob", "/v2/models/nosuch/infer") for _ in range(2)] == [404] * 2
         assert [call(None) for _ in range(2)] == [200] * 2
@@ -354,6 +355,10 @@ def test_usage_per_consumer_and_model_counts_rejections_by_reason(stack):
         env={**os.environ, "COLUMNS": "200"},
     )
     assert out.returncode == 0, out.stderr
+    # Only the consumer's name is logged, never a credential.
+    shown = (get_text(f"{admin}/traffic"), get_text(f"{admin}/metrics"), out.stdout)
+    assert all("alice" in text and "sk-alice-secret" not in text for text in shown)
+    assert "sk-alice-secret" not in (stack.workdir / "control-plane.log").read_text()
     carol = next(line for line in out.stdout.splitlines() if "carol" in line)
     cells = [cell.strip() for cell in carol.split("│")[1:-1]]
     assert cells == ["carol", "echo", "2", "0", "0", "1", "1", "0", "0", "0", "0", "0"]
