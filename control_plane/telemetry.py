@@ -167,6 +167,8 @@ CODE_OUTCOMES = {401: "unauthorized", 403: "forbidden", 413: "too_large"}
 def outcome(record: RequestRecord) -> str:
     """What happened to the request, by Envoy's details first (a local reply mapper may
     change the code a filter chose), then the response code."""
+    if 100 <= record.code < 400 and not record.flags:
+        return "ok"  # the common case, at once
     flags = set(record.flags.split(",")) if record.flags else set()
     details = record.details
     if flags & SHED_FLAGS or details in SHED_DETAILS:
@@ -236,15 +238,18 @@ class ConsumerUsage:
         self.max_rows = max_rows
         self.rows: dict[tuple[str, str], _UsageRow] = {}
 
-    def add(self, record: RequestRecord, weight: float) -> None:
+    def add(self, record: RequestRecord, weight: float, now: float) -> None:
         kind = outcome(record)
         key = (consumer_of(record, kind), record.model)
-        if key not in self.rows and len(self.rows) >= self.max_rows:
-            key = (OTHER, OTHER)
         row = self.rows.get(key)
         if row is None:
-            row = self.rows[key] = _UsageRow(deque(maxlen=int(self.keep / self.resolution) + 1))
-        slot = math.floor(self.clock() / self.resolution)
+            if len(self.rows) >= self.max_rows:
+                key = (OTHER, OTHER)
+            row = self.rows.get(key) or _UsageRow(
+                deque(maxlen=int(self.keep / self.resolution) + 1)
+            )
+            self.rows[key] = row
+        slot = math.floor(now / self.resolution)
         if not row.buckets or row.buckets[-1].slot < slot:
             row.buckets.append(_UsageBucket(slot))
         row.buckets[-1].counts.by_outcome[kind] += weight
@@ -322,11 +327,11 @@ class TelemetryStore:
     def add(self, record: RequestRecord, weight: float = 1.0) -> None:
         """Count one request that Envoy logged now; `weight` is 1 / its sampling fraction.
         A request that reached no version counts only in the consumers' usage."""
+        now = self.clock()
         self.records += 1
-        self.usage.add(record, weight)
+        self.usage.add(record, weight, now)
         if not record.version:
             return
-        now = self.clock()
         series = self._series(record.model, record.version)
         cls = status_class(record.code)
         error = is_error(record)
