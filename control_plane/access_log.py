@@ -47,7 +47,7 @@ ALS_SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 XDS_CLUSTER = "xds_cluster"  # the bootstrap's cluster to the control plane (gateway/bootstrap.py)
 LOG_NAME = "infergate"
 CONSUMER_HEADER = "x-infergate-consumer"  # the only request header logged (never a key)
-GATEWAY_ROUTES = "gateway"  # route names "gateway/...": the gateway's own answers (health)
+GATEWAY_ROUTES = "gateway"  # route names "gateway/...": the gateway's own (health, not found)
 SAMPLE_TAG = "infergate.sample"
 SAMPLE_RUNTIME_KEY = "infergate.telemetry.sample"  # + fraction: the logger's switch
 FRACTION_RUNTIME_KEY = "infergate.telemetry.fraction"  # + fraction: never set (see access_log)
@@ -175,15 +175,15 @@ def _seconds(duration) -> float:
 def model_of(entry: HTTPAccessLogEntry) -> tuple[str, str] | None:
     """(model, version) of an entry: from the upstream cluster ("model/version", gRPC
     "model/version/grpc"); for a request that reached no version (a filter rejected it,
-    no route), the model from the route name ("iris/split") or the path
-    ("/v2/models/iris/..."), version "". None for the gateway's own routes (health)."""
+    no route), the model from the route name ("iris/split") or else the path
+    ("/v2/models/iris/..."), version "". None for other paths (health, server metadata)."""
     common = entry.common_properties
     model, _, version = common.upstream_cluster.partition("/")
     if model and version:
         return model, version.partition("/")[0]
     route_model = common.route_name.partition("/")[0]
-    if route_model:
-        return None if route_model == GATEWAY_ROUTES else (route_model, "")
+    if route_model and route_model != GATEWAY_ROUTES:
+        return route_model, ""
     path = entry.request.path.partition("?")[0].split("/")
     if len(path) > 3 and path[1:3] == ["v2", "models"] and path[3]:
         return path[3], ""

@@ -100,8 +100,12 @@ def test_a_rejection_without_a_cluster_counts_for_the_model_of_its_route_or_path
     assert (record.model, record.version) == ("resnet", "")
     record, _ = record_of(entry("iris/v2/grpc", route="iris/grpc-split"))
     assert (record.model, record.version) == ("iris", "v2")  # the cluster wins
-    assert record_of(entry(route="gateway/ready", path="/v2/models/x/ready")) is None
+    # The gateway's catch-all 404 (with API management): the model the client asked for.
+    record, _ = record_of(entry(route="gateway/not-found", path="/v2/models/nosuch/infer"))
+    assert (record.model, record.version) == ("nosuch", "")
+    assert record_of(entry(route="gateway/ready", path="/v2/health/ready")) is None
     assert record_of(entry(path="/v2/health/live")) is None
+    assert record_of(entry(route="gateway/metadata", path="/v2")) is None
     assert record_of(entry(path="/v2/models/")) is None
 
 
