@@ -46,7 +46,8 @@ log = logging.getLogger("infergate.telemetry")
 ALS_SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 XDS_CLUSTER = "xds_cluster"  # the bootstrap's cluster to the control plane (gateway/bootstrap.py)
 LOG_NAME = "infergate"
-CONSUMER_HEADER = "x-infergate-consumer"
+CONSUMER_HEADER = "x-infergate-consumer"  # the only request header logged (never a key)
+GATEWAY_ROUTES = "gateway"  # route names "gateway/...": the gateway's own (health, not found)
 SAMPLE_TAG = "infergate.sample"
 SAMPLE_RUNTIME_KEY = "infergate.telemetry.sample"  # + fraction: the logger's switch
 FRACTION_RUNTIME_KEY = "infergate.telemetry.fraction"  # + fraction: never set (see access_log)
@@ -171,14 +172,31 @@ def _seconds(duration) -> float:
     return duration.seconds + duration.nanos / 1e9
 
 
-def record_of(entry: HTTPAccessLogEntry) -> tuple[RequestRecord, float] | None:
-    """The request record of one entry and its weight (1 / sampling fraction); None for
-    requests that reached no model version (health routes, no route)."""
+def model_of(entry: HTTPAccessLogEntry) -> tuple[str, str] | None:
+    """(model, version) of an entry: from the upstream cluster ("model/version", gRPC
+    "model/version/grpc"); for a request that reached no version (a filter rejected it,
+    no route), the model from the route name ("iris/split") or else the path
+    ("/v2/models/iris/..."), version "". None for other paths (health, server metadata)."""
     common = entry.common_properties
     model, _, version = common.upstream_cluster.partition("/")
-    version = version.partition("/")[0]  # "model/version/grpc" -> version
-    if not (model and version):
+    if model and version:
+        return model, version.partition("/")[0]
+    route_model = common.route_name.partition("/")[0]
+    if route_model and route_model != GATEWAY_ROUTES:
+        return route_model, ""
+    path = entry.request.path.partition("?")[0].split("/")
+    if len(path) > 3 and path[1:3] == ["v2", "models"] and path[3]:
+        return path[3], ""
+    return None
+
+
+def record_of(entry: HTTPAccessLogEntry) -> tuple[RequestRecord, float] | None:
+    """The request record of one entry and its weight (1 / sampling fraction); None for
+    requests that named no model (health routes, other paths without a route)."""
+    found = model_of(entry)
+    if found is None:
         return None
+    common = entry.common_properties
     flags = ",".join(FLAG_NAMES.get(f.name, f.name) for f, _ in common.response_flags.ListFields())
     duration = common.duration if common.HasField("duration") else None
     if duration is None:
@@ -186,13 +204,14 @@ def record_of(entry: HTTPAccessLogEntry) -> tuple[RequestRecord, float] | None:
     fraction = float(common.custom_tags.get(SAMPLE_TAG) or 1.0)
     request = entry.request
     record = RequestRecord(
-        model=model,
-        version=version,
+        model=found[0],
+        version=found[1],
         code=entry.response.response_code.value,
         flags=flags,
         duration=_seconds(duration),
         request_id=request.request_id,
         consumer=request.request_headers.get(CONSUMER_HEADER),
+        details=entry.response.response_code_details,
     )
     return record, 1.0 / fraction if fraction > 0 else 1.0
 

@@ -131,6 +131,7 @@ class PlaneCollector(Collector):
             durations.add_metric([model, version], buckets, total)
         yield requests
         yield durations
+        yield self._consumers()
         yield GaugeMetricFamily(
             "infergate_telemetry_sample_fraction",
             "Fraction of requests that Envoy logs to the control plane",
@@ -146,6 +147,19 @@ class PlaneCollector(Collector):
             "Access log streams closed because a message could not be decoded",
             value=self.plane.access_logs.dropped_streams,
         )
+
+    def _consumers(self) -> Metric:
+        consumers = CounterMetricFamily(
+            "infergate_consumer_requests",
+            "Requests by consumer (x-infergate-consumer; (anonymous) without one), model and "
+            "outcome (ok, unauthorized, forbidden, too_large, rate_limited, over_quota, shed, "
+            "client_error, error); scaled up by 1/sampling fraction",
+            labels=["consumer", "model", "outcome"],
+        )
+        for (consumer, model), outcomes in self.plane.store.usage.totals().items():
+            for kind, n in outcomes.items():
+                consumers.add_metric([consumer, model, kind], n)
+        return consumers
 
     def _routes(self) -> Iterator[Metric]:
         weights = GaugeMetricFamily(

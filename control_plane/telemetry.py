@@ -8,6 +8,9 @@ Envoy streams one record per request (`access_log.py`); the store keeps, per ver
 - cumulative totals and a latency histogram since start (Prometheus counters);
 - a coarse history (`history_step` seconds, the last `history` seconds) for plots.
 
+and per consumer and model (`ConsumerUsage`), every request that named a model, also
+those rejected before reaching a version: requests by outcome (`outcome`).
+
 Counts are weighted: a record sampled at fraction f counts 1/f requests. The clock is
 injected, so that tests drive time directly.
 """
@@ -51,12 +54,15 @@ DURATION_BUCKETS = (
 @dataclass(frozen=True)
 class RequestRecord:
     model: str
-    version: str  # from the upstream cluster "model/version" (gRPC: "model/version/grpc")
+    # from the upstream cluster "model/version" (gRPC: "model/version/grpc"); "" when the
+    # request reached no version (rejected by a filter before the router chose one)
+    version: str
     code: int  # HTTP response code, 0 if none
     flags: str  # Envoy response flags, e.g. "UF,URX" or ""
     duration: float  # seconds
     request_id: str
-    consumer: str | None = None
+    consumer: str | None = None  # the x-infergate-consumer request header
+    details: str = ""  # Envoy's response code details, e.g. "via_upstream"
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,153 @@ class _Series:
     duration_total: float = 0.0
 
 
+# --- per consumer and model ---------------------------------------------------------
+# The outcomes, in the order the tables show them.
+OUTCOMES = (
+    "ok",  # 1xx to 3xx
+    "unauthorized",  # 401: missing or unknown credential
+    "forbidden",  # 403: a consumer without access to the model
+    "too_large",  # 413: request body over the limit
+    "rate_limited",  # 429 from Envoy's local rate limit
+    "over_quota",  # 429 from the global rate limit service (or it failed closed)
+    "shed",  # load shedding: overflow, adaptive concurrency, admission control, overload
+    "client_error",  # other 4xx (e.g. 404 for an unknown model)
+    "error",  # 5xx and Envoy's local failures (no response, no healthy upstream, ...)
+)
+ANONYMOUS = "(anonymous)"
+OTHER = "(other)"  # every (consumer, model) pair beyond the store's bound
+
+# Envoy's response code details (%RESPONSE_CODE_DETAILS%) and flags per outcome; the
+# strings are those of Envoy 1.40's filters (local_ratelimit, ratelimit,
+# adaptive_concurrency, admission_control, the overload manager, the router).
+RATE_LIMITED_DETAILS = frozenset({"local_rate_limited"})
+OVER_QUOTA_DETAILS = frozenset({"request_rate_limited", "rate_limiter_error"})
+SHED_DETAILS = frozenset(
+    {"reached_concurrency_limit", "denied_by_admission_control", "overload", "drop_overload"}
+)
+SHED_FLAGS = frozenset({"UO", "OM"})  # upstream overflow, overload manager
+CODE_OUTCOMES = {401: "unauthorized", 403: "forbidden", 413: "too_large"}
+
+
+def outcome(record: RequestRecord) -> str:
+    """What happened to the request, by Envoy's details first (a local reply mapper may
+    change the code a filter chose), then the response code."""
+    if 100 <= record.code < 400 and not record.flags:
+        return "ok"  # the common case, at once
+    flags = set(record.flags.split(",")) if record.flags else set()
+    details = record.details
+    if flags & SHED_FLAGS or details in SHED_DETAILS:
+        return "shed"
+    if details in RATE_LIMITED_DETAILS:
+        return "rate_limited"
+    if details in OVER_QUOTA_DETAILS or "RLSE" in flags:
+        return "over_quota"
+    if record.code in CODE_OUTCOMES:
+        return CODE_OUTCOMES[record.code]
+    if record.code == 429:
+        return "rate_limited" if "RL" in flags else "client_error"
+    if 400 <= record.code < 500:
+        return "client_error"
+    return "error" if is_error(record) else "ok"
+
+
+def consumer_of(record: RequestRecord, kind: str) -> str:
+    """The consumer a request counts for: a 401 has none that was authenticated, so it
+    counts as anonymous whatever the client claimed in the header."""
+    if kind == "unauthorized" or not record.consumer:
+        return ANONYMOUS
+    return record.consumer
+
+
+@dataclass
+class _Counts:
+    """Weighted requests by outcome."""
+
+    by_outcome: dict[str, float] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0.0))
+
+    def add(self, other: dict[str, float]) -> None:
+        for kind, n in other.items():
+            self.by_outcome[kind] += n
+
+    def report(self) -> dict[str, Any]:
+        return {"requests": sum(self.by_outcome.values()), "outcomes": dict(self.by_outcome)}
+
+
+@dataclass
+class _UsageBucket:
+    slot: int
+    counts: _Counts = field(default_factory=_Counts)
+
+
+@dataclass
+class _UsageRow:
+    buckets: deque[_UsageBucket]
+    total: _Counts = field(default_factory=_Counts)
+
+
+class ConsumerUsage:
+    """Per (consumer, model): totals since start by outcome and `resolution`-second
+    buckets of the last `keep` seconds. At most `max_rows` pairs (the header and the
+    model in a path are the client's to choose); the rest count as (OTHER, OTHER)."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        resolution: float = 1.0,
+        keep: float = 60.0,
+        max_rows: int = 1000,
+    ):
+        self.clock = clock
+        self.resolution = resolution
+        self.keep = keep
+        self.max_rows = max_rows
+        self.rows: dict[tuple[str, str], _UsageRow] = {}
+
+    def add(self, record: RequestRecord, weight: float, now: float) -> None:
+        kind = outcome(record)
+        key = (consumer_of(record, kind), record.model)
+        row = self.rows.get(key)
+        if row is None:
+            if len(self.rows) >= self.max_rows:
+                key = (OTHER, OTHER)
+            row = self.rows.get(key) or _UsageRow(
+                deque(maxlen=int(self.keep / self.resolution) + 1)
+            )
+            self.rows[key] = row
+        slot = math.floor(now / self.resolution)
+        if not row.buckets or row.buckets[-1].slot < slot:
+            row.buckets.append(_UsageBucket(slot))
+        row.buckets[-1].counts.by_outcome[kind] += weight
+        row.total.by_outcome[kind] += weight
+
+    def totals(self) -> dict[tuple[str, str], dict[str, float]]:
+        """Requests since start by outcome, per (consumer, model) (Prometheus counters)."""
+        return {key: dict(row.total.by_outcome) for key, row in sorted(self.rows.items())}
+
+    def window(self, consumer: str, model: str, seconds: float) -> dict[str, Any]:
+        """Requests and their outcomes in the last `seconds` (to the resolution)."""
+        low = math.floor((self.clock() - seconds) / self.resolution)
+        counts = _Counts()
+        row = self.rows.get((consumer, model))
+        for bucket in row.buckets if row else ():
+            if bucket.slot > low:  # the last `seconds` whole seconds, this one included
+                counts.add(bucket.counts.by_outcome)
+        return counts.report()
+
+    def report(self, windows: tuple[int, ...]) -> list[dict[str, Any]]:
+        """One entry per (consumer, model): each window's and the total's requests and
+        outcomes."""
+        return [
+            {
+                "consumer": consumer,
+                "model": model,
+                "windows": {f"{s}s": self.window(consumer, model, s) for s in windows},
+                "total": row.total.report(),
+            }
+            for (consumer, model), row in sorted(self.rows.items())
+        ]
+
+
 class TelemetryStore:
     def __init__(
         self,
@@ -147,6 +300,7 @@ class TelemetryStore:
         self.history_step = history_step
         self.history_len = int(history / history_step)
         self.series: dict[tuple[str, str], _Series] = {}
+        self.usage = ConsumerUsage(clock)
         self.records = 0  # records received (not scaled)
 
     # --- writing ---------------------------------------------------------------------
@@ -171,8 +325,13 @@ class TelemetryStore:
         return buckets[-1]
 
     def add(self, record: RequestRecord, weight: float = 1.0) -> None:
-        """Count one request that Envoy logged now; `weight` is 1 / its sampling fraction."""
+        """Count one request that Envoy logged now; `weight` is 1 / its sampling fraction.
+        A request that reached no version counts only in the consumers' usage."""
         now = self.clock()
+        self.records += 1
+        self.usage.add(record, weight, now)
+        if not record.version:
+            return
         series = self._series(record.model, record.version)
         cls = status_class(record.code)
         error = is_error(record)
@@ -192,7 +351,6 @@ class TelemetryStore:
         series.totals[cls] += weight
         series.histogram[slot] += weight
         series.duration_total += weight * record.duration
-        self.records += 1
 
     def add_all(self, records: Iterable[tuple[RequestRecord, float]]) -> None:
         for record, weight in records:
@@ -292,7 +450,8 @@ def traffic_report(
 ) -> dict[str, Any]:
     """Per model and version (configured, or seen in the store): weight, shadow percent,
     and each window's statistics; with `history`, the last 15 minutes with step starts in
-    seconds relative to now."""
+    seconds relative to now. Per consumer and model: requests by outcome in each window
+    and since start."""
     models: dict[str, dict[str, Any]] = {}
     for model in config.models if config else ():
         total = sum(w for _, w in model.traffic) or 1
@@ -319,4 +478,9 @@ def traffic_report(
                 row["history"] = [
                     {**point, "t": point["t"] - now} for point in store.history(name, version)
                 ]
-    return {"sample_fraction": sample_fraction, "records": store.records, "models": models}
+    return {
+        "sample_fraction": sample_fraction,
+        "records": store.records,
+        "models": models,
+        "consumers": store.usage.report(windows),
+    }

@@ -413,6 +413,12 @@ def cmd_top(args: argparse.Namespace) -> int:
     return top(args.admin_url, once=args.once)
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    from gateway.top import usage
+
+    return usage(args.admin_url, args.window, args.json)
+
+
 PREFIXES = {"run": "infergate", "control-plane": "control plane", "serve": "model server"}
 
 
@@ -627,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-url", default="http://127.0.0.1:18001")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("usage", help="requests and rejections per consumer and model")
+    p.add_argument("--admin-url", default="http://127.0.0.1:18001")
+    p.add_argument("--window", choices=["10s", "60s", "total"], default="60s")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_usage)
     return parser
 
 

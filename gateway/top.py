@@ -1,4 +1,5 @@
-"""`infergate top`: the control plane's live traffic view in the terminal (rich)."""
+"""`infergate top`: the control plane's live traffic view in the terminal (rich);
+`infergate usage`: requests and rejections per consumer and model."""
 
 from __future__ import annotations
 
@@ -23,8 +24,47 @@ def _num(value: float | None, digits: int = 1, scale: float = 1.0, unit: str = "
     return "-" if value is None else f"{value * scale:.{digits}f}{unit}"
 
 
+# /traffic's outcomes -> column headings
+USAGE_COLUMNS = {
+    "ok": "ok",
+    "unauthorized": "401",
+    "forbidden": "403",
+    "too_large": "413",
+    "rate_limited": "429 rate",
+    "over_quota": "429 quota",
+    "shed": "shed",
+    "client_error": "other 4xx",
+    "error": "errors",
+}
+
+
+def _count(n: float) -> str:
+    """A (possibly scaled-up, so fractional) request count."""
+    return f"{n:.0f}" if n == int(n) else f"{n:.1f}"
+
+
+def usage_table(consumers: list[dict[str, Any]], window: str) -> Table:
+    """Requests and outcomes per consumer and model, in `window` ("10s", "60s") or
+    since start ("total")."""
+    span = "since start" if window == "total" else f"last {window}"
+    table = Table(title=f"usage per consumer ({span})", expand=True)
+    for column in ("consumer", "model", "requests", *USAGE_COLUMNS.values()):
+        table.add_column(column, justify="left" if column in ("consumer", "model") else "right")
+    for row in consumers:
+        counts = row["total"] if window == "total" else row["windows"][window]
+        outcomes = counts["outcomes"]
+        table.add_row(
+            row["consumer"],
+            row["model"],
+            _count(counts["requests"]),
+            *(_count(outcomes[kind]) for kind in USAGE_COLUMNS),
+        )
+    return table
+
+
 def render(traffic: dict[str, Any], status: dict[str, Any]) -> Group:
-    """One frame: a table of versions, the config error if any, and the Envoys."""
+    """One frame: a table of versions, the config error if any, the Envoys and the
+    usage per consumer."""
     table = Table(title="traffic (10 s window; 60 s in brackets)", expand=True)
     for column in ("model", "version", "weight", "shadow", "req/s", "errors", "p50", "p99", "conc"):
         table.add_column(column, justify="left" if column in ("model", "version") else "right")
@@ -61,6 +101,8 @@ def render(traffic: dict[str, Any], status: dict[str, Any]) -> Group:
             "; ".join(nacks) or "-",
         )
     parts.append(nodes)
+    if traffic["consumers"]:
+        parts.append(usage_table(traffic["consumers"], "60s"))
     return Group(*parts)
 
 
@@ -83,3 +125,17 @@ def top(admin_url: str, once: bool = False, interval: float = 1.0) -> int:
                 live.update(frame(admin_url), refresh=True)
         except KeyboardInterrupt:
             return 0
+
+
+def usage(admin_url: str, window: str, as_json: bool = False) -> int:
+    """Print the usage per consumer and model once."""
+    try:
+        consumers = fetch(admin_url, "/traffic")["consumers"]
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        Console(stderr=True).print(f"cannot reach the control plane at {admin_url}: {exc}")
+        return 2
+    if as_json:
+        print(json.dumps(consumers, indent=2))
+    else:
+        Console().print(usage_table(consumers, window))
+    return 0

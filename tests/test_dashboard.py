@@ -1,5 +1,6 @@
 """The /ui dashboard in Debian's headless Chromium (Selenium, system chromedriver): it
-lists the versions, follows YAML edits without a reload and shows config errors as text."""
+lists the versions, follows YAML edits without a reload, shows config errors as text and
+the usage per consumer (names as text)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.stack import Stack
+from tests.stack import Stack, infer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -93,3 +94,24 @@ def test_dashboard_lists_versions_follows_edits_and_shows_errors(stack, browser)
     assert browser.find_elements(By.CSS_SELECTOR, "#config-error b") == []
     assert weights(browser) == {"iris/v1": "40 (40%)", "iris/v2": "60 (60%)"}
     assert browser.execute_script("return window.notReloaded") is True
+
+
+def test_dashboard_shows_usage_per_consumer(stack, browser):
+    browser.get(f"http://127.0.0.1:{stack.admin}/ui")
+    eve = "<i>eve</i>"  # the header is the client's to choose: shown as text
+    for consumer, path in [("alice", "iris"), ("alice", "iris"), (eve, "iris"), (eve, "nosuch")]:
+        infer(stack.listen, f"/v2/models/{path}/infer", {"x-infergate-consumer": consumer})
+    want = {
+        "alice/iris/requests": "2",
+        "alice/iris/ok": "2",
+        "alice/iris/total": "2",
+        f"{eve}/iris/ok": "1",
+        f"{eve}/nosuch/client_error": "1",
+        f"{eve}/nosuch/ok": "0",
+    }
+    WebDriverWait(browser, 10, poll_frequency=0.05).until(
+        lambda d: want.items() <= texts(d, "data-usage").items()
+    )
+    table = browser.find_element(By.ID, "consumers")
+    assert "429 quota" in table.text and eve in table.text
+    assert browser.find_elements(By.CSS_SELECTOR, "#consumers i") == []

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
 import pytest
 from aiohttp import web
 
+from control_plane.telemetry import ANONYMOUS, OUTCOMES
 from gateway import observe
 from gateway.processes import free_port, wait_http
 from tests.stack import LoadLoop, Stack, cli, get_json, get_text, infer, routing_yaml
@@ -136,11 +139,20 @@ def test_two_envoys_on_one_control_plane_add_up(stack):
     poll(lambda: seen.metrics() == want, what=f"the sum of both Envoys {want}")
 
 
-class FailingServer:
-    """An aiohttp upstream on its own thread: ready for health checks, 500 for the rest."""
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
-    def __init__(self) -> None:
+
+async def answer_500(request: web.Request) -> web.Response:
+    return web.json_response({"error": "broken on purpose"}, status=500)
+
+
+class FakeServer:
+    """An aiohttp upstream on its own thread: ready for health checks, `handler` for the
+    rest (by default 500)."""
+
+    def __init__(self, handler: Handler = answer_500) -> None:
         self.port = free_port()
+        self.handler = handler
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
@@ -148,7 +160,7 @@ class FailingServer:
         async def handle(request: web.Request) -> web.Response:
             if request.path.startswith("/v2/health"):
                 return web.json_response({"ready": True})
-            return web.json_response({"error": "broken on purpose"}, status=500)
+            return await self.handler(request)
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
@@ -157,7 +169,7 @@ class FailingServer:
         await web.TCPSite(runner, "127.0.0.1", self.port).start()
         return runner
 
-    def __enter__(self) -> FailingServer:
+    def __enter__(self) -> FakeServer:
         self._thread.start()
         self._runner = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self
@@ -170,7 +182,7 @@ class FailingServer:
 
 def test_a_version_answering_500_shows_error_rate_1(stack):
     seen = Observer(stack)
-    with FailingServer() as bad:
+    with FakeServer() as bad:
         text = routing_yaml(stack.listen, {**stack.model_ports, "bad": [bad.port]}, {"bad": 100})
         started = time.time()
         stack.write(text)
@@ -239,3 +251,115 @@ def test_sigkill_of_the_control_plane_fails_no_request_and_counting_resumes(stac
         poll(lambda: seen.traffic("10s")["v1"]["requests"] > 20, what="counting after restart")
         poll(lambda: any(r[0] > restarted for r in load.results), what="requests after restart")
     assert load.failures() == []
+
+
+def usage_total(report: dict, consumer: str, model: str) -> dict[str, float]:
+    """Requests since start by outcome of one consumer and model in a /traffic report."""
+    for row in report["consumers"]:
+        if (row["consumer"], row["model"]) == (consumer, model):
+            return row["total"]["outcomes"]
+    return dict.fromkeys(OUTCOMES, 0.0)
+
+
+def concurrently(n: int, call: Callable[[], int]) -> list[int]:
+    """`call()` from n threads at once."""
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(call())) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+async def answer_as_asked(request: web.Request) -> web.Response:
+    """The status in the request's x-answer header (default 200), after x-sleep seconds."""
+    await asyncio.sleep(float(request.headers.get("x-sleep", 0)))
+    return web.json_response(
+        {"answer": "as asked"}, status=int(request.headers.get("x-answer", 200))
+    )
+
+
+def test_usage_per_consumer_and_model_counts_rejections_by_reason(stack):
+    """Requests with different x-infergate-consumer headers, and rejections Envoy or the
+    upstream makes without API management: 404 for an unknown model (no route, no
+    cluster), 413 / 403 / 401 from the upstream, 503 from a circuit breaker's overflow."""
+    admin = f"http://127.0.0.1:{stack.admin}"
+    with FakeServer(answer_as_asked) as fake:
+        echo = (
+            "  echo:\n"
+            f"    versions: {{v1: {{endpoints: [127.0.0.1:{fake.port}]}}}}\n"
+            "    traffic: {v1: 100}\n"
+            "    resilience:\n"
+            "      circuit_breakers: {max_connections: 1, max_pending_requests: 1, "
+            "max_requests: 1}\n"
+        )
+        started = time.time()
+        stack.write(routing_yaml(stack.listen, stack.model_ports, {"v1": 100}, extra=echo))
+        stack.wait_converged(after=started)
+        conn = http.client.HTTPConnection("127.0.0.1", stack.listen, timeout=10)
+
+        def call(consumer: str | None, path: str = "/v2/models/iris/infer", **headers) -> int:
+            if consumer:
+                headers["x-infergate-consumer"] = consumer
+            return infer(stack.listen, path, headers, conn).status
+
+        echo_path = "/v2/models/echo/infer"
+        poll(lambda: call("probe", echo_path) == 200, what="the echo model")
+        anonymous_before = usage_total(get_json(f"{admin}/traffic"), ANONYMOUS, "iris")["ok"]
+        key = {"authorization": "Bearer sk-alice-secret", "x-api-key": "sk-alice-secret"}
+        assert [call("alice", **key) for _ in range(5)] == [200] * 5
+        assert [call("bob") for _ in range(3)] == [200] * 3
+        assert [call("bob", "/v2/models/nosuch/infer") for _ in range(2)] == [404] * 2
+        assert [call(None) for _ in range(2)] == [200] * 2
+        answers = {"x-answer": "413"}, {"x-answer": "403"}, {"x-answer": "401"}
+        assert [call("carol", echo_path, **a) for a in answers] == [413, 403, 401]
+        conn.close()
+        slow = {"x-infergate-consumer": "dave", "x-sleep": "0.5"}
+        shed = Counter(concurrently(4, lambda: infer(stack.listen, echo_path, slow).status))
+        assert shed[200] >= 1 and shed[503] >= 1 and shed[200] + shed[503] == 4, shed
+
+    ok = dict.fromkeys(OUTCOMES, 0.0)
+    want = {
+        ("alice", "iris"): ok | {"ok": 5},
+        ("bob", "iris"): ok | {"ok": 3},
+        ("bob", "nosuch"): ok | {"client_error": 2},
+        ("carol", "echo"): ok | {"too_large": 1, "forbidden": 1},
+        ("dave", "echo"): ok | {"ok": shed[200], "shed": shed[503]},
+    }
+
+    def named(report: dict) -> dict:
+        return {
+            (row["consumer"], row["model"]): row["total"]["outcomes"]
+            for row in report["consumers"]
+            if row["consumer"] in ("alice", "bob", "carol", "dave")
+        }
+
+    report = poll(
+        lambda: (r := get_json(f"{admin}/traffic")) and named(r) == want and r,
+        what=f"usage per consumer {want}",
+    )
+    assert usage_total(report, ANONYMOUS, "iris")["ok"] == anonymous_before + 2
+    # The 401 counts for no consumer, whatever the header claimed.
+    assert usage_total(report, ANONYMOUS, "echo")["unauthorized"] == 1
+    metrics = prometheus_samples(get_text(f"{admin}/metrics"), "infergate_consumer_requests_total")
+    for (consumer, model), outcomes in want.items():
+        for kind, n in outcomes.items():
+            labels = (("consumer", consumer), ("model", model), ("outcome", kind))
+            assert metrics[labels] == n, labels
+    out = subprocess.run(
+        cli("usage", "--admin-url", admin, "--window", "total"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert out.returncode == 0, out.stderr
+    # Only the consumer's name is logged, never a credential.
+    shown = (get_text(f"{admin}/traffic"), get_text(f"{admin}/metrics"), out.stdout)
+    assert all("alice" in text and "sk-alice-secret" not in text for text in shown)
+    assert "sk-alice-secret" not in (stack.workdir / "control-plane.log").read_text()
+    carol = next(line for line in out.stdout.splitlines() if "carol" in line)
+    cells = [cell.strip() for cell in carol.split("│")[1:-1]]
+    assert cells == ["carol", "echo", "2", "0", "0", "1", "1", "0", "0", "0", "0", "0"]
+    stack.apply({"v1": 90, "v2": 10})
