@@ -271,7 +271,7 @@ class Supervisor:
             workdir,
         )
         self.autoscaling = Autoscaling(admin_url, admin_token)
-        self.activator = Activator(activation_timeout)
+        self.activator = Activator(activation_timeout, config.upstream_tls)
         self._gates: set[tuple[str, str]] = set()  # registered with the control plane
         self._zero_pending: set[tuple[str, str]] = set()  # to zero once its gate is in Envoy
         self._config = config
