@@ -192,6 +192,7 @@ class ControlPlane:
         material, client = self._upstream_tls(config.upstream_tls) or (None, None)
         snapshot = await asyncio.to_thread(self._build, config, material)
         self.cache.set(with_runtime(snapshot, self._runtime()))
+        self.shadow_pairs.tls = client
         if self.health:
             self.health.set_config(config, client)
         self.builds += 1

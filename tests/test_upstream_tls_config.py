@@ -1,5 +1,6 @@
 """`upstream_tls` in the routing YAML: paths relative to the file, every problem reported
-at its `file:line:col`, and a bad edit keeps the last good config (and certificate)."""
+at its `file:line:col`, and a bad edit keeps the last good config (and certificate); the
+control plane's own clients of the model servers present the certificate."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.config import ConfigError, parse
+from control_plane.config import ConfigError, RolloutShadow, parse
 from control_plane.service import ControlPlane
+from control_plane.shadow_pairs import ShadowPairs
 from control_plane.snapshot import SECRET
+from control_plane.upstream_tls import read
 from gateway.processes import free_port
+from model_servers.admin import ServerTls
 from tests.certs import CertificateAuthority
 from tests.test_config import BASE
+from tests.test_rollout_shadow_pairs import AnswerServer
 
 
 @pytest.fixture
@@ -120,3 +125,29 @@ async def test_a_bad_edit_keeps_the_last_good_config_and_certificate(folder):
         assert plane.cache.snapshot is before
     finally:
         await plane.stop()
+
+
+async def test_shadow_pairing_reads_answers_with_the_client_certificate(folder):
+    """The rollouts' shadow pairing reads `/v2/answers` over mutual TLS (the health probes
+    are checked end to end in test_upstream_tls.py)."""
+    tls = parse(*config(folder, "{cert: envoy.crt, key: envoy.key, ca: ca.pem}")).upstream_tls
+    client = read(tls).client_context()
+    server = ServerTls(tls.cert, tls.key, tls.ca).ssl_context()  # requires a client cert
+    primary, shadow = await AnswerServer("v1").start(server), await AnswerServer("v2").start(server)
+    pairs = ShadowPairs(lambda: 100.0)
+    pairs.tls = client
+    try:
+        primary.answer("r1", 1, 0.5)
+        shadow.answer("r1", 1, 0.5)
+        spec = RolloutShadow()
+        await pairs.poll("iris", ("v1", [primary.endpoint]), ("v2", [shadow.endpoint]), spec)
+        assert pairs.agreement("iris", "v1", "v2", 100.0).pairs == 1
+        pairs.tls = None  # without the certificate the servers cannot be read
+        primary.answer("r2", 1, 0.5)
+        shadow.answer("r2", 1, 0.5)
+        await pairs.poll("iris", ("v1", [primary.endpoint]), ("v2", [shadow.endpoint]), spec)
+        assert pairs.agreement("iris", "v1", "v2", 100.0).pairs == 1
+    finally:
+        await pairs.close()
+        for answers in (primary, shadow):
+            await answers.runner.cleanup()
