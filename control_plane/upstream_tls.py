@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from envoy.config.core.v3.base_pb2 import DataSource
@@ -60,7 +60,7 @@ class Material:
     """The contents of the client certificate, its key and the CA (PEM bytes)."""
 
     cert: bytes
-    key: bytes
+    key: bytes = field(repr=False)  # never in a log line
     ca: bytes
 
     def client_context(self) -> ssl.SSLContext:
