@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from control_plane.resilience import Resilience, read_resilience
+from control_plane.upstream_tls import TlsFileError, UpstreamTls, check
 from control_plane.yaml_reader import NAME_RE, Problem, Reader
 
 __all__ = [
@@ -206,6 +207,7 @@ class RoutingConfig:
     listen: Endpoint
     models: tuple[Model, ...] = field(default_factory=tuple)
     consumers: Consumers | None = None  # None: the gateway is open to all
+    upstream_tls: UpstreamTls | None = None  # mutual TLS from Envoy to the model servers
 
 
 def _read_endpoint(r: Reader, node: yaml.Node, fieldname: str) -> Endpoint | None:
@@ -695,6 +697,42 @@ def _read_access(
     return Access(consumers=tuple(names))
 
 
+UPSTREAM_TLS_KEYS = ("cert", "key", "ca", "server_cert", "server_key")
+
+
+def _read_upstream_tls(r: Reader, node: yaml.Node, folder: Path) -> UpstreamTls | None:
+    """`upstream_tls: {cert, key, ca[, server_cert, server_key]}`: PEM files, relative to the
+    routing file's folder; every file must be readable and each key fit its certificate."""
+    keys = r.mapping(node, "upstream_tls", set(UPSTREAM_TLS_KEYS))
+    before = len(r.problems)
+    paths: dict[str, Path] = {}
+    for key in UPSTREAM_TLS_KEYS:
+        if key not in keys:
+            if key in ("cert", "key", "ca") and isinstance(node, yaml.MappingNode):
+                r.fail(node, "upstream_tls", f"missing required key {key!r}")
+            continue
+        value_node = keys[key][1]
+        value = r.scalar(value_node, f"upstream_tls.{key}")
+        if isinstance(value, str) and value:
+            paths[key] = folder / value
+        elif isinstance(value_node, yaml.ScalarNode):
+            r.fail(value_node, f"upstream_tls.{key}", f"expected a file name, got {value!r}")
+    if ("server_cert" in keys) != ("server_key" in keys):
+        r.fail(node, "upstream_tls", "server_cert and server_key go together")
+    if len(r.problems) > before:
+        return None
+    paths.setdefault("server_cert", paths["cert"])
+    paths.setdefault("server_key", paths["key"])
+    tls = UpstreamTls(**paths)
+    try:
+        check(tls)
+    except TlsFileError as exc:
+        value_node = keys[exc.field][1] if exc.field in keys else node
+        r.fail(value_node, f"upstream_tls.{exc.field}", f"{value_node.value!r} {exc}")
+        return None
+    return tls
+
+
 def parse(text: str, path: str = "<string>") -> RoutingConfig:
     """Parse routing YAML text; raise ConfigError listing every problem with its position."""
     try:
@@ -707,7 +745,7 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
     if root is None:
         raise ConfigError([Problem(path, 1, 1, "", "the file is empty")])
     r = Reader(path)
-    top = r.mapping(root, "", {"listen", "models", "resilience", "consumers"})
+    top = r.mapping(root, "", {"listen", "models", "resilience", "consumers", "upstream_tls"})
     files: list[Path] = []  # the keys and JWKS files named, read relative to this file
     consumers = None
     if "consumers" in top:
@@ -740,9 +778,13 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
                 f"{model.grpc_listen} is already used by {taken[model.grpc_listen]}",
             )
         taken[model.grpc_listen] = f"models.{model.name}.grpc_listen"
+    upstream_tls = None
+    if "upstream_tls" in top:
+        folder = Path.cwd() if path == "<string>" else Path(path).resolve().parent
+        upstream_tls = _read_upstream_tls(r, top["upstream_tls"][1], folder)
     if r.problems:
         raise ConfigError(r.problems, tuple(files))
-    return RoutingConfig(listen, tuple(models), consumers)
+    return RoutingConfig(listen, tuple(models), consumers, upstream_tls)
 
 
 def load(path: str | Path) -> RoutingConfig:

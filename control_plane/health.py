@@ -6,13 +6,15 @@ header), so a version without a healthy endpoint is reported, in the log and in
 service) because that covers versions at weight 0, gRPC ports and any number of Envoys
 alike; the limit is that the control plane must reach the model servers.
 
-HTTP endpoints answer `GET /v2/health/ready`; gRPC endpoints must accept a TCP connection.
+HTTP endpoints answer `GET /v2/health/ready` (over mutual TLS with `upstream_tls`, with
+the same client certificate as Envoy); gRPC endpoints must accept a TCP connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,12 +78,15 @@ class HealthMonitor:
         self.interval = interval
         self.unhealthy_after = unhealthy_after
         self.config: RoutingConfig | None = None
+        self.tls: ssl.SSLContext | None = None  # the client side of mutual TLS, if any
         self.endpoints: dict[Target, EndpointHealth] = {}
         self._down: set[tuple[str, str, str]] = set()  # (model, version, protocol) reported
 
-    def set_config(self, config: RoutingConfig) -> None:
-        """Probe this config's endpoints from now on (keeping what is known of old ones)."""
+    def set_config(self, config: RoutingConfig, tls: ssl.SSLContext | None = None) -> None:
+        """Probe this config's endpoints from now on (keeping what is known of old ones),
+        over TLS with this client context if given."""
         self.config = config
+        self.tls = tls
         self.endpoints = {t: self.endpoints.get(t, EndpointHealth()) for t in targets(config)}
 
     async def check(self) -> None:
@@ -182,21 +187,29 @@ class HealthMonitor:
         """Probe every `interval` seconds until cancelled (HTTP and TCP probes by default)."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
             if self.probe is None:
-                self.probe = default_probe(session)
+                self.probe = default_probe(session, lambda: self.tls)
             while True:
                 await self.check()
                 await asyncio.sleep(self.interval)
 
 
-def default_probe(session: aiohttp.ClientSession) -> Probe:
+def default_probe(
+    session: aiohttp.ClientSession, tls: Callable[[], ssl.SSLContext | None] = lambda: None
+) -> Probe:
+    """HTTP(S) readiness and TCP probes; `tls` gives the current client context (None: plain
+    HTTP)."""
+
     async def probe(target: Target) -> str | None:
         host, port = target.address.host, target.address.port
+        context = tls()
         try:
             if target.protocol == "grpc":
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
                 writer.close()
                 return None
-            async with session.get(f"http://{target.address}/v2/health/ready") as resp:
+            scheme, options = ("https", {"ssl": context}) if context else ("http", {})
+            url = f"{scheme}://{target.address}/v2/health/ready"
+            async with session.get(url, **options) as resp:
                 return None if resp.status == 200 else f"/v2/health/ready answered {resp.status}"
         except (OSError, aiohttp.ClientError, TimeoutError) as exc:
             return describe(exc)

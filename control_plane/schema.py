@@ -49,6 +49,19 @@ def _block(instance: Any) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "properties": props}
 
 
+def _upstream_tls() -> dict[str, Any]:
+    """Mutual TLS from Envoy to the model servers (docs/upstream-tls.md)."""
+    pem = {"type": "string", "minLength": 1, "description": "PEM file, relative to this file"}
+    keys = ("cert", "key", "ca", "server_cert", "server_key")
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["cert", "key", "ca"],
+        "dependentRequired": {"server_cert": ["server_key"], "server_key": ["server_cert"]},
+        "properties": {key: pem for key in keys},
+    }
+
+
 def _resilience() -> dict[str, Any]:
     base = Resilience()
     props = {
@@ -225,6 +238,7 @@ def routing_schema() -> dict[str, Any]:
             "listen": _listen("the HTTP API of every model"),
             "resilience": _resilience(),
             "consumers": _consumers(),
+            "upstream_tls": _upstream_tls(),
             "models": {
                 "type": "object",
                 "propertyNames": {"pattern": _NAME},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from control_plane.snapshot import (
 from control_plane.state_store import FileStateStore
 from control_plane.telemetry import TelemetryStore, traffic_report
 from control_plane.translate import translate
+from control_plane.upstream_tls import Material, TlsFileError, UpstreamTls, read, secrets, stat_key
 from control_plane.watcher import ConfigWatcher
 from control_plane.xds_server import AdsServer
 from control_plane.yaml_edit import write_traffic
@@ -138,6 +140,9 @@ class ControlPlane:
         self.xds_metrics = XdsMetrics()
         # The autoscaler's last decision per "model/version", as its supervisor reports it.
         self.autoscaling: dict[str, dict[str, Any]] = {}
+        # upstream_tls: the files' last good contents, and what they were read from
+        self._tls: tuple[Material, ssl.SSLContext] | None = None
+        self._tls_read: tuple[UpstreamTls, tuple] | None = None
         self.watcher = ConfigWatcher(
             self.config_path, self.set_file_config, self.reject, mode=watch_mode
         )
@@ -184,10 +189,12 @@ class ControlPlane:
         assert self.file_config is not None
         started = time.perf_counter()
         config = self.rollouts.apply(self.endpoints.merge(self.file_config))
-        snapshot = await asyncio.to_thread(self._build, config)
+        material, client = self._upstream_tls(config.upstream_tls) or (None, None)
+        snapshot = await asyncio.to_thread(self._build, config, material)
         self.cache.set(with_runtime(snapshot, self._runtime()))
+        self.shadow_pairs.tls = client
         if self.health:
-            self.health.set_config(config)
+            self.health.set_config(config, client)
         self.builds += 1
         self.applied_at = time.time()
         log.info(
@@ -198,12 +205,39 @@ class ControlPlane:
         )
         return snapshot
 
-    def _build(self, config: RoutingConfig) -> Snapshot:
+    def _build(self, config: RoutingConfig, tls: Material | None) -> Snapshot:
         with paused_gc():
             resources = translate(config)
             if self.telemetry_sample is not None:
                 resources = with_access_log(resources, self.sample_fractions)
-            return build_snapshot(resources, self.epoch)
+            return build_snapshot(resources, self.epoch, secrets=tls and secrets(tls))
+
+    def _upstream_tls(self, files: UpstreamTls | None) -> tuple[Material, ssl.SSLContext] | None:
+        """The certificate, key and CA of `upstream_tls` (and a client context of them for the
+        health probes), read again when the files changed; unusable files (e.g. a rotation
+        caught between writing the certificate and the key) keep the last good ones."""
+        if files is None:
+            self._tls = self._tls_read = None
+            return None
+        seen = (files, stat_key(files))
+        if seen != self._tls_read:
+            self._tls_read = seen
+            try:
+                material = read(files)
+                self._tls = material, material.client_context()
+            except TlsFileError as exc:
+                log.warning("upstream_tls.%s %s; keeping the last good certificate", exc.field, exc)
+            else:
+                log.info("upstream TLS certificate loaded from %s", files.cert)
+        return self._tls
+
+    async def _watch_upstream_tls(self, period: float = 0.2) -> None:
+        """Rebuild when a file of `upstream_tls` changes on disk (a rotated certificate)."""
+        while True:
+            await asyncio.sleep(period)
+            files = self.file_config and self.file_config.upstream_tls
+            if files and (files, stat_key(files)) != self._tls_read:
+                self._dirty.set()
 
     async def _publisher(self) -> None:
         """Build from the newest inputs as soon as they change. Changes that arrive while a
@@ -366,6 +400,7 @@ class ControlPlane:
             asyncio.create_task(self._publisher()),
             asyncio.create_task(self._drive_rollouts()),
             asyncio.create_task(self._poll_answers()),
+            asyncio.create_task(self._watch_upstream_tls()),
         ]
         if self.health:
             self._tasks.append(asyncio.create_task(self.health.run()))

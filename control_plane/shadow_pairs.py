@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import KW_ONLY, dataclass, field
@@ -53,6 +54,7 @@ class ShadowPairs:
     # endpoint -> (epoch, cursor)
     _cursors: dict[str, tuple[str, int]] = field(default_factory=dict, init=False)
     _session: aiohttp.ClientSession | None = field(default=None, init=False)
+    tls: ssl.SSLContext | None = field(default=None, init=False)  # upstream_tls client side
 
     # -- reading answers ---------------------------------------------------------------
 
@@ -67,8 +69,9 @@ class ShadowPairs:
         epoch, cursor = self._cursors.get(endpoint, ("", 0))
         answers: list[dict] = []
         while True:
-            url = f"http://{endpoint}/v2/answers?since={cursor}&limit={self.limit}"
-            async with self._session.get(url) as resp:
+            scheme, options = ("https", {"ssl": self.tls}) if self.tls else ("http", {})
+            url = f"{scheme}://{endpoint}/v2/answers?since={cursor}&limit={self.limit}"
+            async with self._session.get(url, **options) as resp:
                 if resp.status != 200:
                     raise RuntimeError(f"{url} answered {resp.status}: {await resp.text()}")
                 page = await resp.json()

@@ -28,11 +28,20 @@ ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
-# Make-before-break push order on one ADS stream (runtime layers are independent: last).
-PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME)
-SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds", RUNTIME: "rtds"}
-# LDS and CDS are full state of the world; EDS and RDS are asked for by name.
+# Make-before-break push order on one ADS stream: secrets before the clusters that name
+# them (runtime layers are independent: last).
+PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME)
+SHORT_NAMES = {
+    SECRET: "sds",
+    CLUSTER: "cds",
+    ENDPOINT: "eds",
+    LISTENER: "lds",
+    ROUTE: "rds",
+    RUNTIME: "rtds",
+}
+# LDS and CDS are full state of the world; EDS, RDS and SDS are asked for by name.
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 
 
@@ -91,11 +100,16 @@ class Snapshot:
 
 
 def build_snapshot(
-    resources: Resources, epoch: str, runtime: dict[str, Message] | None = None
+    resources: Resources,
+    epoch: str,
+    runtime: dict[str, Message] | None = None,
+    secrets: dict[str, Message] | None = None,
 ) -> Snapshot:
     """Serialize every resource once and derive content-hash versions. `runtime`: the
-    RTDS layers (`envoy.service.runtime.v3.Runtime` by name)."""
+    RTDS layers (`envoy.service.runtime.v3.Runtime` by name); `secrets`: the SDS secrets
+    (the type is left out without any, so Envoys that never ask for it still converge)."""
     by_type = {
+        **({SECRET: secrets} if secrets else {}),
         CLUSTER: resources.clusters,
         ENDPOINT: resources.endpoints,
         LISTENER: resources.listeners,

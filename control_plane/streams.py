@@ -10,10 +10,11 @@ Both variants share the rules that keep Envoy serving (Envoy's xds_protocol docs
   resent; the next change is.
 - Stale nonces: a request answering an older response is not an ACK or NACK. SotW
   ignores it; Delta still applies its subscription changes.
-- Make-before-break: responses go out in CDS, EDS, LDS, RDS order, one in flight per
-  type. RDS waits until Envoy has ACKed clusters and endpoints for every cluster the
-  routes name (Envoy ACKs CDS once new clusters are warm, which needs their EDS, so
-  EDS never waits for the CDS ACK), then for the first health check of clusters that
+- Make-before-break: responses go out in SDS, CDS, EDS, LDS, RDS order, one in flight
+  per type. RDS waits until Envoy has ACKed the secrets (the clusters' TLS certificates,
+  if any), and clusters and endpoints for every cluster the routes name (Envoy ACKs
+  CDS once new clusters are warm, which needs their EDS and secrets, so EDS and SDS
+  never wait for the CDS ACK), then for the first health check of clusters that
   the routes Envoy runs do not name yet (their timeout plus WARMUP_MARGIN after their
   endpoints were ACKed). Clusters that the ACKed routes still name stay in CDS until
   Envoy ACKs routes without them.
@@ -40,6 +41,7 @@ from control_plane.snapshot import (
     ENDPOINT,
     PUSH_ORDER,
     ROUTE,
+    SECRET,
     WILDCARD_TYPES,
     Snapshot,
     TypeSnapshot,
@@ -244,11 +246,19 @@ class Stream:
         needed = snapshot.types[CLUSTER].names
         if not needed:
             return 0.0
-        for type_url in (CLUSTER, ENDPOINT):
+        secrets = snapshot.types.get(SECRET)  # the clusters' TLS certificates, if any
+        wanted = (
+            (SECRET, secrets.names if secrets else None),
+            (CLUSTER, needed),
+            (ENDPOINT, needed),
+        )
+        for type_url, names in wanted:
+            if not names:
+                continue
             state = self.types.get(type_url)
             if state is None or state.pending or state.acked_names is None:
                 return None
-            if not needed <= state.acked_names:
+            if not names <= state.acked_names:
                 return None
         if self.routes_acked is None:
             return 0.0  # Envoy's own start-up waits for clusters to warm
@@ -293,7 +303,7 @@ class Stream:
         wake_after = None
         for type_url in PUSH_ORDER:
             state = self.types.get(type_url)
-            if state is None or state.pending:
+            if state is None or state.pending or type_url not in snapshot.types:
                 continue
             if type_url == ROUTE:
                 wait = self._routes_wait(snapshot)

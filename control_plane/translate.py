@@ -29,6 +29,7 @@ from envoy.config.core.v3.base_pb2 import (
     HeaderValue,
     HeaderValueOption,
     RuntimeFractionalPercent,
+    TransportSocket,
 )
 from envoy.config.core.v3.config_source_pb2 import (
     AggregatedConfigSource,
@@ -70,6 +71,11 @@ from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v
 from envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2 import (
     PreviousHostsPredicate,
 )
+from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import SdsSecretConfig
+from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import (
+    CommonTlsContext,
+    UpstreamTlsContext,
+)
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from envoy.type.v3.percent_pb2 import FractionalPercent
@@ -82,6 +88,7 @@ from control_plane.config import Endpoint as ServerAddress
 from control_plane.config import Model, RoutingConfig
 from control_plane.resilience import HealthCheck as HealthCheckPolicy
 from control_plane.resilience import Resilience, Retries
+from control_plane.upstream_tls import CA_SECRET, CLIENT_SECRET
 
 LISTENER_NAME = "gateway"
 ROUTE_CONFIG_NAME = "gateway-routes"
@@ -163,11 +170,27 @@ def _health_checks(check: HealthCheckPolicy) -> list[HealthCheck]:
     ]
 
 
-def _cluster(name: str, policy: Resilience) -> Cluster:
+def _cluster(name: str, policy: Resilience, tls: bool = False) -> Cluster:
     cluster = Cluster()
     cluster.CopyFrom(_cluster_template(policy))
     cluster.name = name
+    if tls:
+        cluster.transport_socket.CopyFrom(_upstream_tls())
     return cluster
+
+
+def _upstream_tls() -> TransportSocket:
+    """Mutual TLS to the model servers (health checks too): Envoy's client certificate and
+    the CA it trusts are SDS secrets over ADS, so a rotation needs no cluster change."""
+    context = UpstreamTlsContext(
+        common_tls_context=CommonTlsContext(
+            tls_certificate_sds_secret_configs=[
+                SdsSecretConfig(name=CLIENT_SECRET, sds_config=_ads())
+            ],
+            validation_context_sds_secret_config=SdsSecretConfig(name=CA_SECRET, sds_config=_ads()),
+        )
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=_pack(context))
 
 
 @functools.lru_cache(maxsize=256)
@@ -413,9 +436,10 @@ def grpc_cluster_name(model: str, version: str) -> str:
     return f"{model}/{version}/grpc"
 
 
-def _grpc_cluster(name: str, policy: Resilience) -> Cluster:
-    """A version's gRPC ports: HTTP/2 upstream, passive health (outlier detection) only."""
-    cluster = _cluster(name, policy)
+def _grpc_cluster(name: str, policy: Resilience, tls: bool = False) -> Cluster:
+    """A version's gRPC ports: HTTP/2 upstream (over TLS Envoy offers ALPN h2 by itself),
+    passive health (outlier detection) only."""
+    cluster = _cluster(name, policy, tls)
     del cluster.health_checks[:]
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(
         _pack(
@@ -452,20 +476,21 @@ class _ModelResources:
 
 
 @functools.lru_cache(maxsize=4096)
-def _translate_model(model: Model) -> _ModelResources:
-    """One model's resources. Models are immutable values, so an edit translates only the
-    models it changed; the results are shared and must not be modified."""
+def _translate_model(model: Model, tls: bool) -> _ModelResources:
+    """One model's resources (`tls`: mutual TLS to its servers). Models are immutable values,
+    so an edit translates only the models it changed; the results are shared and must not be
+    modified."""
     out = _ModelResources({}, {}, {}, _model_routes(model), {}, {})
     check = model.resilience.health_check
     for version in model.versions:
         name = cluster_name(model.name, version.name)
-        out.clusters[name] = _cluster(name, model.resilience)
+        out.clusters[name] = _cluster(name, model.resilience, tls)
         if check.enabled:
             out.health_check_timeouts[name] = check.timeout
         out.endpoints[name] = _load_assignment(name, version.endpoints)
         if model.grpc_listen:
             name = grpc_cluster_name(model.name, version.name)
-            out.clusters[name] = _grpc_cluster(name, model.resilience)
+            out.clusters[name] = _grpc_cluster(name, model.resilience, tls)
             out.endpoints[name] = _load_assignment(name, version.grpc_endpoints)
     if model.grpc_listen:
         routes = _grpc_route_config(model)
@@ -483,7 +508,7 @@ def translate(config: RoutingConfig) -> Resources:
     listeners: dict[str, Listener] = {}
     route_configs: dict[str, RouteConfiguration] = {}
     for model in config.models:
-        part = _translate_model(model)
+        part = _translate_model(model, config.upstream_tls is not None)
         clusters.update(part.clusters)
         endpoints.update(part.endpoints)
         timeouts.update(part.health_check_timeouts)

@@ -10,19 +10,24 @@ routes to a ready replica itself, the supervisor deregisters the gate.
 One listener per version (the request path does not always name the version: a weighted
 route sends `/v2/models/m/infer` to any of them). The gates run on one asyncio loop in a
 daemon thread; the supervisor's thread calls `open`, `forward_to`, `close` and `held`.
+With `upstream_tls` the gates serve mutual TLS as the replicas do (Envoy's clusters speak
+it to every endpoint) and forward over it with the mesh's client certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
+from control_plane.upstream_tls import TlsFileError, UpstreamTls, read
 from gateway.processes import free_port, host_port
+from model_servers.admin import ServerTls
 
 log = logging.getLogger("infergate.activator")
 
@@ -41,8 +46,9 @@ class Gate:
 
 
 class Activator:
-    def __init__(self, timeout: float = 25.0):
+    def __init__(self, timeout: float = 25.0, tls: UpstreamTls | None = None):
         self.timeout = timeout
+        self.tls = tls
         self.gates: dict[Key, Gate] = {}
         self.loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
@@ -96,7 +102,11 @@ class Activator:
         app.router.add_route("*", "/{tail:.*}", lambda request: self._hold(gate, request))
         gate.runner = web.AppRunner(app, access_log=None)
         await gate.runner.setup()
-        await web.TCPSite(gate.runner, *gate.address).start()
+        server_tls = None
+        if self.tls:
+            server_tls = ServerTls(self.tls.server_cert, self.tls.server_key, self.tls.ca)
+        ssl_context = server_tls.ssl_context() if server_tls else None
+        await web.TCPSite(gate.runner, *gate.address, ssl_context=ssl_context).start()
         log.info("activator holds requests of %s/%s at %s", *key, host_port(gate.address))
         return gate
 
@@ -121,13 +131,15 @@ class Activator:
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        url = f"http://{gate.target}{request.rel_url}"
+        scheme = "https" if self.tls else "http"
+        url = f"{scheme}://{gate.target}{request.rel_url}"
         try:
+            client: ssl.SSLContext | bool = read(self.tls).client_context() if self.tls else True
             async with self._session.request(
-                request.method, url, headers=headers, data=body
+                request.method, url, headers=headers, data=body, ssl=client
             ) as resp:
                 payload = await resp.read()
                 out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
                 return web.Response(status=resp.status, body=payload, headers=out)
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, TlsFileError) as exc:
             return web.json_response({"error": f"forwarding to {gate.target}: {exc}"}, status=502)

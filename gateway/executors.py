@@ -12,13 +12,30 @@ import re
 from pathlib import Path
 from typing import Protocol
 
+from control_plane.upstream_tls import UpstreamTls
 from gateway.processes import Child, model_server_child
 
 
 class Executor(Protocol):
-    def child(self, model: str, version: str, address: tuple[str, int], log_path: str) -> Child:
-        """An unstarted process that serves `model/version` on `address`."""
+    def child(
+        self,
+        model: str,
+        version: str,
+        address: tuple[str, int],
+        log_path: str,
+        tls: UpstreamTls | None = None,
+    ) -> Child:
+        """An unstarted process that serves `model/version` on `address` (with `tls`, only
+        to clients whose certificate its CA signed)."""
         ...
+
+
+def with_tls(child: Child, tls: UpstreamTls | None) -> Child:
+    """The model server `child` serving over mutual TLS (`upstream_tls`), ready over https."""
+    if tls is not None:
+        child.argv += tls.serve_options()
+        child.ready_url = (child.ready_url or "").replace("http://", "https://", 1)
+    return child
 
 
 class LocalExecutor:
@@ -27,8 +44,16 @@ class LocalExecutor:
     def __init__(self, repository: Path):
         self.repository = repository
 
-    def child(self, model: str, version: str, address: tuple[str, int], log_path: str) -> Child:
-        return model_server_child(str(self.repository), model, version, address, log_path)
+    def child(
+        self,
+        model: str,
+        version: str,
+        address: tuple[str, int],
+        log_path: str,
+        tls: UpstreamTls | None = None,
+    ) -> Child:
+        child = model_server_child(str(self.repository), model, version, address, log_path)
+        return with_tls(child, tls)
 
 
 class DockerExecutor:
@@ -43,8 +68,18 @@ class DockerExecutor:
         self.image = image
         self.docker = docker
 
-    def child(self, model: str, version: str, address: tuple[str, int], log_path: str) -> Child:
+    def child(
+        self,
+        model: str,
+        version: str,
+        address: tuple[str, int],
+        log_path: str,
+        tls: UpstreamTls | None = None,
+    ) -> Child:
         host, port = address
+        # The TLS files at the same paths inside the container, read-only.
+        files = {tls.server_cert, tls.server_key, tls.ca} if tls else set()
+        mounts = [arg for path in sorted(files) for arg in ("-v", f"{path}:{path}:ro")]
         name = re.sub(r"[^a-zA-Z0-9_.-]", "-", f"infergate-{model}-{version}-{port}")
         argv = [
             self.docker,
@@ -57,6 +92,7 @@ class DockerExecutor:
             name,
             "-v",
             f"{self.repository}:/models:ro",
+            *mounts,
             self.image,
             "serve",
             "--repository",
@@ -71,4 +107,7 @@ class DockerExecutor:
             str(port),
         ]
         ready = f"http://{host}:{port}/v2/health/ready"
-        return Child(f"container {model}/{version} @{host}:{port}", argv, log_path, ready_url=ready)
+        child = Child(
+            f"container {model}/{version} @{host}:{port}", argv, log_path, ready_url=ready
+        )
+        return with_tls(child, tls)

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -175,15 +176,21 @@ def model_server_child(
     return Child(f"model {model}/{version} @{host}:{port}", argv, log_path, ready_url=ready)
 
 
-def wait_http(url: str, timeout: float = 60.0, child: Child | None = None) -> None:
-    """Wait until `url` answers 200; fail early if `child` exits."""
+def wait_http(
+    url: str,
+    timeout: float = 60.0,
+    child: Child | None = None,
+    context: ssl.SSLContext | None = None,
+) -> None:
+    """Wait until `url` answers 200 (https: with this client `context`); fail early if
+    `child` exits."""
     deadline = time.monotonic() + timeout
     last: Exception | str = "no answer"
     while time.monotonic() < deadline:
         if child is not None and not child.running:
             raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                 if resp.status == 200:
                     return
                 last = f"status {resp.status}"

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from control_plane.upstream_tls import TlsFileError, UpstreamTls, read
 from gateway.executors import Executor
 from gateway.processes import STABLE_AFTER, Child, free_port, host_port, log_tail, restart_delay
 from gateway.registration import Registration, refusal
@@ -75,6 +76,7 @@ class Replicas:
         self.desired: dict[Key, int] = {}
         self.replicas: dict[Key, list[Replica]] = {}
         self.draining: list[Replica] = []
+        self.tls: UpstreamTls | None = None  # the file's upstream_tls: replicas serve mTLS
         self._next_sync = 0.0
 
     def _registration(self, r: Replica) -> Registration:
@@ -135,7 +137,7 @@ class Replicas:
         r.address = ("127.0.0.1", free_port())
         model, version = r.key
         log_path = self.workdir / f"model-{model}-{version}-{r.slot}.log"
-        r.child = self.executor.child(model, version, r.address, str(log_path)).start()
+        r.child = self.executor.child(model, version, r.address, str(log_path), self.tls).start()
         r.state, r.started_at = "starting", now
 
     def _exited(self, r: Replica, now: float) -> None:
@@ -160,10 +162,13 @@ class Replicas:
         )
 
     def _answers(self, url: str | None) -> bool:
+        """Whether the ready URL answers 200 (over https with the mesh's client certificate
+        when the replica serves mutual TLS)."""
         try:
-            with urllib.request.urlopen(url, timeout=0.5) as resp:
+            context = read(self.tls).client_context() if self.tls else None
+            with urllib.request.urlopen(url, timeout=0.5, context=context) as resp:
                 return resp.status == 200
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, TlsFileError):
             return False
 
     def _resync(self) -> None:

@@ -37,11 +37,12 @@ from typing import IO
 
 from control_plane.config import ConfigError, RoutingConfig, load
 from control_plane.ports import ensure_free
+from control_plane.upstream_tls import read
 from gateway import processes
 from gateway.activator import Activator
 from gateway.autoscaling import PERIOD, Autoscaling
 from gateway.envoy_proxy import envoy_child
-from gateway.executors import Executor, LocalExecutor
+from gateway.executors import Executor, LocalExecutor, with_tls
 from gateway.processes import (
     STABLE_AFTER,
     Child,
@@ -225,13 +226,16 @@ class Supervisor:
         self._told: set[LocalServer] = set()  # servers we said we would not start
         self.servers = self._servers_to_start(config)
         self.models = [
-            model_server_child(
-                str(repository),
-                s.model,
-                s.version,
-                s.address,
-                str(workdir / f"model-{s.model}-{s.version}-{s.address[1]}.log"),
-                s.grpc_port,
+            with_tls(
+                model_server_child(
+                    str(repository),
+                    s.model,
+                    s.version,
+                    s.address,
+                    str(workdir / f"model-{s.model}-{s.version}-{s.address[1]}.log"),
+                    s.grpc_port,
+                ),
+                config.upstream_tls,
             )
             for s in self.servers
         ]
@@ -267,7 +271,7 @@ class Supervisor:
             workdir,
         )
         self.autoscaling = Autoscaling(admin_url, admin_token)
-        self.activator = Activator(activation_timeout)
+        self.activator = Activator(activation_timeout, config.upstream_tls)
         self._gates: set[tuple[str, str]] = set()  # registered with the control plane
         self._zero_pending: set[tuple[str, str]] = set()  # to zero once its gate is in Envoy
         self._config = config
@@ -318,9 +322,11 @@ class Supervisor:
         for child in self.models:
             child.start()
             self.restarter.started(child, now)
+        tls = self._config.upstream_tls
+        context = read(tls).client_context() if tls else None
         for child in self.models:  # Envoy's first health checks would find them down
             try:
-                wait_http(child.ready_url, timeout=60, child=child)
+                wait_http(child.ready_url, timeout=60, child=child, context=context)
             except (RuntimeError, TimeoutError) as exc:
                 tail = log_tail(child)
                 log.warning("%s did not start: %s. Its log ends: %s", child.name, exc, tail)
@@ -341,6 +347,7 @@ class Supervisor:
     def follow(self, config: RoutingConfig) -> None:
         """Reconcile the replicas with a (new) valid config."""
         self._config = config
+        self.replicas.tls = config.upstream_tls
         self.autoscaling.follow(config)
         self.reconcile()
 

@@ -3,6 +3,8 @@ model servers' own `AnswerLog`, read by `ShadowPairs` as the control plane does.
 
 from __future__ import annotations
 
+import ssl
+
 import numpy as np
 from aiohttp import web
 
@@ -29,7 +31,7 @@ class AnswerServer:
         outputs = {"label": np.array([label]), "score": np.array([score])}
         self.log.add(request_id, "iris", self.version, None, outputs)
 
-    async def start(self) -> AnswerServer:
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> AnswerServer:
         async def answers(request: web.Request) -> web.Response:
             self.auth.add(request.headers.get("Authorization", ""))
             q = request.query
@@ -39,7 +41,7 @@ class AnswerServer:
         app.router.add_get("/v2/answers", answers)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=ssl_context).start()
         return self
 
     @property

@@ -15,6 +15,7 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 from envoy.service.discovery.v3.discovery_pb2 import (
     DeltaDiscoveryRequest,
     DeltaDiscoveryResponse,
@@ -32,6 +33,7 @@ from control_plane.snapshot import (
     ENDPOINT,
     LISTENER,
     ROUTE,
+    SECRET,
     SHORT_NAMES,
     Snapshot,
     SnapshotCache,
@@ -49,6 +51,7 @@ MESSAGES = {
     ENDPOINT: (ClusterLoadAssignment, "cluster_name"),
     LISTENER: (Listener, "name"),
     ROUTE: (RouteConfiguration, "name"),
+    SECRET: (Secret, "name"),
 }
 
 

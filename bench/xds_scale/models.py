@@ -29,6 +29,7 @@ def sizes(snapshot: Snapshot) -> dict[str, Any]:
     per_type = {
         SHORT_NAMES[t]: sum(len(b) for b in snapshot.types[t].resources.values())
         for t in PUSH_ORDER
+        if t in snapshot.types
     }
     sotw = {
         t: encode_sotw_body(ts.version, list(ts.resources.values()), t)
