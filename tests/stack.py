@@ -8,6 +8,8 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,7 +258,10 @@ class Stack:
                 )
                 self.models[port] = child.start()
         for port, child in self.models.items():
-            wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=child)
+            self.wait_model_ready(port, child)
+
+    def wait_model_ready(self, port: int, child: Child) -> None:
+        wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=child)
 
     def start_all(self, traffic: dict[str, int], *control_plane_options: str) -> Stack:
         """Model servers, the routing file, the control plane and the main Envoy, converged."""
@@ -379,3 +384,11 @@ class Stack:
         raise TimeoutError(
             f"{endpoint} not healthy in {cluster}: {observe.hosts(self.envoy_url, cluster)}"
         )
+
+
+@contextmanager
+def ninety_ten(workdir: Path, repository: Path) -> Iterator[Stack]:
+    """A started stack with iris v1 and v2 (one server each) routed 90/10."""
+    with Stack(workdir, repository, replicas={"v1": 1, "v2": 1}) as s:
+        s.start_all({"v1": 90, "v2": 10})
+        yield s

@@ -15,7 +15,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.stack import Stack, infer
+from tests.stack import Stack, infer, ninety_ten
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -50,10 +50,7 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, model_repository, envoy_binary) -> Iterator[Stack]:
-    with Stack(
-        tmp_path_factory.mktemp("dashboard"), model_repository, replicas={"v1": 1, "v2": 1}
-    ) as s:
-        s.start_all({"v1": 90, "v2": 10})
+    with ninety_ten(tmp_path_factory.mktemp("dashboard"), model_repository) as s:
         yield s
 
 

@@ -20,7 +20,16 @@ from aiohttp import web
 from control_plane.telemetry import ANONYMOUS, OUTCOMES
 from gateway import observe
 from gateway.processes import free_port, wait_http
-from tests.stack import LoadLoop, Stack, cli, get_json, get_text, infer, routing_yaml
+from tests.stack import (
+    LoadLoop,
+    Stack,
+    cli,
+    get_json,
+    get_text,
+    infer,
+    ninety_ten,
+    routing_yaml,
+)
 
 
 def poll(condition: Callable[[], object], timeout: float = 15.0, what: str = "") -> object:
@@ -75,10 +84,7 @@ class Observer:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, model_repository, envoy_binary) -> Iterator[Stack]:
-    with Stack(
-        tmp_path_factory.mktemp("telemetry"), model_repository, replicas={"v1": 1, "v2": 1}
-    ) as s:
-        s.start_all({"v1": 90, "v2": 10})
+    with ninety_ten(tmp_path_factory.mktemp("telemetry"), model_repository) as s:
         yield s
 
 

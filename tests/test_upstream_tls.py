@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 
 from gateway import observe
-from gateway.processes import model_server_child
+from gateway.processes import Child, wait_http
 from tests.certs import CertificateAuthority
 from tests.stack import LoadLoop, Stack, count_versions, routing_yaml
 from tests.test_grpc_gateway import versions
@@ -44,38 +44,14 @@ class TlsStack(Stack):
             context.load_cert_chain(self.workdir / "envoy.crt", self.workdir / "envoy.key")
         return context
 
-    def start_models(self) -> None:
-        for version, ports in self.model_ports.items():
-            for port in ports:
-                log = str(self.workdir / f"model-{version}-{port}.log")
-                address, grpc_port = ("127.0.0.1", port), self.grpc[1][port]
-                child = model_server_child(
-                    str(self.repository),
-                    "iris",
-                    version,
-                    address,
-                    log,
-                    grpc_port,
-                    self.model_options,
-                )
-                self.models[port] = child.start()
-        for port in self.models:
-            self.wait_ready(port)
-
     def ready(self, port: int, context: ssl.SSLContext) -> int:
         url = f"https://127.0.0.1:{port}/v2/health/ready"
         with urllib.request.urlopen(url, timeout=5, context=context) as resp:
             return resp.status
 
-    def wait_ready(self, port: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.ready(port, self.client()) == 200:
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, f"model server on {port} not ready"
-                time.sleep(0.1)
+    def wait_model_ready(self, port: int, child: Child) -> None:
+        url = f"https://127.0.0.1:{port}/v2/health/ready"
+        wait_http(url, child=child, context=self.client())
 
     def route(self, traffic: dict[str, int], shadow=None) -> str:
         text = routing_yaml(
