@@ -220,23 +220,17 @@ class _UsageRow:
     total: _Counts = field(default_factory=_Counts)
 
 
+@dataclass
 class ConsumerUsage:
     """Per (consumer, model): totals since start by outcome and `resolution`-second
     buckets of the last `keep` seconds. At most `max_rows` pairs (the header and the
     model in a path are the client's to choose); the rest count as (OTHER, OTHER)."""
 
-    def __init__(
-        self,
-        clock: Callable[[], float],
-        resolution: float = 1.0,
-        keep: float = 60.0,
-        max_rows: int = 1000,
-    ):
-        self.clock = clock
-        self.resolution = resolution
-        self.keep = keep
-        self.max_rows = max_rows
-        self.rows: dict[tuple[str, str], _UsageRow] = {}
+    clock: Callable[[], float]
+    resolution: float = 1.0
+    keep: float = 60.0
+    max_rows: int = 1000
+    rows: dict[tuple[str, str], _UsageRow] = field(default_factory=dict, init=False)
 
     def add(self, record: RequestRecord, weight: float, now: float) -> None:
         kind = outcome(record)

@@ -16,14 +16,15 @@ from tests.stack import count_versions
 from tests.test_scaling_zero import infer_waiting
 from tests.test_supervisor_replicas import Run
 
-TLS_ONE = """\
-listen: 127.0.0.1:{listen}
-upstream_tls: {{cert: envoy.crt, key: envoy.key, ca: ca.pem}}
+TLS_RUN = """\
+listen: 127.0.0.1:{{listen}}
+upstream_tls: {{{{cert: envoy.crt, key: envoy.key, ca: ca.pem}}}}
 models:
   iris:
     versions:
-      v1: {{replicas: 1}}
+      v1: {v1}
 """
+TLS_ONE = TLS_RUN.format(v1="{{replicas: 1}}")
 
 
 def test_replicas_serve_mutual_tls_and_take_traffic_through_envoy(
@@ -47,14 +48,7 @@ def test_replicas_serve_mutual_tls_and_take_traffic_through_envoy(
             assert resp.status == 200
 
 
-TLS_FROM_ZERO = """\
-listen: 127.0.0.1:{listen}
-upstream_tls: {{cert: envoy.crt, key: envoy.key, ca: ca.pem}}
-models:
-  iris:
-    versions:
-      v1: {{autoscale: {{min: 0, max: 1, target_concurrency: 4}}}}
-"""
+TLS_FROM_ZERO = TLS_RUN.format(v1="{{autoscale: {{min: 0, max: 1, target_concurrency: 4}}}}")
 
 
 def test_a_request_from_zero_goes_through_the_activator_over_mutual_tls(
