@@ -5,7 +5,7 @@ MODELS := examples/models
 MODEL_FILE := $(MODELS)/iris/v1/model.joblib
 
 .PHONY: venv model run test lint bench bench-tools bench-gateway bench-model-server bench-xds \
-	bench-telemetry \
+	bench-telemetry bench-api \
 	images clean
 
 venv: $(VENV)/.installed
@@ -35,7 +35,7 @@ test: $(VENV)/.installed-test model
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 
-bench: bench-gateway bench-model-server bench-xds bench-telemetry
+bench: bench-gateway bench-model-server bench-xds bench-telemetry bench-api
 
 bench-tools:
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk || sudo apt-get install -y -qq wrk
@@ -51,6 +51,9 @@ bench-xds: $(VENV)/.installed-bench
 
 bench-telemetry: venv model bench-tools
 	$(PY) -m bench.telemetry
+
+bench-api: venv model bench-tools
+	$(PY) -m bench.api_overhead
 
 images: venv
 	bash docker/build.sh

@@ -5,6 +5,8 @@ its local replies. Without those keys the gateway is open to all, as before."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from envoy.config.accesslog.v3.accesslog_pb2 import (
     AccessLogFilter,
     ComparisonFilter,
@@ -21,15 +23,18 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from google.protobuf.any_pb2 import Any
 from google.protobuf.struct_pb2 import Struct
 
-from control_plane import translate_auth
+from control_plane import translate_auth, translate_limits
 from control_plane.config import Model, RoutingConfig
+
+if TYPE_CHECKING:
+    from control_plane.translate import Resources
 
 
 def http_filters(config: RoutingConfig) -> list[HttpFilter]:
     """The filters that run before the router on the `gateway` listener: who the caller
     is (auth), then what the caller may spend (limits)."""
     identity = translate_auth.http_filters(config.consumers) if config.consumers else []
-    return [*identity]
+    return [*identity, *translate_limits.http_filters(config)]
 
 
 def virtual_host_configs(config: RoutingConfig) -> dict[str, Any]:
@@ -39,7 +44,10 @@ def virtual_host_configs(config: RoutingConfig) -> dict[str, Any]:
 
 def per_route_configs(model: Model) -> dict[str, Any]:
     """Filter name -> typed per-route config, for every route of `model`."""
-    return translate_auth.access_route_configs(model)
+    return {
+        **translate_auth.access_route_configs(model),
+        **translate_limits.per_route_configs(model),
+    }
 
 
 def open_route_configs(config: RoutingConfig) -> dict[str, Any]:
@@ -81,3 +89,9 @@ def local_reply_config() -> LocalReplyConfig:
             ),
         ]
     )
+
+
+def finish(resources: Resources, config: RoutingConfig) -> Resources:
+    """The translated resources with what needs the whole config: the routes and
+    clusters that shed low-priority consumers first."""
+    return translate_limits.with_priorities(resources, config)

@@ -26,8 +26,10 @@ __all__ = [
     "Consumers",
     "Endpoint",
     "Jwt",
+    "Limits",
     "Model",
     "Problem",
+    "Rate",
     "Rollout",
     "RoutingConfig",
     "load",
@@ -197,6 +199,7 @@ class Model:
     grpc_listen: Endpoint | None = None
     rollout: Rollout | None = None
     access: Access | None = None  # None: any valid consumer (once `consumers` is configured)
+    limits: Limits | None = None  # what each consumer may spend (docs/api-management.md)
 
     def version(self, name: str) -> Version:
         return next(v for v in self.versions if v.name == name)
@@ -208,6 +211,8 @@ class RoutingConfig:
     models: tuple[Model, ...] = field(default_factory=tuple)
     consumers: Consumers | None = None  # None: the gateway is open to all
     upstream_tls: UpstreamTls | None = None  # mutual TLS from Envoy to the model servers
+    # When the quota service (the control plane) is unreachable: "open" admits, "closed" rejects.
+    quota_on_failure: str = "open"
 
 
 def _read_endpoint(r: Reader, node: yaml.Node, fieldname: str) -> Endpoint | None:
@@ -230,6 +235,7 @@ MODEL_KEYS = {
     "grpc_listen",
     "rollout",
     "access",
+    "limits",
 }
 
 
@@ -302,6 +308,9 @@ def _read_model(
     access = None
     if "access" in keys:
         access = _read_access(r, f"{where}.access", keys["access"][1], consumers)
+    limits = None
+    if "limits" in keys:
+        limits = read_limits(r, keys["limits"][1], f"{where}.limits")
     if len(r.problems) > before:
         return None
     return Model(
@@ -315,6 +324,7 @@ def _read_model(
         grpc_listen,
         rollout=rollout,
         access=access,
+        limits=limits,
     )
 
 
@@ -733,6 +743,107 @@ def _read_upstream_tls(r: Reader, node: yaml.Node, folder: Path) -> UpstreamTls 
     return tls
 
 
+# --- limits: what each consumer may spend (docs/api-management.md) -------------------------
+RATE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+RATE_RE = re.compile(r"^(-?\d+)\s*/\s*(s|m|h|d)$")
+SIZE_RE = re.compile(r"^(-?\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?$")
+SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+SIZE_UNITS |= {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+QUOTA_FAILURE_MODES = ("open", "closed")
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`requests` per `seconds`, written `50/s`, `600/m`, `10000/h` or `1000000/d`."""
+
+    requests: int
+    seconds: int
+
+    def __str__(self) -> str:
+        unit = next(u for u, s in RATE_UNITS.items() if s == self.seconds)
+        return f"{self.requests}/{unit}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A model's limits per consumer; None: no such limit."""
+
+    rate: Rate | None = None  # each Envoy's token bucket, refilled at this rate
+    burst: int | None = None  # the bucket's size (default: one unit's worth of the rate)
+    quota: Rate | None = None  # one budget across every Envoy, per fixed window
+    max_body: int | None = None  # bytes
+    # Requests of `low` consumers in flight per version and Envoy; beyond it they are shed.
+    low_priority_requests: int = 16
+
+
+def _read_rate(r: Reader, node: yaml.Node, where: str) -> Rate | None:
+    value = r.scalar(node, where)
+    match = RATE_RE.match(value.strip()) if isinstance(value, str) else None
+    if not match:
+        r.fail(node, where, f"{value!r} is not a rate like 50/s, 600/m, 10000/h or 1000000/d")
+        return None
+    if int(match.group(1)) <= 0:
+        r.fail(node, where, f"{value!r}: the number of requests must be positive")
+        return None
+    return Rate(int(match.group(1)), RATE_UNITS[match.group(2)])
+
+
+def _read_size(r: Reader, node: yaml.Node, where: str) -> int | None:
+    value = r.scalar(node, where)
+    match = SIZE_RE.match(str(value).strip()) if isinstance(value, int | str) else None
+    if isinstance(value, bool) or not match or int(match.group(1)) <= 0:
+        r.fail(node, where, f"{value!r} is not a positive size like 1MiB, 512KiB or 65536")
+        return None
+    return int(match.group(1)) * SIZE_UNITS[match.group(2) or "B"]
+
+
+def _per_consumer(r: Reader, node: yaml.Node, where: str, extra: set[str]) -> tuple[dict, Rate]:
+    keys = r.mapping(node, where, {"per_consumer", *extra})
+    rate = None
+    if "per_consumer" in keys:
+        rate = _read_rate(r, keys["per_consumer"][1], f"{where}.per_consumer")
+    elif isinstance(node, yaml.MappingNode):
+        r.fail(node, where, "missing required key 'per_consumer'")
+    return keys, rate
+
+
+def read_limits(r: Reader, node: yaml.Node, where: str) -> Limits | None:
+    """A model's `limits: {rate: {per_consumer, burst}, quota: {per_consumer}, max_body}`."""
+    keys = r.mapping(node, where, {"rate", "quota", "max_body", "low_priority_requests"})
+    before = len(r.problems)
+    values: dict = {}
+    if "rate" in keys:
+        rate_keys, values["rate"] = _per_consumer(r, keys["rate"][1], f"{where}.rate", {"burst"})
+        if "burst" in rate_keys:
+            burst_node = rate_keys["burst"][1]
+            values["burst"] = _number(r, burst_node, f"{where}.rate.burst", 1, INF, integer=True)
+    if "quota" in keys:
+        values["quota"] = _per_consumer(r, keys["quota"][1], f"{where}.quota", set())[1]
+    if "max_body" in keys:
+        values["max_body"] = _read_size(r, keys["max_body"][1], f"{where}.max_body")
+    if "low_priority_requests" in keys:
+        fieldname = f"{where}.low_priority_requests"
+        node = keys["low_priority_requests"][1]
+        values["low_priority_requests"] = _number(r, node, fieldname, 1, INF, integer=True)
+    if len(r.problems) > before:
+        return None
+    return Limits(**values)
+
+
+def read_quota_service(r: Reader, node: yaml.Node, where: str) -> str:
+    """`quota_service: {on_failure: open|closed}`; open (the default) keeps serving when the
+    control plane is down, as Envoy does with the rest of its config."""
+    keys = r.mapping(node, where, {"on_failure"})
+    if "on_failure" not in keys:
+        return "open"
+    value = r.scalar(keys["on_failure"][1], f"{where}.on_failure")
+    if value not in QUOTA_FAILURE_MODES:
+        r.fail(keys["on_failure"][1], f"{where}.on_failure", f"{value!r} is not open or closed")
+        return "open"
+    return value
+
+
 def parse(text: str, path: str = "<string>") -> RoutingConfig:
     """Parse routing YAML text; raise ConfigError listing every problem with its position."""
     try:
@@ -745,7 +856,8 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
     if root is None:
         raise ConfigError([Problem(path, 1, 1, "", "the file is empty")])
     r = Reader(path)
-    top = r.mapping(root, "", {"listen", "models", "resilience", "consumers", "upstream_tls"})
+    top_keys = {"listen", "models", "resilience", "consumers", "upstream_tls", "quota_service"}
+    top = r.mapping(root, "", top_keys)
     files: list[Path] = []  # the keys and JWKS files named, read relative to this file
     consumers = None
     if "consumers" in top:
@@ -782,9 +894,12 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
     if "upstream_tls" in top:
         folder = Path.cwd() if path == "<string>" else Path(path).resolve().parent
         upstream_tls = _read_upstream_tls(r, top["upstream_tls"][1], folder)
+    quota_on_failure = "open"
+    if "quota_service" in top:
+        quota_on_failure = read_quota_service(r, top["quota_service"][1], "quota_service")
     if r.problems:
         raise ConfigError(r.problems, tuple(files))
-    return RoutingConfig(listen, tuple(models), consumers, upstream_tls)
+    return RoutingConfig(listen, tuple(models), consumers, upstream_tls, quota_on_failure)
 
 
 def load(path: str | Path) -> RoutingConfig:

@@ -14,8 +14,11 @@ from control_plane.config import (
     HEADER_RE,
     NAME_RE,
     PRIORITIES,
+    QUOTA_FAILURE_MODES,
+    RATE_UNITS,
     ROLLOUT_NUMBERS,
     SHADOW_NUMBERS,
+    SIZE_UNITS,
 )
 from control_plane.resilience import LOAD_BALANCING, RETRY_CONDITIONS, Resilience
 from control_plane.yaml_reader import field_kind
@@ -154,6 +157,41 @@ _ACCESS = {
 }
 
 
+def _limits() -> dict[str, Any]:
+    """A model's limits per consumer (a zero rate is only caught by `infergate validate`)."""
+    rate = {
+        "type": "string",
+        "pattern": rf"^\d+\s*/\s*({'|'.join(RATE_UNITS)})$",
+        "description": "requests per second, minute, hour or day: 50/s, 10000/h",
+    }
+
+    def per_consumer(**extra: Any) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["per_consumer"],
+            "properties": {"per_consumer": rate, **extra},
+        }
+
+    size = {
+        "oneOf": [
+            {"type": "integer", "minimum": 1},
+            {"type": "string", "pattern": rf"^\d+\s*({'|'.join(SIZE_UNITS)})?$"},
+        ],
+        "description": "bytes, or with a unit: 1MiB, 512KiB",
+    }
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "rate": per_consumer(burst={"type": "integer", "minimum": 1}),
+            "quota": per_consumer(),
+            "max_body": size,
+            "low_priority_requests": {"type": "integer", "minimum": 1},
+        },
+    }
+
+
 def routing_schema() -> dict[str, Any]:
     """Return the JSON Schema (draft 2020-12) for a routing file."""
     count = {"type": "integer", "minimum": 0}
@@ -226,6 +264,7 @@ def routing_schema() -> dict[str, Any]:
             "grpc_listen": _listen("this model's KServe V2 gRPC API"),
             "rollout": _rollout(),
             "access": _ACCESS,
+            "limits": _limits(),
         },
     }
     return {
@@ -239,6 +278,11 @@ def routing_schema() -> dict[str, Any]:
             "resilience": _resilience(),
             "consumers": _consumers(),
             "upstream_tls": _upstream_tls(),
+            "quota_service": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"on_failure": {"enum": list(QUOTA_FAILURE_MODES)}},
+            },
             "models": {
                 "type": "object",
                 "propertyNames": {"pattern": _NAME},

@@ -33,6 +33,7 @@ from control_plane.health import HealthMonitor
 from control_plane.metrics import XdsMetrics, make_registry
 from control_plane.nodes import NodeRegistry
 from control_plane.ports import AddressInUse, ensure_free
+from control_plane.quota import QuotaCounter, QuotaServer
 from control_plane.rollout import RolloutController
 from control_plane.sampling import SamplingController
 from control_plane.shadow_pairs import ShadowPairs
@@ -126,6 +127,7 @@ class ControlPlane:
             self.sampling.ladder if self.sampling else (telemetry_sample or 0.0,)
         )
         self.access_logs = AccessLogServer(self.store)
+        self.quotas = QuotaServer(QuotaCounter())  # Envoy's rate limit service: global quotas
         # Rollout progress survives restarts in `state_dir` (default: `.infergate-state`
         # beside the routing file); times are the telemetry store's clock.
         state = FileStateStore(state_dir or self.config_path.with_name(".infergate-state"))
@@ -375,7 +377,9 @@ class ControlPlane:
         self._dirty.clear()
         self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
         ads = AdsServer(self.cache, Fanout(LogCallbacks(), self.registry, self.xds_metrics))
-        self._grpc.add_generic_rpc_handlers([ads.handler(), self.access_logs.handler()])
+        self._grpc.add_generic_rpc_handlers(
+            [ads.handler(), self.access_logs.handler(), self.quotas.handler()]
+        )
         address = f"{self.xds_address[0]}:{self.xds_address[1]}"
         try:
             if self.tls:

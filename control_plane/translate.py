@@ -533,10 +533,11 @@ def translate(config: RoutingConfig) -> Resources:
         api_filters.http_filters(config),
         api_filters.local_reply_config(),
     )
-    return Resources(
+    resources = Resources(
         clusters=clusters,
         endpoints=endpoints,
         listeners=listeners,
         routes=route_configs,
         health_check_timeouts=timeouts,
     )
+    return api_filters.finish(resources, config)

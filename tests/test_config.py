@@ -399,7 +399,7 @@ def version_without(key: str) -> str:
             "listen: 127.0.0.1:8080\nmodel: {}\n",
             [
                 "r.yaml:2:1: model: unknown key 'model' (expected one of: consumers, listen, "
-                "models, resilience, upstream_tls)",
+                "models, quota_service, resilience, upstream_tls)",
                 "r.yaml:1:1: missing required key 'models'",
             ],
         ),

@@ -1,0 +1,306 @@
+"""Envoy filters for each model's `limits` (docs/api-management.md#limits). Pure: no I/O.
+
+- rate: one `local_ratelimit` filter on the gateway listener; a token bucket per model
+  and consumer (dynamic descriptors), the model told apart by the request path, so that
+  the path, pin-header and split routes of a model share one bucket per consumer;
+- quota: the `ratelimit` filter asks the control plane's rate limit service
+  (`control_plane/quota.py`) per request, through the bootstrap's `xds_cluster`; each
+  route carries the descriptor (model, quota, consumer);
+- max_body: the `buffer` filter, on for the model's routes only.
+
+The consumer is the `x-infergate-consumer` header (set by the auth filters when consumers
+are configured); without it a request counts as the consumer `anonymous`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.base_pb2 import (
+    HeaderValue,
+    HeaderValueOption,
+    RoutingPriority,
+    RuntimeFractionalPercent,
+)
+from envoy.config.core.v3.config_source_pb2 import ApiVersion
+from envoy.config.core.v3.grpc_service_pb2 import GrpcService
+from envoy.config.ratelimit.v3.rls_pb2 import RateLimitServiceConfig
+from envoy.config.route.v3.route_components_pb2 import HeaderMatcher, Route
+from envoy.config.route.v3.route_components_pb2 import RateLimit as Descriptor
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import (
+    LocalRateLimitDescriptor,
+    RateLimitDescriptor,
+)
+from envoy.extensions.filters.http.buffer.v3.buffer_pb2 import Buffer, BufferPerRoute
+from envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2 import LocalRateLimit
+from envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2 import (
+    RateLimit,
+    RateLimitPerRoute,
+)
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
+    HttpFilter,
+)
+from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
+from envoy.type.matcher.v3.string_pb2 import StringMatcher
+from envoy.type.v3.percent_pb2 import FractionalPercent
+from envoy.type.v3.token_bucket_pb2 import TokenBucket
+from google.protobuf.any_pb2 import Any
+from google.protobuf.message import Message
+from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
+
+from control_plane.config import Limits, Model, Rate, RoutingConfig
+
+if TYPE_CHECKING:
+    from control_plane.translate import Resources
+
+ROUTE_CONFIG_NAME = "gateway-routes"  # control_plane/translate.py's (it imports this module)
+
+CONSUMER_HEADER = "x-infergate-consumer"
+ANONYMOUS = "anonymous"
+QUOTA_DOMAIN = "infergate"
+XDS_CLUSTER = "xds_cluster"  # the bootstrap's cluster to the control plane (gateway/bootstrap.py)
+QUOTA_TIMEOUT = timedelta(milliseconds=500)  # a slower answer counts as the service failing
+MIN_FILL = 0.05  # Envoy's shortest token bucket fill interval, seconds
+MAX_CONSUMERS = 10_000  # token buckets kept per model (least recently used go first)
+RATE_FILTER = "envoy.filters.http.local_ratelimit"
+QUOTA_FILTER = "envoy.filters.http.ratelimit"
+BODY_FILTER = "envoy.filters.http.buffer"
+
+
+def _pack(message: Message) -> Any:
+    packed = Any()
+    packed.Pack(message)
+    return packed
+
+
+def _all() -> RuntimeFractionalPercent:
+    return RuntimeFractionalPercent(
+        default_value=FractionalPercent(numerator=100, denominator=FractionalPercent.HUNDRED)
+    )
+
+
+def token_bucket(rate: Rate, burst: int | None) -> TokenBucket:
+    """Refill `rate` in the smallest steps Envoy allows (at least 50 ms apart): 50/s adds
+    5 tokens every 100 ms. The bucket holds `burst` (default: one unit of the rate)."""
+    steps = max(
+        k
+        for k in range(1, rate.requests + 1)
+        if rate.requests % k == 0 and rate.seconds / k >= MIN_FILL
+    )
+    return TokenBucket(
+        max_tokens=burst or rate.requests,
+        tokens_per_fill=UInt32Value(value=rate.requests // steps),
+        fill_interval=timedelta(seconds=rate.seconds / steps),
+    )
+
+
+def _consumer_actions(*first: Descriptor.Action) -> list[Descriptor]:
+    """Two descriptors, of which a request produces exactly one: `first` plus the consumer
+    header, or `first` plus `consumer: anonymous` when the header is absent."""
+    named = Descriptor.Action(
+        request_headers=Descriptor.Action.RequestHeaders(
+            header_name=CONSUMER_HEADER, descriptor_key="consumer"
+        )
+    )
+    anonymous = Descriptor.Action(
+        header_value_match=Descriptor.Action.HeaderValueMatch(
+            descriptor_key="consumer",
+            descriptor_value=ANONYMOUS,
+            expect_match=BoolValue(value=False),
+            headers=[HeaderMatcher(name=CONSUMER_HEADER, present_match=True)],
+        )
+    )
+    return [Descriptor(actions=[*first, named]), Descriptor(actions=[*first, anonymous])]
+
+
+def _model_of_path(model: str) -> Descriptor.Action:
+    """`model: <name>` for every request to the model's routes (its path prefix)."""
+    pattern = f"^/v2/models/{model}([/?#].*)?$"
+    return Descriptor.Action(
+        header_value_match=Descriptor.Action.HeaderValueMatch(
+            descriptor_key="model",
+            descriptor_value=model,
+            headers=[
+                HeaderMatcher(
+                    name=":path",
+                    string_match=StringMatcher(safe_regex=RegexMatcher(regex=pattern)),
+                )
+            ],
+        )
+    )
+
+
+def _rate_filter(models: list[Model]) -> HttpFilter:
+    """One bucket per model and consumer; rejected requests get 429 and `retry-after` (the
+    longest refill interval of the models: a client that waits that long finds a token)."""
+    descriptors, rate_limits, waits = [], [], []
+    for model in models:
+        assert model.limits and model.limits.rate
+        bucket = token_bucket(model.limits.rate, model.limits.burst)
+        descriptors.append(
+            LocalRateLimitDescriptor(
+                entries=[
+                    RateLimitDescriptor.Entry(key="model", value=model.name),
+                    RateLimitDescriptor.Entry(key="consumer"),  # any value: one bucket each
+                ],
+                token_bucket=bucket,
+            )
+        )
+        rate_limits += _consumer_actions(_model_of_path(model.name))
+        waits.append(bucket.fill_interval.ToTimedelta().total_seconds())
+    config = LocalRateLimit(
+        stat_prefix="limits_rate",
+        filter_enabled=_all(),
+        filter_enforced=_all(),
+        descriptors=descriptors,
+        rate_limits=rate_limits,
+        max_dynamic_descriptors=UInt32Value(value=MAX_CONSUMERS),  # per model descriptor
+        response_headers_to_add=[
+            HeaderValueOption(
+                header=HeaderValue(key="retry-after", value=str(math.ceil(max(waits))))
+            )
+        ],
+    )
+    return HttpFilter(name=RATE_FILTER, typed_config=_pack(config))
+
+
+def _quota_filter(config: RoutingConfig) -> HttpFilter:
+    """Asks the control plane on the routes that carry a quota descriptor (on for those
+    routes only); `quota_service.on_failure: closed` rejects with 503 when it can't."""
+    closed = config.quota_on_failure == "closed"
+    rls = RateLimit(
+        domain=QUOTA_DOMAIN,
+        timeout=QUOTA_TIMEOUT,
+        failure_mode_deny=closed,
+        rate_limit_service=RateLimitServiceConfig(
+            grpc_service=GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
+            transport_api_version=ApiVersion.V3,
+        ),
+        stat_prefix="limits_quota",
+    )
+    if closed:
+        rls.status_on_error.code = 503
+    return HttpFilter(name=QUOTA_FILTER, typed_config=_pack(rls), disabled=True)
+
+
+def _body_filter() -> HttpFilter:
+    """Off unless a route turns it on with its model's `max_body`."""
+    return HttpFilter(
+        name=BODY_FILTER,
+        typed_config=_pack(Buffer(max_request_bytes=UInt32Value(value=1))),
+        disabled=True,
+    )
+
+
+def http_filters(config: RoutingConfig) -> list[HttpFilter]:
+    """The limit filters of the gateway listener, only those some model uses."""
+    limited = [m for m in config.models if m.limits]
+    filters = []  # the body first: a request too large spends no rate or quota
+    if any(m.limits.max_body for m in limited):
+        filters.append(_body_filter())
+    if rated := [m for m in limited if m.limits.rate]:
+        filters.append(_rate_filter(rated))
+    if any(m.limits.quota for m in limited):
+        filters.append(_quota_filter(config))
+    return filters
+
+
+def quota_key(rate: Rate) -> str:
+    """The descriptor value that tells the quota service the budget: `requests/seconds`."""
+    return f"{rate.requests}/{rate.seconds}"
+
+
+def per_route_configs(model: Model) -> dict[str, Any]:
+    """The quota descriptor and the body limit on each route of `model`."""
+    limits = model.limits
+    out: dict[str, Any] = {}
+    if limits and limits.quota:
+        keys = [("model", model.name), ("quota", quota_key(limits.quota))]
+        first = [
+            Descriptor.Action(
+                generic_key=Descriptor.Action.GenericKey(descriptor_key=k, descriptor_value=v)
+            )
+            for k, v in keys
+        ]
+        out[QUOTA_FILTER] = _pack(RateLimitPerRoute(rate_limits=_consumer_actions(*first)))
+    if limits and limits.max_body:
+        size = UInt32Value(value=limits.max_body)
+        out[BODY_FILTER] = _pack(BufferPerRoute(buffer=Buffer(max_request_bytes=size)))
+    return out
+
+
+# --- priority: low consumers get a pool of their own, smaller than everyone else's ------------
+def low_consumers(config: RoutingConfig) -> list[str]:
+    consumers = getattr(config, "consumers", None)
+    priority = getattr(consumers, "priority", None) or {}
+    return sorted(name for name, level in priority.items() if level == "low")
+
+
+def _low_twin(route: Route, low: list[str]) -> Route:
+    """`route` for low consumers only: routing priority DEFAULT (the small pool)."""
+    twin = Route()
+    twin.CopyFrom(route)
+    twin.name = f"{route.name}/low"
+    pattern = "^(" + "|".join(re.escape(n) for n in low) + ")$"
+    twin.match.headers.append(
+        HeaderMatcher(
+            name=CONSUMER_HEADER,
+            string_match=StringMatcher(safe_regex=RegexMatcher(regex=pattern)),
+        )
+    )
+    twin.route.priority = RoutingPriority.DEFAULT
+    return twin
+
+
+def _two_pools(cluster: Cluster, low_requests: int) -> Cluster:
+    """The cluster's circuit breakers as the HIGH pool (normal and high consumers) and a
+    DEFAULT pool of `low_requests` (low consumers); overflow is shed at once with 503."""
+    out = Cluster()
+    out.CopyFrom(cluster)
+    (everyone,) = out.circuit_breakers.thresholds
+    high = CircuitBreakers.Thresholds()
+    high.CopyFrom(everyone)
+    high.priority = RoutingPriority.HIGH
+    for name in ("max_connections", "max_requests", "max_pending_requests"):
+        getattr(everyone, name).value = low_requests
+    out.circuit_breakers.thresholds.append(high)
+    return out
+
+
+def with_priorities(resources: Resources, config: RoutingConfig) -> Resources:
+    """Copies of the gateway routes and model clusters that shed `low` consumers first:
+    each model route gets a twin for them just before it, on routing priority DEFAULT,
+    while every other request takes priority HIGH; per version, the DEFAULT pool allows
+    `limits.low_priority_requests` in flight. Unchanged without low consumers."""
+    low = low_consumers(config)
+    if not low:
+        return resources
+    budgets = {m.name: (m.limits or Limits()).low_priority_requests for m in config.models}
+    routes = RouteConfiguration()
+    routes.CopyFrom(resources.routes[ROUTE_CONFIG_NAME])
+    host = routes.virtual_hosts[0]
+    ordered = []
+    for route in host.routes:
+        if route.HasField("route"):
+            route.route.priority = RoutingPriority.HIGH
+            ordered.append(_low_twin(route, low))
+        ordered.append(route)
+    del host.routes[:]
+    host.routes.extend(ordered)
+    clusters = {}
+    for name, cluster in resources.clusters.items():
+        model, _, version = name.partition("/")
+        http = "/" not in version  # `model/version/grpc` serves the gRPC listeners' routes
+        clusters[name] = _two_pools(cluster, budgets[model]) if http else cluster
+    return dataclasses.replace(
+        resources,
+        clusters=clusters,
+        routes={**resources.routes, ROUTE_CONFIG_NAME: routes},
+    )
