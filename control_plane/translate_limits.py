@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.base_pb2 import (
+    DataSource,
     HeaderValue,
     HeaderValueOption,
     RoutingPriority,
@@ -40,6 +41,7 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import (
 )
 from envoy.extensions.filters.http.buffer.v3.buffer_pb2 import Buffer, BufferPerRoute
 from envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2 import LocalRateLimit
+from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
 from envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2 import (
     RateLimit,
     RateLimitPerRoute,
@@ -72,6 +74,8 @@ MAX_CONSUMERS = 10_000  # token buckets kept per model (least recently used go f
 RATE_FILTER = "envoy.filters.http.local_ratelimit"
 QUOTA_FILTER = "envoy.filters.http.ratelimit"
 BODY_FILTER = "envoy.filters.http.buffer"
+REROUTE_FILTER = "envoy.filters.http.lua"
+REROUTE_LUA = "function envoy_on_request(handle) handle:clearRouteCache() end"
 
 
 def _pack(message: Message) -> Any:
@@ -202,7 +206,13 @@ def _body_filter() -> HttpFilter:
 def http_filters(config: RoutingConfig) -> list[HttpFilter]:
     """The limit filters of the gateway listener, only those some model uses."""
     limited = [m for m in config.models if m.limits]
-    filters = []  # the body first: a request too large spends no rate or quota
+    filters = []
+    if low_consumers(config):
+        # Routes were matched before the auth filters named the consumer: match again, so
+        # that a low consumer's request takes its twin route (see with_priorities).
+        reroute = Lua(default_source_code=DataSource(inline_string=REROUTE_LUA))
+        filters.append(HttpFilter(name=REROUTE_FILTER, typed_config=_pack(reroute)))
+    # The body first: a request too large spends no rate or quota.
     if any(m.limits.max_body for m in limited):
         filters.append(_body_filter())
     if rated := [m for m in limited if m.limits.rate]:

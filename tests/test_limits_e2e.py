@@ -1,6 +1,7 @@
 """Limits through the real Envoy: rate (local token buckets), global quota (the control
 plane's rate limit service, shared by two Envoys, failing open or closed) and body size.
-Every change is applied by editing the routing file (hot reload)."""
+Consumers authenticate with API keys. Every change is applied by editing the routing file
+(hot reload)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import http.client
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,14 +27,25 @@ def stack(tmp_path_factory, model_repository, envoy_binary):
         s.stop()
 
 
-def as_consumer(name: str | None) -> dict[str, str]:
-    """The headers that make a request come from consumer `name` (None: anonymous). The one
-    place that says how a consumer is named: today the identity header sent as is."""
-    return {} if name is None else {"x-infergate-consumer": name}
+CONSUMERS = ("alice", "bob", "carol", "dave", "erin", "frank", "batch-job", "web-app")
+KEYS_FILE = "".join(f"{name}: {name}-limits-test-key-01\n" for name in CONSUMERS)
+
+
+def as_consumer(name: str) -> dict[str, str]:
+    """The headers that make a request come from consumer `name`: its API key (from
+    KEYS_FILE, which the routing file names as `consumers.keys_file`)."""
+    return {"x-api-key": f"{name}-limits-test-key-01"}
+
+
+def consumers_yaml(workdir: Path, priority: str = "") -> str:
+    """The top-level `consumers` block, with the keys file written beside the routing file."""
+    (workdir / "api-keys.yaml").write_text(KEYS_FILE)
+    return f"consumers: {{keys_file: api-keys.yaml{priority}}}\n"
 
 
 def apply_limits(stack: Stack, limits: str, top: str = "") -> None:
     """iris with `limits` (YAML flow mapping) and top-level lines `top`, applied and ACKed."""
+    top += consumers_yaml(stack.workdir)
     text = routing_yaml(stack.listen, stack.model_ports, {"v1": 100}, extra=top)
     text = text.replace("    traffic:", f"    limits: {limits}\n    traffic:")
     if stack.config.read_text() == text:
@@ -42,7 +55,7 @@ def apply_limits(stack: Stack, limits: str, top: str = "") -> None:
     stack.wait_converged(after=started)
 
 
-def send(port: int, consumer: str | None, conn: http.client.HTTPConnection | None = None):
+def send(port: int, consumer: str, conn: http.client.HTTPConnection | None = None):
     """One inference request; (status, retry-after header)."""
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     headers = {"content-type": "application/json", **as_consumer(consumer)}
@@ -80,9 +93,8 @@ def test_a_burst_is_admitted_at_the_configured_rate(stack):
     rejected = [r for r in replies if r[0] != 200]
     assert len(rejected) > len(replies) / 2  # a real burst: most were over the rate
     assert set(rejected) == {(429, "1")}
-    # Another consumer has a bucket of its own; so does the anonymous one.
+    # Another consumer has a bucket of its own.
     assert [send(stack.listen, "bob")[0] for _ in range(20)] == [200] * 20
-    assert [send(stack.listen, None)[0] for _ in range(20)] == [200] * 20
 
 
 def test_under_the_rate_no_request_is_rejected(stack):
@@ -127,8 +139,9 @@ def raw_post(port: int, size: int, expect_continue: bool) -> bytes:
     """POST `size` bytes on a raw socket: headers and the whole body at once (or after the
     100 Continue), then read the reply until the server closes."""
     body = (IRIS_BODY + b" " * size)[:size] if size >= len(IRIS_BODY) else b"x" * size
+    credential = "".join(f"{k}: {v}\r\n" for k, v in as_consumer("alice").items())
     head = (
-        f"POST /v2/models/iris/infer HTTP/1.1\r\nhost: gateway\r\n"
+        f"POST /v2/models/iris/infer HTTP/1.1\r\nhost: gateway\r\n{credential}"
         f"content-type: application/json\r\ncontent-length: {size}\r\nconnection: close\r\n"
     )
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -150,4 +163,5 @@ def raw_post(port: int, size: int, expect_continue: bool) -> bytes:
 def test_a_body_over_max_body_gets_413_and_at_the_limit_200(stack, expect_continue):
     apply_limits(stack, "{max_body: 1KiB}")
     assert raw_post(stack.listen, 1024, expect_continue).startswith(b"HTTP/1.1 200")
-    assert raw_post(stack.listen, 1025, expect_continue).startswith(b"HTTP/1.1 413")
+    over = raw_post(stack.listen, 1025, expect_continue)
+    assert over.startswith(b"HTTP/1.1 413") and b'{"error":' in over

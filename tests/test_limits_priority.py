@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.stack import IRIS_BODY, Stack, routing_yaml
-from tests.test_limits_e2e import as_consumer
+from tests.test_limits_e2e import as_consumer, consumers_yaml
 
 SLEEPY = """
 import time
@@ -49,7 +49,7 @@ def stack(tmp_path_factory, envoy_binary):
         s.start_models()
         text = routing_yaml(s.listen, s.model_ports, {"v1": 100})
         text = text.replace("    traffic:", "    limits: {low_priority_requests: 2}\n    traffic:")
-        s.write(text + "consumers: {priority: {batch-job: low}}\n")
+        s.write(text + consumers_yaml(s.workdir, ", priority: {batch-job: low}"))
         s.start_control_plane()
         s.start_envoy()
         s.wait_converged()
