@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from control_plane import access_log, translate_auth
+from control_plane import access_log, translate_auth, translate_limits
 from control_plane.config import ConfigError, RoutingConfig, load
 from control_plane.schema import routing_schema
 from control_plane.translate import translate
@@ -175,6 +175,7 @@ def test_keys_travel_in_routes_not_in_the_listener(tmp_path: Path):
         translate_auth.STRIP,
         translate_auth.KEYS,
         translate_auth.ACCESS,
+        translate_limits.REROUTE_FILTER,  # bob is low: match the route again, by consumer
         "envoy.filters.http.router",
     ]
 
