@@ -1,12 +1,12 @@
 """`python -m bench.api_overhead`: what API management adds to the gateway path.
 
 One stack (iris v1, the control plane, one Envoy); the routing file is switched between
-variants by hot reload, and the variants' runs are interleaved round by round:
-- `plain`: the gateway as without API keys;
-- `rate`: a per-consumer rate limit (Envoy's local_ratelimit, a bucket never emptied);
-- `rate_quota`: the rate limit plus a global quota (every request asks the control
+variants by hot reload, and the variants' runs are interleaved round by round. Every
+request carries an API key (`x-api-key`), which only the keyed variants check:
+- `plain`: the gateway without `consumers` or limits;
+- `keys_rate`: key auth plus a per-consumer rate limit (a bucket never emptied);
+- `keys_rate_quota`: the same plus a global quota (every request asks the control
   plane's rate limit service; a quota never reached).
-Key auth is not measured yet (it comes from the API keys branch).
 Requests/s, p50 and p99 at concurrency 1 and 16; medians over rounds, and each variant's
 p50 delta and rps ratio against `plain` per round (then their median). JSON on stdout.
 """
@@ -26,16 +26,19 @@ from bench.stack import BenchStack
 from bench.stats import median
 from bench.workdir import scratch_dir
 
+KEY = "bench-api-key-0000000000000001"
+KEYS = "consumers: {keys_file: api-keys.yaml}\n"
 RATE = "rate: {per_consumer: 100000/s}"
 VARIANTS = {
     "plain": "",
-    "rate": f"    limits: {{{RATE}}}\n",
-    "rate_quota": f"    limits: {{{RATE}, quota: {{per_consumer: 1000000000/d}}}}\n",
+    "keys_rate": f"    limits: {{{RATE}}}\n{KEYS}",
+    "keys_rate_quota": f"    limits: {{{RATE}, quota: {{per_consumer: 1000000000/d}}}}\n{KEYS}",
 }
 
 
 def use(stack: BenchStack, variant: str) -> None:
     """Route iris with the variant's limits and wait until Envoy runs them."""
+    (stack.workdir / "api-keys.yaml").write_text(f"bench: {KEY}\n")
     before = stack.config.read_text()
     applied = stack.status()["config"]["applied_at"]
     stack.route({"v1": 100})
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
-    load = load_generator(args.load)
+    load = load_generator(args.load, {"x-api-key": KEY})
     report: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
@@ -104,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         "load_generator": load.name,
         "rounds": rounds,
         "seconds_per_run": seconds,
-        "key_auth": "not measured (not merged yet)",
     }
     try:
         with scratch_dir("infergate-bench-api-") as workdir, BenchStack(workdir, repository) as s:

@@ -69,11 +69,12 @@ class WrkLoad:
 
     name = "wrk"
 
-    def __init__(self, binary: str):
+    def __init__(self, binary: str, headers: dict[str, str] | None = None):
         self.binary = binary
         self._dir = tempfile.TemporaryDirectory(prefix="infergate-wrk-")
         self.script = Path(self._dir.name) / "post.lua"
-        self.script.write_text(WRK_SCRIPT % IRIS_BODY)
+        extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+        self.script.write_text(WRK_SCRIPT % IRIS_BODY + extra)
 
     def run(self, url: str, concurrency: int, seconds: float) -> LoadResult:
         threads = min(concurrency, 2)
@@ -99,6 +100,9 @@ class AiohttpLoad:
 
     name = "python-aiohttp"
 
+    def __init__(self, headers: dict[str, str] | None = None):
+        self.headers = headers or {}
+
     def run(self, url: str, concurrency: int, seconds: float) -> LoadResult:
         return asyncio.run(self._run(url, concurrency, seconds))
 
@@ -106,7 +110,7 @@ class AiohttpLoad:
         latencies: list[float] = []
         errors = 0
         body = IRIS_BODY.encode()
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **self.headers}
         connector = aiohttp.TCPConnector(limit=concurrency)
         timeout = aiohttp.ClientTimeout(total=10)
 
@@ -143,11 +147,12 @@ class AiohttpLoad:
         pass
 
 
-def load_generator(prefer: str = "auto") -> WrkLoad | AiohttpLoad:
-    """`wrk` if it is on PATH (unless `prefer` is "python"), else the aiohttp generator."""
+def load_generator(prefer: str = "auto", headers: dict[str, str] | None = None):
+    """`wrk` if it is on PATH (unless `prefer` is "python"), else the aiohttp generator;
+    each request carries `headers` too."""
     binary = shutil.which("wrk")
     if prefer != "python" and binary:
-        return WrkLoad(binary)
+        return WrkLoad(binary, headers)
     if prefer == "wrk":
         raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
-    return AiohttpLoad()
+    return AiohttpLoad(headers)
