@@ -32,6 +32,7 @@ from model_servers.settings import Batching
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
+DISCARD_LIMIT = 256 * 1024 * 1024  # bytes of a refused body read before closing anyway
 BINARY_HEADER = "Inference-Header-Content-Length"
 MAX_ANSWERS_LIMIT = 10_000
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -66,6 +67,15 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
         return _error(500, "internal server error")
 
 
+async def _discard_body(request: web.Request) -> None:
+    """Read and drop the rest of a body we refuse (up to DISCARD_LIMIT), so that a client
+    that sends it all before reading, and Envoy in between, gets the 413 rather than a reset
+    (closing a socket with unread data resets it)."""
+    left = DISCARD_LIMIT
+    while left > 0 and (chunk := await request.content.readany()):
+        left -= len(chunk)
+
+
 class _RestCodec:
     """An inference request as JSON, or JSON + binary tensor data; its response likewise."""
 
@@ -78,10 +88,12 @@ class _RestCodec:
     async def read(self) -> int:
         too_large = ProtocolError(413, f"request body exceeds {self.max_body_size} bytes")
         if (self.request.content_length or 0) > self.max_body_size:
+            await _discard_body(self.request)
             raise too_large
         try:
             self.body = await self.request.read()
         except web.HTTPRequestEntityTooLarge:
+            await _discard_body(self.request)
             raise too_large from None
         raw = self.request.headers.get(BINARY_HEADER)
         if raw is not None:

@@ -165,3 +165,11 @@ def test_a_body_over_max_body_gets_413_and_at_the_limit_200(stack, expect_contin
     assert raw_post(stack.listen, 1024, expect_continue).startswith(b"HTTP/1.1 200")
     over = raw_post(stack.listen, 1025, expect_continue)
     assert over.startswith(b"HTTP/1.1 413") and b'{"error":' in over
+
+
+def test_a_body_over_the_model_servers_own_limit_gets_its_413_through_the_gateway(stack):
+    """32 MB (the model server takes 16 MiB) sent whole before reading: the server reads
+    and drops the body, so the client reads the 413 instead of a reset."""
+    apply_limits(stack, "{}")
+    reply = raw_post(stack.listen, 32 << 20, expect_continue=False)
+    assert reply.startswith(b"HTTP/1.1 413") and b"exceeds" in reply
