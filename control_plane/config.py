@@ -750,7 +750,7 @@ SIZE_RE = re.compile(r"^(-?\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?$")
 SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 SIZE_UNITS |= {"KB": 10**3, "MB": 10**6, "GB": 10**9}
 QUOTA_FAILURE_MODES = ("open", "closed")
-INF = float("inf")
+MAX_U32 = 2**32 - 1  # Envoy's token and circuit-breaker counts are 32-bit
 
 
 @dataclass(frozen=True)
@@ -759,10 +759,6 @@ class Rate:
 
     requests: int
     seconds: int
-
-    def __str__(self) -> str:
-        unit = next(u for u, s in RATE_UNITS.items() if s == self.seconds)
-        return f"{self.requests}/{unit}"
 
 
 @dataclass(frozen=True)
@@ -783,10 +779,19 @@ def _read_rate(r: Reader, node: yaml.Node, where: str) -> Rate | None:
     if not match:
         r.fail(node, where, f"{value!r} is not a rate like 50/s, 600/m, 10000/h or 1000000/d")
         return None
-    if int(match.group(1)) <= 0:
-        r.fail(node, where, f"{value!r}: the number of requests must be positive")
+    if not 0 < int(match.group(1)) <= MAX_U32:
+        r.fail(node, where, f"{value!r}: the number of requests must be 1-{MAX_U32}")
         return None
     return Rate(int(match.group(1)), RATE_UNITS[match.group(2)])
+
+
+def _u32(r: Reader, node: yaml.Node, where: str) -> int | None:
+    """A count from 1 to MAX_U32."""
+    value = _number(r, node, where, 1, float("inf"), integer=True)
+    if value is not None and value > MAX_U32:
+        r.fail(node, where, f"must be at most {MAX_U32}, got {value}")
+        return None
+    return value
 
 
 def _read_size(r: Reader, node: yaml.Node, where: str) -> int | None:
@@ -795,7 +800,11 @@ def _read_size(r: Reader, node: yaml.Node, where: str) -> int | None:
     if isinstance(value, bool) or not match or int(match.group(1)) <= 0:
         r.fail(node, where, f"{value!r} is not a positive size like 1MiB, 512KiB or 65536")
         return None
-    return int(match.group(1)) * SIZE_UNITS[match.group(2) or "B"]
+    size = int(match.group(1)) * SIZE_UNITS[match.group(2) or "B"]
+    if size > MAX_U32:
+        r.fail(node, where, f"{value!r} is over Envoy's largest, 4GiB - 1 byte")
+        return None
+    return size
 
 
 def _per_consumer(r: Reader, node: yaml.Node, where: str, extra: set[str]) -> tuple[dict, Rate]:
@@ -817,7 +826,7 @@ def read_limits(r: Reader, node: yaml.Node, where: str) -> Limits | None:
         rate_keys, values["rate"] = _per_consumer(r, keys["rate"][1], f"{where}.rate", {"burst"})
         if "burst" in rate_keys:
             burst_node = rate_keys["burst"][1]
-            values["burst"] = _number(r, burst_node, f"{where}.rate.burst", 1, INF, integer=True)
+            values["burst"] = _u32(r, burst_node, f"{where}.rate.burst")
     if "quota" in keys:
         values["quota"] = _per_consumer(r, keys["quota"][1], f"{where}.quota", set())[1]
     if "max_body" in keys:
@@ -825,7 +834,7 @@ def read_limits(r: Reader, node: yaml.Node, where: str) -> Limits | None:
     if "low_priority_requests" in keys:
         fieldname = f"{where}.low_priority_requests"
         node = keys["low_priority_requests"][1]
-        values["low_priority_requests"] = _number(r, node, fieldname, 1, INF, integer=True)
+        values["low_priority_requests"] = _u32(r, node, fieldname)
     if len(r.problems) > before:
         return None
     return Limits(**values)

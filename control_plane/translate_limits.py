@@ -6,7 +6,9 @@
 - quota: the `ratelimit` filter asks the control plane's rate limit service
   (`control_plane/quota.py`) per request, through the bootstrap's `xds_cluster`; each
   route carries the descriptor (model, quota, consumer);
-- max_body: the `buffer` filter, on for the model's routes only.
+- max_body: the `buffer` filter, on for the model's routes only;
+- priority: `low` consumers' requests take twin routes on Envoy's DEFAULT routing
+  priority, whose per-version circuit-breaker pool is small (`with_priorities`).
 
 The consumer is the `x-infergate-consumer` header (set by the auth filters when consumers
 are configured); without it a request counts as the consumer `anonymous`.
@@ -93,11 +95,8 @@ def _all() -> RuntimeFractionalPercent:
 def token_bucket(rate: Rate, burst: int | None) -> TokenBucket:
     """Refill `rate` in the smallest steps Envoy allows (at least 50 ms apart): 50/s adds
     5 tokens every 100 ms. The bucket holds `burst` (default: one unit of the rate)."""
-    steps = max(
-        k
-        for k in range(1, rate.requests + 1)
-        if rate.requests % k == 0 and rate.seconds / k >= MIN_FILL
-    )
+    most = min(rate.requests, math.floor(rate.seconds / MIN_FILL))
+    steps = next(k for k in range(most, 0, -1) if rate.requests % k == 0)
     return TokenBucket(
         max_tokens=burst or rate.requests,
         tokens_per_fill=UInt32Value(value=rate.requests // steps),
@@ -248,8 +247,7 @@ def per_route_configs(model: Model) -> dict[str, Any]:
 
 # --- priority: low consumers get a pool of their own, smaller than everyone else's ------------
 def low_consumers(config: RoutingConfig) -> list[str]:
-    consumers = getattr(config, "consumers", None)
-    priority = getattr(consumers, "priority", None) or {}
+    priority = config.consumers.priority if config.consumers else {}
     return sorted(name for name, level in priority.items() if level == "low")
 
 

@@ -63,12 +63,12 @@ def test_without_limits_nothing_changes():
         (
             "{rate: {per_consumer: 0/s}}",
             "r.yaml:4:35: models.iris.limits.rate.per_consumer: '0/s': the number of requests "
-            "must be positive",
+            "must be 1-4294967295",
         ),
         (
             "{quota: {per_consumer: -5/h}}",
             "r.yaml:4:36: models.iris.limits.quota.per_consumer: '-5/h': the number of "
-            "requests must be positive",
+            "requests must be 1-4294967295",
         ),
         (
             "{rate: {per_consumer: 5/s, burst: 0}}",
