@@ -244,11 +244,23 @@ class ControlPlane:
     async def _publisher(self) -> None:
         """Build from the newest inputs as soon as they change. Changes that arrive while a
         build is in flight are coalesced into the next build, so a burst of saves becomes
-        few builds and the last one always wins."""
+        few builds and the last one always wins. A build that fails (a bug: the config was
+        valid) is logged and shown in `/status`; the last snapshot keeps serving and the next
+        change builds again."""
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            await self.publish()
+            try:
+                await self.publish()
+            except Exception as exc:
+                log.exception("building the snapshot failed; the last one keeps serving")
+                self.reloads["error"] += 1
+                self.last_error = {
+                    "at": time.time(),
+                    "message": f"building the snapshot failed ({exc!r}); the last one "
+                    "keeps serving",
+                    "problems": [],
+                }
 
     async def _drive_rollouts(self, period: float = 1.0) -> None:
         """Let the rollout controller decide, and rebuild when the weights it wants change."""

@@ -91,6 +91,28 @@ async def test_a_burst_of_edits_coalesces_into_one_push(plane):
     assert pushed_ports(plane, "iris/v1") == [9109]
 
 
+async def test_a_failing_build_is_reported_and_the_next_edit_builds_again(plane, monkeypatch):
+    """A bug in translation (injected here) must not stop the publisher silently."""
+    from control_plane import service
+
+    before = plane.cache.snapshot.version
+
+    def broken(config):
+        raise ValueError("a translator bug")
+
+    monkeypatch.setattr(service, "translate", broken)
+    edit(plane, TWO_VERSIONS.replace("9001", "9100"))
+    await _wait(lambda: plane.status()["config"]["error"] is not None)
+    assert plane.status()["config"]["error"]["message"] == (
+        "building the snapshot failed (ValueError('a translator bug')); the last one keeps serving"
+    )
+    assert plane.cache.snapshot.version == before
+    monkeypatch.undo()
+    edit(plane, TWO_VERSIONS.replace("9001", "9101"))
+    await _wait(lambda: pushed_ports(plane, "iris/v1") == [9101])
+    assert plane.status()["config"]["error"] is None
+
+
 async def _wait(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
