@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -15,6 +14,7 @@ from typing import Any
 from bench import convergence, gateway_overhead
 from bench.load import load_generator
 from bench.stack import BenchStack
+from bench.stats import emit
 from bench.workdir import scratch_dir
 
 
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["convergence"][watch] = convergence.run(stack, edits=edits)
     finally:
         load.close()
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    return 0
+    return emit(report)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ interleaved rounds, medians. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ from typing import Any
 from bench.model_server.__main__ import BODY, _check, _median, _port
 from bench.model_server.servers import start_infergate, train_iris
 from bench.model_server.wrk import run_wrk
+from bench.stats import emit
 
 # a fresh x-request-id per request, as Envoy gives; the same script for both configurations
 UNIQUE_IDS = """
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             "p99": round(on["p99_ms"] / off["p99_ms"], 3),
         },
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    return 0
+    return emit(report)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ p50 delta and rps ratio against `plain` per round (then their median). JSON on s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 from bench.__main__ import machine
 from bench.load import LoadResult, load_generator, medians
 from bench.stack import BenchStack
-from bench.stats import median
+from bench.stats import alternating, emit, median
 from bench.workdir import scratch_dir
 
 KEY = "bench-api-key-0000000000000001"
@@ -58,7 +57,7 @@ def run(stack: BenchStack, load, rounds: int, seconds: float, concurrencies=(1, 
     for c in concurrencies:
         runs: dict[str, list[LoadResult]] = {v: [] for v in VARIANTS}
         for i in range(rounds):
-            order = list(VARIANTS) if i % 2 == 0 else list(reversed(VARIANTS))
+            order = alternating(list(VARIANTS), i)
             for variant in order:
                 use(stack, variant)
                 load.run(stack.gateway_url, c, min(1.0, seconds))  # warm-up
@@ -113,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             report["results"] = run(s, load, rounds, seconds)
     finally:
         load.close()
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    return 0
+    return emit(report)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any
 
 from bench.load import AiohttpLoad, LoadResult, WrkLoad, medians
 from bench.stack import BenchStack
-from bench.stats import median
+from bench.stats import alternating, median
 
 
 def run(
@@ -29,7 +29,7 @@ def run(
     for c in concurrencies:
         per_target: dict[str, list[LoadResult]] = {name: [] for name in targets}
         for i in range(rounds):
-            order = list(targets) if i % 2 == 0 else list(reversed(targets))
+            order = alternating(list(targets), i)
             for name in order:
                 result = load.run(targets[name], c, seconds)
                 per_target[name].append(result)

@@ -29,7 +29,7 @@ from google.protobuf.json_format import MessageToDict
 
 from bench.__main__ import machine
 from bench.load import IRIS_PATH, LoadResult, WrkLoad, load_generator, medians
-from bench.stats import median
+from bench.stats import alternating, emit, median
 from bench.workdir import scratch_dir
 from control_plane.config import parse
 from control_plane.translate import LISTENER_NAME, ROUTE_CONFIG_NAME, Resources, translate
@@ -88,7 +88,7 @@ def compare(
     for base in bases.values():
         load.run(base + path, concurrency, 1.0)  # warm-up
     for i in range(rounds):
-        for name in list(bases) if i % 2 == 0 else list(reversed(bases)):
+        for name in alternating(list(bases), i):
             result = load.run(bases[name] + path, concurrency, seconds)
             per[name].append(result)
             print(
@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         report |= run(
             Path(args.repository).resolve(), load, args.rounds, args.seconds, args.concurrency
         )
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    return 0
+    return emit(report)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -30,3 +33,16 @@ def summary_ms(values_s: Sequence[float]) -> dict[str, float]:
         "max_ms": round(max(ms), 2) if ms else float("nan"),
         "n": len(ms),
     }
+
+
+def alternating(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of one round of side-by-side runs: reversed every other round, so neither
+    side always goes first."""
+    return list(names) if round_index % 2 == 0 else list(reversed(names))
+
+
+def emit(report: dict[str, Any]) -> int:
+    """Print a benchmark's JSON report on stdout; the exit code (0)."""
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import watchfiles
@@ -26,29 +27,24 @@ from control_plane.gc_pause import paused_gc
 log = logging.getLogger("infergate.watch")
 
 
+@dataclass(eq=False)
 class ConfigWatcher:
-    def __init__(
-        self,
-        path: Path,
-        on_config: Callable[[RoutingConfig], None],
-        on_error: Callable[[ConfigError], None],
-        interval: float = 0.05,
-        settle: float = 0.05,
-        mode: str = "auto",
-    ):
-        if mode not in ("auto", "notify", "poll"):
-            raise ValueError(f"watch mode must be auto, notify or poll, not {mode!r}")
-        self.path = path
-        self.on_config = on_config
-        self.on_error = on_error
-        self.interval = interval
-        self.settle = settle
-        self.mode = mode
-        self.using: str | None = None  # "notify" or "poll" once running
-        self.extra: tuple[Path, ...] = ()  # the keys and JWKS files the routing file names
-        self._stat: tuple | None = None
-        self._digest: str | None = None
-        self._pending_error: asyncio.TimerHandle | None = None
+    path: Path
+    on_config: Callable[[RoutingConfig], None]
+    on_error: Callable[[ConfigError], None]
+    interval: float = 0.05
+    settle: float = 0.05
+    mode: str = "auto"
+    using: str | None = field(default=None, init=False)  # "notify" or "poll" once running
+    # the keys and JWKS files the routing file names
+    extra: tuple[Path, ...] = field(default=(), init=False)
+    _stat: tuple | None = field(default=None, init=False)
+    _digest: str | None = field(default=None, init=False)
+    _pending_error: asyncio.TimerHandle | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "notify", "poll"):
+            raise ValueError(f"watch mode must be auto, notify or poll, not {self.mode!r}")
 
     def _stats(self) -> tuple | None:
         """(mtime, size, inode) of the routing file and of each extra file (None if missing);

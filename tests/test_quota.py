@@ -6,18 +6,11 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescript
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
 from control_plane.quota import QuotaCounter, QuotaServer
-
-
-class Clock:
-    def __init__(self, now: float = 7200.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import FakeClock
 
 
 def test_counts_per_consumer_and_model_until_the_window_ends():
-    clock = Clock()
+    clock = FakeClock(7200.0)
     counter = QuotaCounter(clock)
     assert [counter.take("iris", "alice", 3, 60) for _ in range(3)] == [0.0, 0.0, 0.0]
     clock.now += 15
@@ -31,7 +24,7 @@ def test_counts_per_consumer_and_model_until_the_window_ends():
 
 
 def test_hits_addend_counts_several_requests():
-    counter = QuotaCounter(Clock())
+    counter = QuotaCounter(FakeClock(7200.0))
     assert counter.take("iris", "alice", 5, 60, hits=4) == 0.0
     assert counter.take("iris", "alice", 5, 60, hits=2) > 0
     assert counter.take("iris", "alice", 5, 60, hits=1) == 0.0
@@ -50,7 +43,7 @@ def request(consumer: str, quota: str = "2/60") -> RateLimitRequest:
 
 
 def test_over_the_quota_the_service_says_over_limit_with_retry_after():
-    clock = Clock(7210.0)
+    clock = FakeClock(7210.0)
     server = QuotaServer(QuotaCounter(clock))
     codes = [server.decide(request("alice")).overall_code for _ in range(3)]
     assert codes == [RateLimitResponse.OK, RateLimitResponse.OK, RateLimitResponse.OVER_LIMIT]
@@ -61,7 +54,7 @@ def test_over_the_quota_the_service_says_over_limit_with_retry_after():
 
 
 def test_descriptors_without_a_quota_are_ok():
-    server = QuotaServer(QuotaCounter(Clock()))
+    server = QuotaServer(QuotaCounter(FakeClock(7200.0)))
     other = RateLimitRequest(
         descriptors=[RateLimitDescriptor(entries=[RateLimitDescriptor.Entry(key="x", value="y")])]
     )

@@ -41,6 +41,7 @@ from control_plane.snapshot import (
 )
 from control_plane.streams import WARMUP_MARGIN, DeltaStream, DesiredCache, SotwStream
 from control_plane.translate import LISTENER_NAME, ROUTE_CONFIG_NAME, translate
+from tests.fake_clock import FakeClock
 from tests.test_config import BASE as TWO_VERSIONS
 
 EPOCH = "e1"
@@ -74,17 +75,6 @@ def without_v2(text: str) -> str:
 
 def weights(text: str, v1: int, v2: int) -> str:
     return text.replace("90, v2: 10", f"{v1}, v2: {v2}")
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Recorder:

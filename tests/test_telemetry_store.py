@@ -12,14 +12,7 @@ from control_plane.telemetry import (
     is_error,
     status_class,
 )
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import FakeClock
 
 
 def rec(version: str = "v1", code: int = 200, flags: str = "", duration: float = 0.01):
@@ -27,7 +20,7 @@ def rec(version: str = "v1", code: int = 200, flags: str = "", duration: float =
 
 
 def test_window_counts_rates_percentiles_and_concurrency():
-    clock = Clock()
+    clock = FakeClock()
     store = TelemetryStore(clock)
     for i in range(100):  # 100 requests over 10 s, durations 1..100 ms
         store.add(rec(duration=(i + 1) / 1000))
@@ -42,7 +35,7 @@ def test_window_counts_rates_percentiles_and_concurrency():
 
 
 def test_old_requests_leave_the_window():
-    clock = Clock()
+    clock = FakeClock()
     store = TelemetryStore(clock)
     store.add(rec(code=500))
     clock.now += 30
@@ -54,7 +47,7 @@ def test_old_requests_leave_the_window():
 
 
 def test_interval_and_scaling_by_sampling_weight():
-    clock = Clock()
+    clock = FakeClock()
     store = TelemetryStore(clock)
     start = clock.now
     store.add(rec(duration=0.2), weight=4)  # sampled at 25%
@@ -71,7 +64,7 @@ def test_interval_and_scaling_by_sampling_weight():
 
 
 def test_versions_are_kept_apart():
-    store = TelemetryStore(Clock())
+    store = TelemetryStore(FakeClock())
     store.add(rec("v1"))
     store.add(rec("v2", code=500))
     assert store.versions() == [("iris", "v1"), ("iris", "v2")]
@@ -80,7 +73,7 @@ def test_versions_are_kept_apart():
 
 
 def test_durations_are_bounded_to_the_newest():
-    store = TelemetryStore(Clock(), max_durations=3)
+    store = TelemetryStore(FakeClock(), max_durations=3)
     for d in (1, 2, 3, 4, 5):
         store.add(rec(duration=d))
     assert store.interval("iris", "v1", 0).durations == (3, 4, 5)
@@ -88,7 +81,7 @@ def test_durations_are_bounded_to_the_newest():
 
 
 def test_history_keeps_15_minutes_in_10_second_steps():
-    clock = Clock(0.0)
+    clock = FakeClock(0.0)
     store = TelemetryStore(clock)
     for _ in range(200):  # one request per 10 s for 2,000 s
         store.add(rec(duration=0.004))

@@ -22,14 +22,7 @@ from control_plane.telemetry import (
     traffic_report,
 )
 from gateway.top import usage_table
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import FakeClock
 
 
 def rec(
@@ -110,7 +103,7 @@ def test_a_rejection_without_a_cluster_counts_for_the_model_of_its_route_or_path
 
 
 def test_store_counts_consumers_by_outcome_in_windows_and_since_start():
-    clock = Clock()
+    clock = FakeClock()
     store = TelemetryStore(clock)
     store.add(rec(), weight=4)  # sampled at 1/4
     store.add(rec(429, "RL", "local_rate_limited", version=""), weight=4)
@@ -143,7 +136,7 @@ def test_store_counts_consumers_by_outcome_in_windows_and_since_start():
 
 
 def test_consumer_and_model_pairs_beyond_the_bound_count_as_other():
-    store = TelemetryStore(Clock())
+    store = TelemetryStore(FakeClock())
     store.usage.max_rows = 2
     for name in ("a", "b", "c", "d"):
         store.add(rec(consumer=name))
@@ -156,7 +149,7 @@ def test_consumer_and_model_pairs_beyond_the_bound_count_as_other():
 
 
 def test_traffic_metrics_and_the_usage_table_show_the_same_counts():
-    store = TelemetryStore(Clock())
+    store = TelemetryStore(FakeClock())
     store.add(rec(), weight=2)
     store.add(rec(503, "UO", "upstream_reset_before_response_started{overflow}"), weight=2)
     store.add(rec(404, "NR", "route_not_found", consumer="bob", model="nosuch", version=""))

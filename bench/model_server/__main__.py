@@ -21,6 +21,7 @@ from typing import Any
 from bench.model_server.mlserver_env import ensure_mlserver
 from bench.model_server.servers import Running, start_infergate, start_mlserver, train_iris
 from bench.model_server.wrk import run_wrk
+from bench.stats import emit
 
 BODY = json.dumps(
     {
@@ -154,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.only:
         report["summary"] = summary(results, args.concurrency)
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    return 0
+    return emit(report)
 
 
 if __name__ == "__main__":

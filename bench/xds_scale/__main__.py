@@ -4,7 +4,6 @@ on stdout, progress on stderr. See docs/xds-scale.md."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.stats import emit
 from bench.workdir import scratch_dir
 from bench.xds_scale import analysis, models, push, storm
 from control_plane.xds_server import INITIAL_SYNCS
@@ -143,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     with scratch_dir("infergate-xds-scale-") as workdir:
         report = run(args, workdir)
     report["duration_s"] = round(time.monotonic() - started, 1)
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    return 0
+    return emit(report)
 
 
 if __name__ == "__main__":
