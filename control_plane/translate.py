@@ -222,6 +222,10 @@ def _cluster_template(policy: Resilience) -> Cluster:
         health_checks=_health_checks(policy.health_check),
         # An endpoint removed from EDS leaves at once, even while it passes health checks.
         ignore_health_on_host_removal=True,
+        # A host that passes its first health check takes traffic at once: Envoy's default
+        # merges health changes for 1 s, so a replica registered just before another one
+        # died got no retry (its only "healthy" peer was the dead one) for up to a second.
+        common_lb_config=Cluster.CommonLbConfig(update_merge_window=timedelta(0)),
         **_lb(policy.load_balancing),
     )
 

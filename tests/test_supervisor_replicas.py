@@ -122,13 +122,6 @@ def test_replicas_start_register_and_serve(run):
     assert out.count("iris/v1") >= 2 and "ready" in out, out
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, open: with two replicas, about one run in three has a request sent at "
-    "the kill whose retries all fail (Envoy: 'retried and the latest reset reason: remote "
-    "connection failure'); 50 host re-picks did not change it, so it is not least-request "
-    "choosing the dead host; the three-replica SIGKILL tests in test_resilience_e2e pass",
-)
 def test_killed_replica_fails_no_request_and_is_replaced(run):
     run.wait("2 ready replicas of v1", lambda: len(run.ready_addresses("v1")) == 2)
     run.wait("Envoy routes to both", lambda: run.healthy_hosts("v1") == run.ready_addresses("v1"))
