@@ -37,6 +37,40 @@ def uncached_translator() -> None:
             value.cache_clear()
 
 
+SLEEPY_MODEL = """
+import time
+
+import numpy as np
+
+
+class Sleepy:
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        time.sleep(0.05)
+        return {"predict": np.zeros(len(inputs["input-0"]), dtype=np.int64)}
+"""
+SLEEPY_SETTINGS = """
+runtime: python
+class: model.py:Sleepy
+inputs: [{name: input-0, datatype: FP64, shape: [-1, 4]}]
+outputs: [{name: predict, datatype: INT64, shape: [-1]}]
+"""
+
+
+@pytest.fixture(scope="session")
+def sleepy_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """iris v1 as a model that sleeps 50 ms per prediction: its capacity is bound by
+    waiting, not by CPU, so more replicas serve more even on this 2-core machine."""
+    repo = tmp_path_factory.mktemp("sleepy-models")
+    folder = repo / "iris" / "v1"
+    folder.mkdir(parents=True)
+    (folder / "model.py").write_text(SLEEPY_MODEL)
+    (folder / "model-settings.yaml").write_text(SLEEPY_SETTINGS)
+    return repo
+
+
 @pytest.fixture(scope="session")
 def envoy_binary() -> str:
     path = envoy_path()

@@ -132,6 +132,7 @@ class LoadLoop:
     port: int
     threads: int = 2
     results: list[tuple[float, int, str | None, str]] = field(default_factory=list)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (sent at, seconds)
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)
 
@@ -144,6 +145,7 @@ class LoadLoop:
                 reply = infer(self.port, conn=conn)
                 detail = "" if reply.status == 200 else reply.body[:200].decode(errors="replace")
                 self.results.append((sent, reply.status, reply.version, detail))
+                self.latencies.append((sent, time.monotonic() - sent))
             except (OSError, http.client.HTTPException) as exc:
                 self.results.append((sent, 0, None, repr(exc)))
                 conn.close()
@@ -170,6 +172,12 @@ class LoadLoop:
         while len(self.results) < target:
             assert time.monotonic() < deadline, f"only {len(self.results)} of {target} requests"
             time.sleep(0.02)
+
+    def p99(self, since: float, until: float = math.inf) -> float:
+        """The 99th percentile latency (s) of the requests sent in [since, until)."""
+        times = sorted(d for t, d in self.latencies if since <= t < until)
+        assert times, "no request in that span"
+        return times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)]
 
     def failures(self) -> list[tuple[float, int, str | None, str]]:
         return [r for r in self.results if r[1] != 200]

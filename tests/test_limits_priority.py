@@ -15,36 +15,10 @@ import pytest
 from tests.stack import IRIS_BODY, Stack, routing_yaml
 from tests.test_limits_e2e import as_consumer, consumers_yaml
 
-SLEEPY = """
-import time
-
-import numpy as np
-
-
-class Sleepy:
-    def load(self):
-        pass
-
-    def predict(self, inputs):
-        time.sleep(0.05)
-        return {"predict": np.zeros(len(inputs["input-0"]), dtype=np.int64)}
-"""
-SETTINGS = """
-runtime: python
-class: model.py:Sleepy
-inputs: [{name: input-0, datatype: FP64, shape: [-1, 4]}]
-outputs: [{name: predict, datatype: INT64, shape: [-1]}]
-"""
-
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, envoy_binary):
-    repo = tmp_path_factory.mktemp("sleepy-models")
-    folder = repo / "iris" / "v1"
-    folder.mkdir(parents=True)
-    (folder / "model.py").write_text(SLEEPY)
-    (folder / "model-settings.yaml").write_text(SETTINGS)
-    s = Stack(tmp_path_factory.mktemp("priority"), repo, replicas={"v1": 1})
+def stack(tmp_path_factory, sleepy_repository, envoy_binary):
+    s = Stack(tmp_path_factory.mktemp("priority"), sleepy_repository, replicas={"v1": 1})
     try:
         s.start_models()
         text = routing_yaml(s.listen, s.model_ports, {"v1": 100})

@@ -1,9 +1,11 @@
-"""Autoscaling under a load step, end to end: `infergate run`, real Envoy, real replicas,
-the signal from the control plane's telemetry (what Envoy reported per request)."""
+"""Autoscaling under a load step, end to end: `infergate run`, real Envoy, real replicas
+of a model that waits 50 ms per prediction (so more replicas serve more on 2 cores), the
+signal from the control plane's telemetry (what Envoy reported per request)."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -22,8 +24,8 @@ models:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, model_repository, envoy_binary):
-    r = Run(tmp_path_factory.mktemp("autoscale"), model_repository, AUTOSCALED)
+def run(tmp_path_factory, sleepy_repository, envoy_binary):
+    r = Run(tmp_path_factory.mktemp("autoscale"), sleepy_repository, AUTOSCALED)
     try:
         yield r
     finally:
@@ -46,14 +48,20 @@ def test_load_step_scales_up_then_down_to_min_without_a_failed_request(run):
     with LoadLoop(run.listen, threads=1) as calm:
         run.wait("a decision", lambda: decision(run).get("desired") == 1)
         with LoadLoop(run.listen, threads=16) as burst:
+            stepped = time.monotonic()
             run.wait("3 healthy hosts", lambda: len(run.healthy_hosts("v1")) >= 3, timeout=60)
+            scaled = time.monotonic()
             up = decision(run)
             run.wait("the control plane shows it", lambda: reported(run)["desired"] >= 3)
+            burst.wait_results(300)
         run.wait("scaled down to min", lambda: len(run.healthy_hosts("v1")) == 1, timeout=90)
         run.wait("drained", lambda: len(run.replicas("v1")) == 1)
         down = decision(run)
     assert up["desired"] >= 3 and up["panic"], up
     assert down["desired"] == 1 and not down["panic"], down
+    # The p99 falls back: one replica queues 16 clients 4 deep, three or more serve them.
+    before, after = burst.p99(stepped, stepped + 2), burst.p99(scaled + 1)
+    assert after < before / 1.5, (before, after)
     failures = calm.failures() + burst.failures()
     assert burst.results and failures == [], failures[:5]
     log = (run.workdir / "supervisor.log").read_text()
