@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from envoy.config.accesslog.v3.accesslog_pb2 import (
     AccessLogFilter,
     ComparisonFilter,
+    ResponseFlagFilter,
     StatusCodeFilter,
 )
 from envoy.config.core.v3.base_pb2 import DataSource, RuntimeUInt32
@@ -81,6 +82,11 @@ def local_reply_config() -> LocalReplyConfig:
             ResponseMapper(
                 filter=_status(ComparisonFilter.EQ, 404, "infergate.no_route_status"),
                 body=DataSource(inline_string="no model at this path"),
+                body_format_override=shape,
+            ),
+            ResponseMapper(  # Envoy's own text is empty for a cluster it does not have
+                filter=AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["NC"])),
+                body=DataSource(inline_string="the version's cluster is not in the gateway yet"),
                 body_format_override=shape,
             ),
             ResponseMapper(
