@@ -7,6 +7,7 @@ position in the file.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -74,6 +75,13 @@ def parse_endpoint(value: object) -> Endpoint:
     """`ip:port` (IPv6 in brackets) to an Endpoint; ValueError says what is wrong."""
     if not isinstance(value, str):
         raise ValueError(f"expected 'ip:port', got {value!r}")
+    return _parse_address(value)
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_address(value: str) -> Endpoint:
+    """Cached: a save re-parses the whole file, and checking an IP address was a third
+    of parsing 1,000 models (an error is not cached: it is raised again)."""
     host, sep, port_text = value.rpartition(":")
     host = host.strip("[]")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -53,13 +54,24 @@ def field_kind(default: Any) -> str:
     return "str"
 
 
+_LOADER = yaml.SafeLoader("")
+
+
+@functools.lru_cache(maxsize=65536)
+def _scalar_value(tag: str, value: str) -> Any:
+    """A scalar's value: the same (resolved tag, text) is always the same immutable value,
+    so a save that re-parses 1,000 models constructs only what changed."""
+    constructors = _LOADER.yaml_constructors
+    construct = constructors.get(tag) or constructors[None]
+    return construct(_LOADER, yaml.ScalarNode(tag, value))
+
+
 class Reader:
     """Walks a PyYAML node tree, converting values and collecting problems."""
 
     def __init__(self, path: str):
         self.path = path
         self.problems: list[Problem] = []
-        self._constructor = yaml.SafeLoader("")
 
     def fail(self, node: yaml.Node, fieldname: str, message: str) -> None:
         mark = node.start_mark
@@ -69,7 +81,7 @@ class Reader:
         if not isinstance(node, yaml.ScalarNode):
             self.fail(node, fieldname, "expected a single value, not a list or mapping")
             return None
-        return self._constructor.construct_object(node)
+        return _scalar_value(node.tag, node.value)
 
     def mapping(
         self, node: yaml.Node, fieldname: str, allowed: set[str] | None = None
