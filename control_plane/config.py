@@ -11,11 +11,14 @@ import functools
 import ipaddress
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import yaml
 
+from control_plane import model_blocks
 from control_plane.resilience import Resilience, read_resilience
 from control_plane.upstream_tls import TlsFileError, UpstreamTls, check
 from control_plane.yaml_reader import NAME_RE, Problem, Reader
@@ -862,7 +865,21 @@ def read_quota_service(r: Reader, node: yaml.Node, where: str) -> str:
 
 
 def parse(text: str, path: str = "<string>") -> RoutingConfig:
-    """Parse routing YAML text; raise ConfigError listing every problem with its position."""
+    """Parse routing YAML text; raise ConfigError listing every problem with its position.
+
+    A file in the plain layout is read model by model, and a model whose text, defaults
+    and consumers are those of the last parse is not read again; a file with any problem
+    is then read again as one document, so that its errors are the same either way."""
+    split = model_blocks.split(text)
+    if split is not None:
+        try:
+            return _parse_root(_compose(split[0], path), path, partial(_read_blocks, split[1]))
+        except ConfigError:
+            pass
+    return _parse_root(_compose(text, path), path, _read_models_node)
+
+
+def _compose(text: str, path: str) -> yaml.Node:
     try:
         root = yaml.compose(text, Loader=FAST_LOADER)
     except yaml.YAMLError as exc:
@@ -872,6 +889,54 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
         raise ConfigError([Problem(path, line, col, "", f"invalid YAML: {problem}")]) from None
     if root is None:
         raise ConfigError([Problem(path, 1, 1, "", "the file is empty")])
+    return root
+
+
+ModelsReader = Callable[[Reader, yaml.Node, Resilience, "Consumers | None"], list[Model]]
+
+
+def _read_models_node(
+    r: Reader, node: yaml.Node, defaults: Resilience, consumers: Consumers | None
+) -> list[Model]:
+    models = []
+    for mname, (mkey, mnode) in r.mapping(node, "models").items():
+        if r.name(mkey, f"models.{mname}", "model"):
+            model = _read_model(r, mname, mkey, mnode, defaults, consumers)
+            if model:
+                models.append(model)
+    return models
+
+
+_last_models: dict[tuple, Model] = {}  # the last parse's models, by their text and context
+
+
+def _read_blocks(
+    blocks: list[model_blocks.Block],
+    r: Reader,
+    node: yaml.Node,
+    defaults: Resilience,
+    consumers: Consumers | None,
+) -> list[Model]:
+    """The models of `blocks`, each composed alone unless the last parse read the same."""
+    global _last_models
+    models, seen = [], {}
+    for block in blocks:
+        key = (block.text, defaults, consumers)
+        model = _last_models.get(key)
+        if model is None:
+            mkey, mnode = _compose(block.document(), r.path).value[0][1].value[0]
+            if not r.name(mkey, f"models.{block.name}", "model"):
+                raise ConfigError(r.problems)
+            model = _read_model(r, block.name, mkey, mnode, defaults, consumers)
+            if model is None or r.problems:
+                raise ConfigError(r.problems)
+        seen[key] = model
+        models.append(model)
+    _last_models = seen
+    return models
+
+
+def _parse_root(root: yaml.Node, path: str, read_models: ModelsReader) -> RoutingConfig:
     r = Reader(path)
     top_keys = {"listen", "models", "resilience", "consumers", "upstream_tls", "quota_service"}
     top = r.mapping(root, "", top_keys)
@@ -890,11 +955,7 @@ def parse(text: str, path: str = "<string>") -> RoutingConfig:
         if isinstance(root, yaml.MappingNode):
             r.fail(root, "", "missing required key 'models'")
     else:
-        for mname, (mkey, mnode) in r.mapping(top["models"][1], "models").items():
-            if r.name(mkey, f"models.{mname}", "model"):
-                model = _read_model(r, mname, mkey, mnode, defaults, consumers)
-                if model:
-                    models.append(model)
+        models = read_models(r, top["models"][1], defaults, consumers)
     taken = {listen: "listen"}
     for model in models:
         if model.grpc_listen is None:
