@@ -268,7 +268,12 @@ def refused_tls_handshakes(envoy_admin: int) -> int:
 def wait_refused(envoy_admin: int, timeout: float = 30.0) -> None:
     """Wait until the control plane has refused the Envoy's TLS connection twice."""
     deadline = time.monotonic() + timeout
-    while refused_tls_handshakes(envoy_admin) < 2:
+    while True:
+        try:
+            if refused_tls_handshakes(envoy_admin) >= 2:
+                return
+        except OSError:  # its admin interface is not up yet (an Envoy that starts slowly)
+            pass
         assert time.monotonic() < deadline, "the Envoy's xDS connection was never refused"
         time.sleep(0.1)
 
