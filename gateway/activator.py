@@ -4,7 +4,8 @@ As Knative's activator: while an autoscaled version (`min: 0`) has no ready repl
 supervisor registers a gate of this activator as the version's only endpoint, so Envoy sends
 the version's requests here. A gate answers Envoy's health check, holds each request (the
 autoscaler counts held requests, so a replica starts), and forwards it to the first ready
-replica; after `timeout` seconds without one it answers 503 `{"error": ...}`. Once Envoy
+replica; after `timeout` seconds without one it answers 503 `{"error": ...}`, and at once
+when the version's replica exits before it is ready (`fail`). Once Envoy
 routes to a ready replica itself, the supervisor deregisters the gate.
 
 One listener per version (the request path does not always name the version: a weighted
@@ -43,6 +44,7 @@ class Gate:
     target: str | None = None  # ip:port of a ready replica
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     held: int = 0
+    failure: str = ""  # why the last replica start failed (told to the requests it held)
 
 
 class Activator:
@@ -69,6 +71,13 @@ class Activator:
         if gate is not None and gate.target != target:
             self.loop.call_soon_threadsafe(self._set_target, gate, target)
 
+    def fail(self, key: Key, reason: str) -> None:
+        """Answer the requests held for `key` now with 503 and `reason` (its replica exited
+        before it was ready); later requests are held for the next start."""
+        gate = self.gates.get(key)
+        if gate is not None:
+            self.loop.call_soon_threadsafe(self._fail, gate, reason)
+
     def close(self, key: Key) -> None:
         gate = self.gates.pop(key, None)
         if gate is not None and gate.runner is not None:
@@ -94,6 +103,13 @@ class Activator:
         else:
             gate.ready.clear()
 
+    @staticmethod
+    def _fail(gate: Gate, reason: str) -> None:
+        if gate.target is None:
+            gate.failure = reason
+            gate.ready.set()  # wakes the requests waiting on this event; new ones get a new one
+            gate.ready = asyncio.Event()
+
     async def _open(self, key: Key) -> Gate:
         gate = Gate(key, ("127.0.0.1", free_port()), ready=asyncio.Event())
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -111,23 +127,27 @@ class Activator:
         return gate
 
     @staticmethod
+    def _unavailable(message: str) -> web.Response:
+        see = " (see infergate status and the replica's log)"
+        return web.json_response({"error": message + see}, status=503)
+
+    @staticmethod
     async def _healthy(_: web.Request) -> web.Response:
         return web.json_response({"ready": True})
 
     async def _hold(self, gate: Gate, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         gate.held += 1
+        model, version = gate.key
         try:
             await asyncio.wait_for(gate.ready.wait(), self.timeout)
         except TimeoutError:
-            model, version = gate.key
-            message = (
-                f"no replica of {model}/{version} became ready within {self.timeout:g}s "
-                "(see infergate status and the replica's log)"
-            )
-            return web.json_response({"error": message}, status=503)
+            why = f"became ready within {self.timeout:g}s"
+            return self._unavailable(f"no replica of {model}/{version} {why}")
         finally:
             gate.held -= 1
+        if gate.target is None:
+            return self._unavailable(f"no replica of {model}/{version} could start: {gate.failure}")
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}

@@ -76,6 +76,7 @@ class Replicas:
         self.desired: dict[Key, int] = {}
         self.replicas: dict[Key, list[Replica]] = {}
         self.draining: list[Replica] = []
+        self.failed_starts: dict[Key, str] = {}  # exits before ready, until the supervisor reads
         self.tls: UpstreamTls | None = None  # the file's upstream_tls: replicas serve mTLS
         self._next_sync = 0.0
 
@@ -145,6 +146,9 @@ class Replicas:
         if r.state == "ready":
             self._registration(r).deregister()
         ran = now - r.started_at
+        if r.state == "starting":
+            self.failed_starts[r.key] = f"{r.name} exited with code {r.child.proc.returncode}"
+
         r.failures = r.failures + 1 if ran < STABLE_AFTER else 1
         delay = restart_delay(r.failures)
         tail = log_tail(r.child.log_path)
@@ -160,6 +164,11 @@ class Replicas:
             delay,
             f". Its log ends: {tail}" if tail else "",
         )
+
+    def take_failed_starts(self) -> dict[Key, str]:
+        """Versions whose replica exited before it was ready since the last call, and why."""
+        failed, self.failed_starts = self.failed_starts, {}
+        return failed
 
     def _answers(self, url: str | None) -> bool:
         """Whether the ready URL answers 200 (over https with the mesh's client certificate

@@ -378,6 +378,8 @@ class Supervisor:
         """Route versions that can scale to zero through the activator while they have no
         ready replica (or are about to have none); take it out once Envoy routes to one."""
         desired = self.autoscaling.desired()
+        for key, reason in self.replicas.take_failed_starts().items():
+            self.activator.fail(key, reason)
         for key, scaler in self.autoscaling.scalers.items():
             if scaler.spec.min > 0:
                 continue
