@@ -14,6 +14,13 @@ from envoy.config.accesslog.v3.accesslog_pb2 import (
     StatusCodeFilter,
 )
 from envoy.config.core.v3.base_pb2 import DataSource, RuntimeUInt32
+from envoy.config.core.v3.config_source_pb2 import (
+    AggregatedConfigSource,
+    ApiVersion,
+    ConfigSource,
+    ExtensionConfigSource,
+)
+from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
 from envoy.config.core.v3.substitution_format_string_pb2 import SubstitutionFormatString
 from envoy.config.route.v3.route_components_pb2 import Route
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
@@ -31,11 +38,36 @@ if TYPE_CHECKING:
     from control_plane.translate import Resources
 
 
-def http_filters(config: RoutingConfig) -> list[HttpFilter]:
+# Filters whose config changes with the JWKS file or a `limits.rate`: Envoy takes their
+# config by ECDS, so that such an edit changes no listener (which would drain connections).
+DISCOVERED = frozenset({translate_auth.JWT, translate_limits.RATE_FILTER})
+
+
+def _discovered(config: TypedExtensionConfig) -> HttpFilter:
+    """A filter whose config Envoy fetches by name over ADS. No default config: a listener
+    waits (warms) until the config arrives, and a request that finds no config gets 500 from
+    Envoy, never a pass without the check (fail closed)."""
+    ads = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
+    return HttpFilter(
+        name=config.name,
+        config_discovery=ExtensionConfigSource(
+            config_source=ads, type_urls=[config.typed_config.type_url]
+        ),
+    )
+
+
+def http_filters(config: RoutingConfig) -> tuple[list[HttpFilter], dict[str, TypedExtensionConfig]]:
     """The filters that run before the router on the `gateway` listener: who the caller
-    is (auth), then what the caller may spend (limits)."""
+    is (auth), then what the caller may spend (limits); and by name the configs of those
+    that Envoy takes by extension config discovery (ECDS: they are not in the listener)."""
     identity = translate_auth.http_filters(config.consumers) if config.consumers else []
-    return [*identity, *translate_limits.http_filters(config)]
+    filters, discovered = [], {}
+    for f in [*identity, *translate_limits.http_filters(config)]:
+        if f.name in DISCOVERED:
+            discovered[f.name] = TypedExtensionConfig(name=f.name, typed_config=f.typed_config)
+            f = _discovered(discovered[f.name])
+        filters.append(f)
+    return filters, discovered
 
 
 def virtual_host_configs(config: RoutingConfig) -> dict[str, Any]:

@@ -29,10 +29,12 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+EXTENSION = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 
 # Make-before-break push order on one ADS stream: secrets before the clusters that name
-# them (runtime layers are independent: last).
-PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME)
+# them; HTTP filter configs (ECDS) after the listeners that name them, as Envoy asks for
+# them only then (runtime layers are independent: last).
+PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, EXTENSION, ROUTE, RUNTIME)
 SHORT_NAMES = {
     SECRET: "sds",
     CLUSTER: "cds",
@@ -40,6 +42,7 @@ SHORT_NAMES = {
     LISTENER: "lds",
     ROUTE: "rds",
     RUNTIME: "rtds",
+    EXTENSION: "ecds",
 }
 # LDS and CDS are full state of the world; EDS, RDS and SDS are asked for by name.
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
@@ -115,6 +118,8 @@ def build_snapshot(
         LISTENER: resources.listeners,
         ROUTE: resources.routes,
         RUNTIME: runtime or {},
+        # Left out without any, like the secrets.
+        **({EXTENSION: resources.extension_configs} if resources.extension_configs else {}),
     }
     types = {t: _type_snapshot(epoch, _encode(t, named)) for t, named in by_type.items()}
     return Snapshot(

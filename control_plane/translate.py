@@ -17,7 +17,7 @@ import functools
 import importlib.metadata
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
@@ -111,6 +111,8 @@ class Resources:
     # Per actively health-checked cluster, its health-check timeout: how long a new
     # cluster may stay warming in Envoy after its endpoints arrive (its first check).
     health_check_timeouts: dict[str, float]
+    # HTTP filter configs by name, delivered by ECDS (see api_filters.http_filters).
+    extension_configs: dict[str, TypedExtensionConfig] = field(default_factory=dict)
 
 
 def cluster_name(model: str, version: str) -> str:
@@ -530,11 +532,12 @@ def translate(config: RoutingConfig) -> Resources:
             )
         ],
     )
+    gateway_filters, extension_configs = api_filters.http_filters(config)
     listeners[LISTENER_NAME] = _listener(
         LISTENER_NAME,
         config.listen,
         ROUTE_CONFIG_NAME,
-        api_filters.http_filters(config),
+        gateway_filters,
         api_filters.local_reply_config(),
     )
     resources = Resources(
@@ -543,5 +546,6 @@ def translate(config: RoutingConfig) -> Resources:
         listeners=listeners,
         routes=route_configs,
         health_check_timeouts=timeouts,
+        extension_configs=extension_configs,
     )
     return api_filters.finish(resources, config)

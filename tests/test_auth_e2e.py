@@ -46,18 +46,22 @@ class Echo(BaseHTTPRequestHandler):
 class Idp:
     """A JWT issuer: an RSA key, its JWKS, and tokens."""
 
-    def __init__(self) -> None:
+    def __init__(self, kid: str = "k1") -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = kid
+
+    def jwk(self) -> dict[str, str]:
+        jwk = json.loads(RSAAlgorithm.to_jwk(self.key.public_key()))
+        return {**jwk, "kid": self.kid, "alg": "RS256", "use": "sig"}
 
     def jwks(self) -> str:
-        jwk = json.loads(RSAAlgorithm.to_jwk(self.key.public_key()))
-        return json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]})
+        return json.dumps({"keys": [self.jwk()]})
 
     def token(self, sub: str = "carol", **claims) -> str:
         now = int(time.time())
         payload = {"iss": ISSUER, "aud": "infergate", "sub": sub, "iat": now, "exp": now + 600}
         payload.update(claims)
-        return jwt.encode(payload, self.key, algorithm="RS256", headers={"kid": "k1"})
+        return jwt.encode(payload, self.key, algorithm="RS256", headers={"kid": self.kid})
 
 
 ROUTING = """\

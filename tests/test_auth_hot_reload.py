@@ -1,0 +1,178 @@
+"""JWKS and rate edits under traffic, through a real Envoy (SotW and Delta): they change only
+the filter configs that Envoy takes by ECDS, never the listener, so no connection is drained
+and no request of a caller whose access did not change fails (docs/api-management.md)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+
+import pytest
+
+from control_plane.translate_auth import JWT
+from control_plane.translate_limits import RATE_FILTER
+from gateway.processes import free_port
+from tests.stack import Stack
+from tests.test_auth_e2e import ISSUER, Echo, Idp
+
+ROUTING = """\
+listen: 127.0.0.1:{listen}
+consumers:
+  keys_file: api-keys.yaml
+  jwt: {{issuer: "{issuer}", audiences: [infergate], jwks_file: jwks.json}}
+models:
+  echo:
+    versions: {{v1: {{endpoints: [127.0.0.1:{echo}]}}}}
+  metered:
+    versions: {{v1: {{endpoints: [127.0.0.1:{echo}]}}}}
+    limits: {{rate: {{per_consumer: 1/m, burst: {burst}}}}}
+"""
+
+
+def jwks(*idps: Idp) -> str:
+    """One JWKS holding the keys of `idps`."""
+    return json.dumps({"keys": [idp.jwk() for idp in idps]})
+
+
+class Caller(threading.Thread):
+    """Back-to-back requests on one kept-alive connection; any answer but 200, or an error
+    (a reset), is a failure. Reconnects after an error, as a client would."""
+
+    def __init__(self, port: int, headers: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.port, self.headers = port, headers
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        while not self.stop.is_set():
+            try:
+                conn.request("GET", "/v2/models/echo/ready", headers=self.headers)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"{resp.status}")
+            except (OSError, http.client.HTTPException) as exc:
+                self.failures.append(repr(exc))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.close()
+
+
+class Gateway:
+    def __init__(self, stack: Stack, echo: int) -> None:
+        self.stack, self.echo = stack, echo
+        self.issuer, self.rotated = Idp(), Idp(kid="k2")
+        self.keys = {"alice": secrets.token_urlsafe(24), "bob": secrets.token_urlsafe(24)}
+
+    def write(self, name: str, text: str) -> None:
+        tmp = self.stack.workdir / f"{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.stack.workdir / name)
+
+    def route(self, burst: int) -> None:
+        self.stack.write(
+            ROUTING.format(listen=self.stack.listen, issuer=ISSUER, echo=self.echo, burst=burst)
+        )
+
+    def status(self, path: str, headers: dict[str, str]) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.stack.listen, timeout=10)
+        try:
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        finally:
+            conn.close()
+
+    def metered(self) -> int:
+        return self.status("/v2/models/metered/ready", {"x-api-key": self.keys["bob"]})
+
+    def listener_updates(self) -> dict[str, int]:
+        """Envoy's counters of listener changes: any listener update drains connections."""
+        names = ("listener_added", "listener_modified", "listener_in_place_updated")
+        counters = {n: self.stack.envoy_stat(f"listener_manager.{n}") for n in names}
+        counters["draining"] = self.stack.envoy_stat("listener_manager.total_listeners_draining")
+        return counters
+
+    def reloads(self, name: str) -> int:
+        """How often Envoy applied a new config of the ECDS filter `name`."""
+        return self.stack.envoy_stat(f"extension_config_discovery.http_filter.{name}.config_reload")
+
+
+@pytest.fixture(scope="module", params=["sotw", "delta"])
+def gateway(request, tmp_path_factory, model_repository, envoy_binary) -> Iterator[Gateway]:
+    http_server = ThreadingHTTPServer(("127.0.0.1", free_port()), Echo)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    echo = http_server.server_address[1]
+    stack = Stack(tmp_path_factory.mktemp("reload"), model_repository, request.param == "delta")
+    g = Gateway(stack, echo)
+    try:
+        g.write("api-keys.yaml", "".join(f"{c}: {k}\n" for c, k in g.keys.items()))
+        g.write("jwks.json", jwks(g.issuer))
+        g.route(burst=2)
+        stack.start_control_plane()
+        stack.start_envoy()
+        stack.wait_converged()
+        yield g
+    finally:
+        stack.stop()
+        http_server.shutdown()
+
+
+def test_jwks_and_rate_edits_under_traffic(gateway: Gateway):
+    g = gateway
+    assert [g.metered() for _ in range(3)] == [200, 200, 429]  # bob's bucket: 2, then empty
+    callers = [
+        Caller(g.stack.listen, {"x-api-key": g.keys["alice"]}),
+        Caller(g.stack.listen, {"authorization": f"Bearer {g.issuer.token()}"}),
+    ]
+    for c in callers:
+        c.start()
+    try:
+        while min(c.ok for c in callers) < 20:
+            time.sleep(0.01)
+        before = g.listener_updates()
+        lds = g.stack.status()["snapshot"]["types"]["lds"]
+
+        # The issuer adds a key: its tokens work at once, the old key's keep working.
+        reloads = g.reloads(JWT)
+        started = time.time()
+        g.write("jwks.json", jwks(g.issuer, g.rotated))
+        g.stack.wait_converged(after=started)
+        assert g.reloads(JWT) > reloads
+        rotated = {"authorization": f"Bearer {g.rotated.token()}"}
+        assert g.status("/v2/models/echo/ready", rotated) == 200
+        # The rate filter's config did not change: bob's bucket is still empty.
+        assert g.metered() == 429
+
+        # A rate edit: bob's new burst of 5 applies (the new config starts full buckets).
+        reloads = g.reloads(RATE_FILTER)
+        started = time.time()
+        g.route(burst=5)
+        g.stack.wait_converged(after=started)
+        assert g.reloads(RATE_FILTER) > reloads
+        assert [g.metered() for _ in range(6)] == [200] * 5 + [429]
+
+        count = [c.ok for c in callers]
+        while any(c.ok < n + 20 for c, n in zip(callers, count, strict=True)):
+            time.sleep(0.01)
+        assert g.listener_updates() == before, "a listener update drains connections"
+        assert g.stack.status()["snapshot"]["types"]["lds"] == lds
+    finally:
+        for c in callers:
+            c.stop.set()
+        for c in callers:
+            c.join(15)
+    for c in callers:
+        assert c.failures == [], c.failures
+        assert c.ok > 40
