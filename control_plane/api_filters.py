@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from envoy.config.accesslog.v3.accesslog_pb2 import (
     AccessLogFilter,
     ComparisonFilter,
+    ExtensionFilter,
     ResponseFlagFilter,
     StatusCodeFilter,
 )
@@ -23,19 +24,28 @@ from envoy.config.core.v3.config_source_pb2 import (
 from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
 from envoy.config.core.v3.substitution_format_string_pb2 import SubstitutionFormatString
 from envoy.config.route.v3.route_components_pb2 import Route
+from envoy.extensions.access_loggers.filters.cel.v3.cel_pb2 import ExpressionFilter
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
     HttpFilter,
     LocalReplyConfig,
     ResponseMapper,
 )
 from google.protobuf.any_pb2 import Any
+from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
+from google.protobuf.wrappers_pb2 import UInt32Value
 
 from control_plane import translate_auth, translate_limits
 from control_plane.config import Model, RoutingConfig
 
 if TYPE_CHECKING:
     from control_plane.translate import Resources
+
+
+def _pack(message: Message) -> Any:
+    packed = Any()
+    packed.Pack(message)
+    return packed
 
 
 # Filters whose config changes with the JWKS file or a `limits.rate`: Envoy takes their
@@ -102,15 +112,36 @@ def _status(op: ComparisonFilter.Op, status: int, runtime_key: str) -> AccessLog
     )
 
 
-def local_reply_config() -> LocalReplyConfig:
+# jwt_authn answers 403 only for a genuine token of another audience (its details read
+# `jwt_authn_access_denied{Audiences_in_Jwt_are_not_allowed}`); every other JWT failure is 401.
+JWT_DENIED = "response.code == 403 && response.code_details.startsWith('jwt_authn_access_denied')"
+
+
+def _jwt_audience_401(shape: SubstitutionFormatString) -> ResponseMapper:
+    """A token for another audience is an invalid credential here: 401, like an expired one
+    (403 stays the answer for a valid consumer without access to the model)."""
+    cel = ExtensionFilter(
+        name="envoy.access_loggers.extension_filters.cel",
+        typed_config=_pack(ExpressionFilter(expression=JWT_DENIED)),
+    )
+    return ResponseMapper(
+        filter=AccessLogFilter(extension_filter=cel),
+        status_code=UInt32Value(value=401),
+        body_format_override=shape,
+    )
+
+
+def local_reply_config(config: RoutingConfig) -> LocalReplyConfig:
     """Every error Envoy answers itself (401, 403, 404, 413, 429, 503, ...) in the Open
     Inference Protocol's shape, `{"error": "..."}` as application/json; its own successful
     answers (health, server metadata) stay as they are."""
     body = Struct()
     body.update({"error": "%LOCAL_REPLY_BODY%"})
     shape = SubstitutionFormatString(json_format=body)
+    jwt = config.consumers is not None and config.consumers.jwt is not None
     return LocalReplyConfig(
         mappers=[
+            *([_jwt_audience_401(shape)] if jwt else []),
             ResponseMapper(
                 filter=_status(ComparisonFilter.EQ, 404, "infergate.no_route_status"),
                 body=DataSource(inline_string="no model at this path"),

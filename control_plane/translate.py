@@ -538,7 +538,7 @@ def translate(config: RoutingConfig) -> Resources:
         config.listen,
         ROUTE_CONFIG_NAME,
         gateway_filters,
-        api_filters.local_reply_config(),
+        api_filters.local_reply_config(config),
     )
     resources = Resources(
         clusters=clusters,
