@@ -16,6 +16,7 @@ import yaml
 from control_plane import access_log, translate_auth, translate_limits
 from control_plane.config import ConfigError, RoutingConfig, load
 from control_plane.schema import routing_schema
+from control_plane.snapshot import EXTENSION, LISTENER, PUSH_ORDER, build_snapshot
 from control_plane.translate import translate
 from control_plane.watcher import ConfigWatcher
 
@@ -180,6 +181,35 @@ def test_keys_travel_in_routes_not_in_the_listener(tmp_path: Path):
     ]
 
 
+def test_jwks_and_rates_travel_by_ecds_not_in_the_listener(tmp_path: Path):
+    """A JWKS or rate edit changes only the ECDS resources; the listener names those filters
+    without a default config (no config: the listener waits, never runs without the check)."""
+    jwt = "  jwt: {issuer: https://idp.test, jwks_file: jwks.json}\n"
+    routing = ROUTING.replace("  priority:", jwt + "  priority:").replace(
+        "    access: {consumers: [alice]}",
+        "    access: {consumers: [alice]}\n    limits: {rate: {per_consumer: 5/s}}",
+    )
+    path = write(tmp_path, routing)
+    before = translate(load(path))
+    (tmp_path / "jwks.json").write_text(JWKS.replace('"k1"', '"k2"'))
+    path.write_text(routing.replace("5/s", "6/s"))
+    after = translate(load(path))
+    assert set(before.extension_configs) == {translate_auth.JWT, translate_limits.RATE_FILTER}
+    for name, config in before.extension_configs.items():
+        assert config != after.extension_configs[name], name
+    assert before.listeners["gateway"] == after.listeners["gateway"]
+    discovered = [f for f in hcm(before).http_filters if f.name in before.extension_configs]
+    assert len(discovered) == 2
+    for f in discovered:
+        assert not f.HasField("typed_config")
+        assert not f.config_discovery.HasField("default_config")
+        assert not f.config_discovery.apply_default_config_without_warming
+    versions = [build_snapshot(r, "e").types for r in (before, after)]
+    assert versions[0][LISTENER].version == versions[1][LISTENER].version
+    assert versions[0][EXTENSION].version != versions[1][EXTENSION].version
+    assert PUSH_ORDER.index(LISTENER) < PUSH_ORDER.index(EXTENSION)  # asked for after LDS
+
+
 def test_without_consumers_the_gateway_is_open(tmp_path: Path):
     config = load(
         write(tmp_path, "models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:9001]}}\n")
@@ -187,6 +217,7 @@ def test_without_consumers_the_gateway_is_open(tmp_path: Path):
     assert config.consumers is None
     resources = translate(config)
     assert [f.name for f in hcm(resources).http_filters] == ["envoy.filters.http.router"]
+    assert EXTENSION not in build_snapshot(resources, "e").types
     assert not any(r.typed_per_filter_config for r in all_routes(resources))
 
 
