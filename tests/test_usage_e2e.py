@@ -18,6 +18,7 @@ def test_usage_names_authenticated_consumers_and_counts_401_and_403(auth: AuthSt
     assert [auth.status(iris, **auth.bearer(bob)) for _ in range(2)] == [403] * 2
     assert auth.status(iris, **{CONSUMER_HEADER: "alice"}) == 401  # a claim is no credential
     assert auth.status(iris, **{"x-api-key": "not-a-key"}) == 401
+    assert auth.status(iris, **auth.bearer(auth.idp.token(aud="elsewhere"))) == 401
     assert auth.status(iris, **auth.bearer(auth.idp.token("carol"))) == 200
     assert auth.status("/v2/models/nosuch/infer", **{"x-api-key": alice}) == 404
 
@@ -26,7 +27,7 @@ def test_usage_names_authenticated_consumers_and_counts_401_and_403(auth: AuthSt
         ("alice", "iris"): zero | {"ok": 3},
         ("bob", "iris"): zero | {"forbidden": 2},
         ("carol", "iris"): zero | {"ok": 1},
-        (ANONYMOUS, "iris"): zero | {"unauthorized": 2},
+        (ANONYMOUS, "iris"): zero | {"unauthorized": 3},  # incl. a JWT for another audience
         (ANONYMOUS, "nosuch"): zero | {"client_error": 1},  # the open catch-all 404
     }
     admin = auth.stack.control_plane_url
