@@ -55,8 +55,8 @@ DISCOVERED = frozenset({translate_auth.JWT, translate_limits.RATE_FILTER})
 
 def _discovered(config: TypedExtensionConfig) -> HttpFilter:
     """A filter whose config Envoy fetches by name over ADS. No default config: a listener
-    waits (warms) until the config arrives, and a request that finds no config gets 500 from
-    Envoy, never a pass without the check (fail closed)."""
+    waits (warms) until the config arrives, and without a config the filter rejects every
+    request (Envoy's ExtensionConfigSource docs), never passes it unchecked: fail closed."""
     ads = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
     return HttpFilter(
         name=config.name,

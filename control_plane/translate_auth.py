@@ -12,10 +12,10 @@ credential meets exactly one check. Missing or unknown credentials get 401 from 
 
 The keys live in the route configuration (the virtual host's per-filter config), not in
 the listener: an edit of the keys file is an RDS update, which applies to the next request
-on every connection, where a listener update would drain connections. The JWKS is part of
-the listener (`jwt_authn` takes it nowhere else), so a JWKS edit drains connections
-gracefully. Routes that need no credential (public models, the gateway's own routes)
-disable the filters by name.
+on every connection, where a listener update would drain connections. The JWKS is in the
+`jwt_authn` config, which `api_filters` hands to Envoy by ECDS rather than in the listener,
+so a JWKS edit drains no connection either. Routes that need no credential (public models,
+the gateway's own routes) disable the filters by name.
 """
 
 from __future__ import annotations

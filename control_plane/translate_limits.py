@@ -1,8 +1,9 @@
 """Envoy filters for each model's `limits` (docs/api-management.md#limits). Pure: no I/O.
 
-- rate: one `local_ratelimit` filter on the gateway listener; a token bucket per model
-  and consumer (dynamic descriptors), the model told apart by the request path, so that
-  the path, pin-header and split routes of a model share one bucket per consumer;
+- rate: one `local_ratelimit` filter on the gateway listener (its config delivered by
+  ECDS, see `api_filters`); a token bucket per model and consumer (dynamic descriptors),
+  the model told apart by the request path, so that the path, pin-header and split routes
+  of a model share one bucket per consumer;
 - quota: the `ratelimit` filter asks the control plane's rate limit service
   (`control_plane/quota.py`) per request, through the bootstrap's `xds_cluster`; each
   route carries the descriptor (model, quota, consumer);
