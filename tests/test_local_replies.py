@@ -22,6 +22,7 @@ from google.protobuf.json_format import MessageToJson
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from control_plane.api_filters import local_reply_config
+from control_plane.config import parse
 from gateway.bootstrap import envoy_command
 from gateway.processes import Child, free_port, wait_http
 
@@ -42,7 +43,7 @@ def test_a_route_to_a_cluster_envoy_lacks_answers_503_with_a_message(tmp_path, e
         stat_prefix="gateway",
         route_config=routes,
         http_filters=[HttpFilter(name="envoy.filters.http.router")],
-        local_reply_config=local_reply_config(),
+        local_reply_config=local_reply_config(parse("models: {}\n")),
     )
     hcm.http_filters[0].typed_config.Pack(Router())
     listener = Listener(
