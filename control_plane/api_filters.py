@@ -50,18 +50,26 @@ def _pack(message: Message) -> Any:
 
 # Filters whose config changes with the JWKS file or a `limits.rate`: Envoy takes their
 # config by ECDS, so that such an edit changes no listener (which would drain connections).
-DISCOVERED = frozenset({translate_auth.JWT, translate_limits.RATE_FILTER})
+# Each has a constant fallback, for when Envoy has no config from us (see _discovered).
+DISCOVERED = {
+    translate_auth.JWT: translate_auth.jwt_fallback(),
+    translate_limits.RATE_FILTER: translate_limits.rate_fallback(),
+}
 
 
 def _discovered(config: TypedExtensionConfig) -> HttpFilter:
-    """A filter whose config Envoy fetches by name over ADS. No default config: a listener
-    waits (warms) until the config arrives, and without a config the filter rejects every
-    request (Envoy's ExtensionConfigSource docs), never passes it unchecked: fail closed."""
+    """A filter whose config Envoy fetches by name over ADS. A new listener waits (warms)
+    until the config arrives. The default config applies only when it does not (Envoy's
+    initial fetch timeout) or was removed while an old listener drains; without one, the
+    filter would answer every request with 500 there. The JWT fallback refuses every JWT
+    (fail closed); the rate fallback limits nothing (as without a rate)."""
     ads = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
     return HttpFilter(
         name=config.name,
         config_discovery=ExtensionConfigSource(
-            config_source=ads, type_urls=[config.typed_config.type_url]
+            config_source=ads,
+            type_urls=[config.typed_config.type_url],
+            default_config=DISCOVERED[config.name],
         ),
     )
 

@@ -20,6 +20,9 @@ the gateway's own routes) disable the filters by name.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from envoy.config.common.mutation_rules.v3.mutation_rules_pb2 import HeaderMutation as Mutation
 from envoy.config.core.v3.base_pb2 import DataSource
 from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
@@ -66,7 +69,7 @@ from xds.type.matcher.v3.matcher_pb2 import Matcher
 from xds.type.matcher.v3.regex_pb2 import RegexMatcher as XdsRegexMatcher
 from xds.type.matcher.v3.string_pb2 import StringMatcher as XdsStringMatcher
 
-from control_plane.config import Consumers, Model
+from control_plane.config import Consumers, Jwt, Model
 
 # The authenticated consumer, as telemetry (access_log.CONSUMER_HEADER) and limits read it
 # (access_log imports translate, so the name is repeated here; a test holds them equal).
@@ -121,9 +124,7 @@ def _filter_unless(name: str, config: Message, jwt: bool) -> HttpFilter:
     return _filter(name, wrapped)
 
 
-def _jwt_authentication(consumers: Consumers) -> JwtAuthentication:
-    jwt = consumers.jwt
-    assert jwt is not None
+def _jwt_authentication(jwt: Jwt) -> JwtAuthentication:
     provider = JwtProvider(
         issuer=jwt.issuer,
         audiences=list(jwt.audiences),
@@ -137,6 +138,28 @@ def _jwt_authentication(consumers: Consumers) -> JwtAuthentication:
         providers={PROVIDER: provider},
         requirement_map={REQUIREMENT: JwtRequirement(provider_name=PROVIDER)},
     )
+
+
+# The public half of an EC key whose private half was thrown away: nothing verifies.
+_NO_KEY = {
+    "kty": "EC",
+    "crv": "P-256",
+    "x": "NuOxSiYl-vITJDk2hI1sBjh_ADxa5Qe3XfGYxj9gbaI",
+    "y": "U2J2q_NoLnmNyPbscP9-JcHzD0quwa2TT-_MLaCNzNE",
+}
+_REFUSE_ALL = Jwt(
+    issuer="https://refuse-all.invalid",
+    audiences=(),
+    jwks_file=Path(),
+    jwks=json.dumps({"keys": [_NO_KEY]}),
+)
+
+
+def jwt_fallback() -> Any:
+    """The JWT filter's config for when Envoy has none from the control plane (its ECDS
+    default: the config was removed while a draining listener still runs the filter, or
+    never arrived): every JWT gets 401, other credentials skip the filter as always."""
+    return _filter_unless(JWT, _jwt_authentication(_REFUSE_ALL), jwt=True).typed_config
 
 
 def http_filters(consumers: Consumers) -> list[HttpFilter]:
@@ -153,7 +176,7 @@ def http_filters(consumers: Consumers) -> list[HttpFilter]:
         filters = [
             _filter(STRIP, strip),
             _filter_unless(KEYS, keys, jwt=False),
-            _filter_unless(JWT, _jwt_authentication(consumers), jwt=True),
+            _filter_unless(JWT, _jwt_authentication(consumers.jwt), jwt=True),
         ]
     filters.append(_filter(ACCESS, RBAC()))
     return filters

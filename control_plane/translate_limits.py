@@ -175,6 +175,13 @@ def _rate_filter(models: list[Model]) -> HttpFilter:
     return HttpFilter(name=RATE_FILTER, typed_config=_pack(config))
 
 
+def rate_fallback() -> Any:
+    """The rate filter's config for when Envoy has none from the control plane (its ECDS
+    default: the last rate was removed while a draining listener still runs the filter, or
+    the config never arrived): no limit, as without any `rate`."""
+    return _pack(LocalRateLimit(stat_prefix="limits_rate"))
+
+
 def _quota_filter(config: RoutingConfig) -> HttpFilter:
     """Asks the control plane on the routes that carry a quota descriptor (on for those
     routes only); `quota_service.on_failure: closed` rejects with 503 when it can't."""

@@ -12,8 +12,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from envoy.extensions.common.matching.v3.extension_matcher_pb2 import ExtensionWithMatcher
+from envoy.extensions.filters.http.jwt_authn.v3.config_pb2 import JwtAuthentication
 
-from control_plane import access_log, translate_auth, translate_limits
+from control_plane import access_log, api_filters, translate_auth, translate_limits
 from control_plane.config import ConfigError, RoutingConfig, load
 from control_plane.schema import routing_schema
 from control_plane.snapshot import EXTENSION, LISTENER, PUSH_ORDER, build_snapshot
@@ -182,8 +184,8 @@ def test_keys_travel_in_routes_not_in_the_listener(tmp_path: Path):
 
 
 def test_jwks_and_rates_travel_by_ecds_not_in_the_listener(tmp_path: Path):
-    """A JWKS or rate edit changes only the ECDS resources; the listener names those filters
-    without a default config (no config: the listener waits, never runs without the check)."""
+    """A JWKS or rate edit changes only the ECDS resources; the listener names those filters,
+    with constant defaults (the JWT one refuses every token)."""
     jwt = "  jwt: {issuer: https://idp.test, jwks_file: jwks.json}\n"
     routing = ROUTING.replace("  priority:", jwt + "  priority:").replace(
         "    access: {consumers: [alice]}",
@@ -200,10 +202,16 @@ def test_jwks_and_rates_travel_by_ecds_not_in_the_listener(tmp_path: Path):
     assert before.listeners["gateway"] == after.listeners["gateway"]
     discovered = [f for f in hcm(before).http_filters if f.name in before.extension_configs]
     assert len(discovered) == 2
-    for f in discovered:
+    for f in discovered:  # a listener waits for the config; the default is a constant
         assert not f.HasField("typed_config")
-        assert not f.config_discovery.HasField("default_config")
         assert not f.config_discovery.apply_default_config_without_warming
+        assert f.config_discovery.default_config.type_url in f.config_discovery.type_urls
+    fallback = JwtAuthentication()
+    wrapped = ExtensionWithMatcher()
+    api_filters.DISCOVERED[translate_auth.JWT].Unpack(wrapped)
+    wrapped.extension_config.typed_config.Unpack(fallback)
+    (provider,) = fallback.providers.values()  # a key whose private half is gone
+    assert json.loads(provider.local_jwks.inline_string)["keys"][0]["kty"] == "EC"
     versions = [build_snapshot(r, "e").types for r in (before, after)]
     assert versions[0][LISTENER].version == versions[1][LISTENER].version
     assert versions[0][EXTENSION].version != versions[1][EXTENSION].version

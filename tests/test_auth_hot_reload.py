@@ -176,3 +176,35 @@ def test_jwks_and_rate_edits_under_traffic(gateway: Gateway):
     for c in callers:
         assert c.failures == [], c.failures
         assert c.ok > 40
+
+
+def test_removing_the_last_rate_leaves_no_draining_request_without_a_config(gateway: Gateway):
+    """Removing the last `rate` takes the filter out of the listener (a listener update: a
+    drain, which may reset a request that races a connection's close) and its ECDS config
+    away. The old listener still runs the filter while it drains: its default config (no
+    limit) must answer, never Envoy's 500 for a filter without a config. Runs last."""
+    g = gateway
+    callers = [Caller(g.stack.listen, {"x-api-key": g.keys["alice"]}) for _ in range(2)]
+    for c in callers:
+        c.start()
+    try:
+        while min(c.ok for c in callers) < 20:
+            time.sleep(0.01)
+        started = time.time()
+        g.stack.write(g.stack.config.read_text().replace("    limits:", "    # limits:"))
+        g.stack.wait_converged(after=started)
+        deadline = time.monotonic() + 20
+        while g.stack.envoy_stat("listener_manager.total_listeners_draining"):
+            assert time.monotonic() < deadline, "the old listener is still draining"
+            time.sleep(0.05)
+        count = [c.ok for c in callers]
+        while any(c.ok < n + 20 for c, n in zip(callers, count, strict=True)):
+            time.sleep(0.01)
+    finally:
+        for c in callers:
+            c.stop.set()
+        for c in callers:
+            c.join(15)
+    assert g.metered() == 200  # no limit any more
+    for c in callers:
+        assert all(f.startswith(("Remote", "Connection")) for f in c.failures), c.failures
