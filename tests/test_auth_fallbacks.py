@@ -1,0 +1,157 @@
+"""The default configs of the filters whose configs come by ECDS, as the real Envoy applies
+them when no config arrives: the JWT filter refuses every JWT (fail closed) and lets other
+credentials pass on to the key check; the rate filter limits nothing."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from datetime import timedelta
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.address_pb2 import Address, SocketAddress
+from envoy.config.core.v3.config_source_pb2 import (
+    ApiConfigSource,
+    ApiVersion,
+    ConfigSource,
+    ExtensionConfigSource,
+)
+from envoy.config.core.v3.grpc_service_pb2 import GrpcService
+from envoy.config.endpoint.v3.endpoint_components_pb2 import (
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.route_components_pb2 import (
+    DirectResponseAction,
+    Route,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.filters.http.jwt_authn.v3.config_pb2 import PerRouteConfig
+from envoy.extensions.filters.http.router.v3.router_pb2 import Router
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
+    HttpConnectionManager,
+    HttpFilter,
+)
+from google.protobuf.json_format import MessageToJson
+
+from control_plane.api_filters import DISCOVERED
+from control_plane.translate_auth import JWT, REQUIREMENT
+from control_plane.translate_limits import RATE_FILTER
+from gateway.bootstrap import envoy_command
+from gateway.processes import Child, free_port, wait_http
+
+
+def _nowhere(port: int) -> ConfigSource:
+    """An ECDS source that never answers (nothing listens on `port`), given up on quickly."""
+    grpc = GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name="nowhere"))
+    return ConfigSource(
+        api_config_source=ApiConfigSource(
+            api_type=ApiConfigSource.GRPC, transport_api_version=ApiVersion.V3, grpc_services=[grpc]
+        ),
+        resource_api_version=ApiVersion.V3,
+        initial_fetch_timeout=timedelta(milliseconds=200),
+    )
+
+
+def _bootstrap(listen: int, admin: int, dead: int) -> Bootstrap:
+    filters = [
+        HttpFilter(
+            name=name,
+            config_discovery=ExtensionConfigSource(
+                config_source=_nowhere(dead), type_urls=[default.type_url], default_config=default
+            ),
+        )
+        for name, default in DISCOVERED.items()
+    ]
+    filters.append(HttpFilter(name="envoy.filters.http.router"))
+    filters[-1].typed_config.Pack(Router())
+    route = Route(match=RouteMatch(prefix="/"), direct_response=DirectResponseAction(status=200))
+    route.typed_per_filter_config[JWT].Pack(PerRouteConfig(requirement_name=REQUIREMENT))
+    hcm = HttpConnectionManager(
+        stat_prefix="gateway",
+        route_config=RouteConfiguration(
+            virtual_hosts=[VirtualHost(name="all", domains=["*"], routes=[route])]
+        ),
+        http_filters=filters,
+    )
+    listener = Listener(
+        name="gateway",
+        address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=listen)),
+        filter_chains=[
+            FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager")])
+        ],
+    )
+    listener.filter_chains[0].filters[0].typed_config.Pack(hcm)
+    nowhere = Cluster(
+        name="nowhere",
+        type=Cluster.STATIC,
+        connect_timeout=timedelta(milliseconds=100),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name="nowhere",
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[
+                        LbEndpoint(
+                            endpoint=Endpoint(
+                                address=Address(
+                                    socket_address=SocketAddress(
+                                        address="127.0.0.1", port_value=dead
+                                    )
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    bootstrap = Bootstrap()
+    bootstrap.node.id, bootstrap.node.cluster = "fallbacks", "test"
+    bootstrap.static_resources.listeners.append(listener)
+    bootstrap.static_resources.clusters.append(nowhere)
+    bootstrap.admin.address.socket_address.address = "127.0.0.1"
+    bootstrap.admin.address.socket_address.port_value = admin
+    return bootstrap
+
+
+def _status(url: str, headers: dict[str, str]) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_without_their_configs_jwts_are_refused_and_nothing_is_rate_limited(tmp_path, envoy_binary):
+    listen, admin, dead = free_port(), free_port(), free_port()
+    path = tmp_path / "envoy.json"
+    path.write_text(MessageToJson(_bootstrap(listen, admin, dead)))
+    envoy = Child("envoy", envoy_command(envoy_binary, str(path)), str(tmp_path / "envoy.log"))
+    envoy.start()
+    try:
+        wait_http(f"http://127.0.0.1:{admin}/ready", child=envoy)
+        # Any key signs a JWT; the fallback's JWKS holds only a key nobody has.
+        now = int(time.time())
+        claims = {"iss": "https://refuse-all.invalid", "sub": "mallory", "exp": now + 600}
+        token = jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
+        url = f"http://127.0.0.1:{listen}/v2/models/iris/infer"
+        assert _status(url, {"authorization": f"Bearer {token}"}) == 401
+        # Not a JWT: the JWT filter skips it (the key check, not configured here, decides).
+        assert [_status(url, {"x-api-key": "some-key"}) for _ in range(20)] == [200] * 20
+        stats = urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats", timeout=5).read()
+        for name in (JWT, RATE_FILTER):  # the defaults ran: no config ever arrived
+            assert f"extension_config_discovery.http_filter.{name}.config_reload: 0" in (
+                stats.decode()
+            )
+    finally:
+        envoy.stop()
