@@ -23,7 +23,7 @@ from envoy.config.core.v3.config_source_pb2 import (
 )
 from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
 from envoy.config.core.v3.substitution_format_string_pb2 import SubstitutionFormatString
-from envoy.config.route.v3.route_components_pb2 import Route
+from envoy.config.route.v3.route_components_pb2 import Route, RouteAction
 from envoy.extensions.access_loggers.filters.cel.v3.cel_pb2 import ExpressionFilter
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
     HttpFilter,
@@ -99,6 +99,17 @@ def per_route_configs(model: Model) -> dict[str, Any]:
         **translate_auth.access_route_configs(model),
         **translate_limits.per_route_configs(model),
     }
+
+
+def oversize_route(model: Model, split: RouteAction, per_route: dict[str, Any]) -> Route | None:
+    """The route of requests that declare a body over the model's `max_body`, with the
+    model's per-route configs but the body limit (the model server reads that body)."""
+    route = translate_limits.oversize_route(model, split)
+    if route is not None:
+        for name, config in per_route.items():
+            if name != translate_limits.BODY_FILTER:
+                route.typed_per_filter_config[name].CopyFrom(config)
+    return route
 
 
 def open_route_configs(config: RoutingConfig) -> dict[str, Any]:

@@ -364,6 +364,8 @@ def _model_routes(model: Model) -> list[Route]:
     for route in routes:
         for name, config in per_route.items():
             route.typed_per_filter_config[name].CopyFrom(config)
+    if oversize := api_filters.oversize_route(model, routes[-1].route, per_route):
+        routes.insert(0, oversize)
     return routes
 
 

@@ -7,7 +7,9 @@
 - quota: the `ratelimit` filter asks the control plane's rate limit service
   (`control_plane/quota.py`) per request, through the bootstrap's `xds_cluster`; each
   route carries the descriptor (model, quota, consumer);
-- max_body: the `buffer` filter, on for the model's routes only;
+- max_body: the `buffer` filter, on for the model's routes only; a request that declares a
+  larger body (content-length) takes the model's `oversize` route instead, to a model server
+  that reads and drops the body before its 413 (`oversize_route`);
 - priority: `low` consumers' requests take twin routes on Envoy's DEFAULT routing
   priority, whose per-version circuit-breaker pool is small (`with_priorities`).
 
@@ -35,7 +37,12 @@ from envoy.config.core.v3.base_pb2 import (
 from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.core.v3.grpc_service_pb2 import GrpcService
 from envoy.config.ratelimit.v3.rls_pb2 import RateLimitServiceConfig
-from envoy.config.route.v3.route_components_pb2 import HeaderMatcher, Route
+from envoy.config.route.v3.route_components_pb2 import (
+    HeaderMatcher,
+    Route,
+    RouteAction,
+    RouteMatch,
+)
 from envoy.config.route.v3.route_components_pb2 import RateLimit as Descriptor
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import (
@@ -55,6 +62,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from envoy.type.v3.percent_pb2 import FractionalPercent
+from envoy.type.v3.range_pb2 import Int64Range
 from envoy.type.v3.token_bucket_pb2 import TokenBucket
 from google.protobuf.any_pb2 import Any
 from google.protobuf.message import Message
@@ -78,6 +86,7 @@ RATE_FILTER = "envoy.filters.http.local_ratelimit"
 QUOTA_FILTER = "envoy.filters.http.ratelimit"
 BODY_FILTER = "envoy.filters.http.buffer"
 REROUTE_FILTER = "envoy.filters.http.lua"
+MAX_BODY_HEADER = "x-infergate-max-body"  # model_servers/server.py reads it
 REROUTE_LUA = "function envoy_on_request(handle) handle:clearRouteCache() end"
 
 
@@ -251,6 +260,34 @@ def per_route_configs(model: Model) -> dict[str, Any]:
         size = UInt32Value(value=limits.max_body)
         out[BODY_FILTER] = _pack(BufferPerRoute(buffer=Buffer(max_request_bytes=size)))
     return out
+
+
+def oversize_route(model: Model, split: RouteAction) -> Route | None:
+    """The route of requests to `model` that declare a body over its `max_body`: to a
+    version of the split (no mirror) with the limit in `x-infergate-max-body`, so that the
+    model server reads and drops the body, then answers 413 (before it resolves the model).
+    Envoy's own early 413 would close the connection with the body unread, and a client
+    that sends the whole body before reading gets a reset (envoyproxy/envoy#36080)."""
+    limit = model.limits.max_body if model.limits else 0
+    if not limit:
+        return None
+    declared = HeaderMatcher(name="content-length", range_match=Int64Range(start=limit + 1))
+    declared.range_match.end = 2**63 - 1
+    action = RouteAction()
+    action.CopyFrom(split)
+    del action.request_mirror_policies[:]
+    route = Route(
+        name=f"{model.name}/oversize",
+        match=RouteMatch(path_separated_prefix=f"/v2/models/{model.name}", headers=[declared]),
+        route=action,
+    )
+    route.request_headers_to_add.append(
+        HeaderValueOption(
+            header=HeaderValue(key=MAX_BODY_HEADER, value=str(limit)),
+            append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    )
+    return route
 
 
 # --- priority: low consumers get a pool of their own, smaller than everyone else's ------------

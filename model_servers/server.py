@@ -32,6 +32,7 @@ from model_servers.settings import Batching
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_SIZE = 16 * 1024 * 1024
+MAX_BODY_HEADER = "x-infergate-max-body"  # set by the gateway's oversize routes
 DISCARD_LIMIT = 256 * 1024 * 1024  # bytes of a refused body read before closing anyway
 BINARY_HEADER = "Inference-Header-Content-Length"
 MAX_ANSWERS_LIMIT = 10_000
@@ -85,16 +86,22 @@ class _RestCodec:
         self.body = b""
         self.header_length: int | None = None
 
-    async def read(self) -> int:
-        too_large = ProtocolError(413, f"request body exceeds {self.max_body_size} bytes")
+    def _too_large(self) -> ProtocolError:
+        return ProtocolError(413, f"request body exceeds {self.max_body_size} bytes")
+
+    async def refuse_declared_oversize(self) -> None:
+        """413 for a body whose content-length is over the limit, once it is read and dropped."""
         if (self.request.content_length or 0) > self.max_body_size:
             await _discard_body(self.request)
-            raise too_large
+            raise self._too_large()
+
+    async def read(self) -> int:
+        await self.refuse_declared_oversize()
         try:
             self.body = await self.request.read()
         except web.HTTPRequestEntityTooLarge:
             await _discard_body(self.request)
-            raise too_large from None
+            raise self._too_large() from None
         raw = self.request.headers.get(BINARY_HEADER)
         if raw is not None:
             if not raw.isdigit() or int(raw) > len(self.body):
@@ -161,13 +168,19 @@ class _RestHandlers:
         return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
     async def infer(self, request: web.Request) -> web.Response:
-        served = self.core.resolve(*self._model(request))
-        codec = _RestCodec(request, self.max_body_size)
+        # The gateway's lower limit for this model (`max_body`) comes as a header, for any
+        # version's path: refuse before resolving the model.
+        limit = request.headers.get(MAX_BODY_HEADER, "")
+        codec = _RestCodec(
+            request, min(self.max_body_size, int(limit)) if limit.isdigit() else self.max_body_size
+        )
         request_id, shadow = None, False
         if self.core.answers is not None:
             request_id = request.headers.get("x-request-id")
             shadow = is_shadow(request.headers.get("Host"))
         try:
+            await codec.refuse_declared_oversize()
+            served = self.core.resolve(*self._model(request))
             response = await self.core.infer(served, codec, request_id, shadow)
         except ProtocolError as exc:
             response = _error(exc.status, exc.message)

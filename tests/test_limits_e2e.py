@@ -167,6 +167,16 @@ def test_a_body_over_max_body_gets_413_and_at_the_limit_200(stack, expect_contin
     assert over.startswith(b"HTTP/1.1 413") and b'{"error":' in over
 
 
+def test_a_body_far_over_max_body_sent_whole_gets_the_413_not_a_reset(stack):
+    """32 MB against `max_body: 1MiB`, sent whole before reading: Envoy's own early 413
+    would close the connection with the body unread (a reset); the oversize route hands it
+    to a model server that reads and drops it, then answers 413 for the gateway's limit."""
+    apply_limits(stack, "{max_body: 1MiB}")
+    reply = raw_post(stack.listen, 32 << 20, expect_continue=False)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"exceeds 1048576 bytes" in reply
+
+
 def test_a_body_over_the_model_servers_own_limit_gets_its_413_through_the_gateway(stack):
     """32 MB (the model server takes 16 MiB) sent whole before reading: the server reads
     and drops the body, so the client reads the 413 instead of a reset."""

@@ -234,6 +234,22 @@ async def test_oversize_body_is_413(repo: Path) -> None:
         await client.close()
 
 
+async def test_the_gateways_lower_max_body_header_is_413_before_the_model_is_resolved(
+    client: TestClient,
+) -> None:
+    """`x-infergate-max-body` (the gateway's oversize route) lowers the limit; the body is
+    refused even for a version this server does not serve (any version's server gets it)."""
+    body = json.dumps(_tensor()).encode()
+    lower = {"x-infergate-max-body": str(len(body) - 1), "content-type": "application/json"}
+    for path in ("/v2/models/iris/infer", "/v2/models/iris/versions/v9/infer"):
+        resp = await client.post(path, data=body, headers=lower)
+        assert resp.status == 413, path
+        assert f"exceeds {len(body) - 1} bytes" in (await resp.json())["error"]
+    at_limit = {**lower, "x-infergate-max-body": str(len(body))}
+    resp = await client.post("/v2/models/iris/infer", data=body, headers=at_limit)
+    assert resp.status == 200
+
+
 class _BrokenEstimator:
     n_features_in_ = 4
 
