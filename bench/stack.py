@@ -78,15 +78,18 @@ class BenchStack:
         wait_http(f"http://{host_port(self.envoy_admin)}/ready", timeout=30, child=envoy)
         self._wait_inference(self.gateway_url)
 
-    def start_control_plane(self, watch: str = "auto") -> None:
-        """Start (or restart) the control plane, seeing file edits the `watch` way."""
+    def start_control_plane(self, watch: str = "auto", source: Path | None = None) -> None:
+        """Start (or restart) the control plane, seeing file edits the `watch` way; its code
+        from the source tree `source` (e.g. an older commit) instead of this one if given."""
         for child in [c for c in self.children if c.name == "control plane"]:
             child.stop()
             self.children.remove(child)
+        prefix = ["env", "-C", str(source), f"PYTHONPATH={source}"] if source else []
         cp = self._start(
             Child(
                 "control plane",
-                cli(
+                prefix
+                + cli(
                     "control-plane",
                     str(self.config),
                     "--xds",
