@@ -76,3 +76,19 @@ async def test_a_half_written_save_is_not_an_error_but_a_lasting_one_is(watched)
     save(path, BAD)
     await wait_for(lambda: seen.errors != [])
     assert "nowhere" in str(seen.errors[-1]) and seen.port() == 9005
+
+
+@pytest.mark.parametrize("watched", ["notify"], indirect=True)
+async def test_a_file_written_in_place_is_read_once_closed(watched):
+    """With notifications, a file still open for writing is not read: a valid first part of
+    it (one model of two) never becomes a config."""
+    path, seen, watcher = watched
+    watcher.settle = 0.5
+    with path.open("w") as f:
+        f.write(GOOD % 9006)
+        f.flush()
+        await asyncio.sleep(0.2)  # the first part is on disk, the writer is not done
+        assert seen.port() == 9001
+        f.write("  other:\n    versions:\n      v1: {endpoints: [127.0.0.1:9007]}\n")
+    await wait_for(lambda: seen.port() == 9006)
+    assert [len(c.models) for c in seen.configs] == [1, 2] and seen.errors == []
