@@ -15,6 +15,9 @@ not roll a canary back and a significant but harmless difference does not either
 A check fails only when its p-value is below the alpha it is given (at most `ALPHA` per
 interval; the controller splits it between early looks and the decision).
 `docs/rollouts.md` gives the false-alarm rate this yields (`bench/rollout_aa.py`).
+
+numpy and scipy.stats are imported where used: they add about 85 MB to the control plane's
+memory, needed only while a rollout is judged or shadows are compared.
 """
 
 from __future__ import annotations
@@ -23,9 +26,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import numpy as np
-from scipy.stats import binomtest, fisher_exact, mannwhitneyu
 
 from control_plane.config import Rollout, RolloutShadow
 from control_plane.telemetry import IntervalStats
@@ -55,6 +55,8 @@ class Numbers:
         sampled = requests if window.sampled_requests is None else window.sampled_requests
         sampled_errors = errors if window.sampled_errors is None else window.sampled_errors
         rate = sampled_errors / sampled if sampled else None
+        import numpy as np
+
         p99 = float(np.percentile(window.durations, 99)) if len(window.durations) else None
         return cls(requests, errors, rate, p99, sampled, min(sampled_errors, sampled))
 
@@ -114,6 +116,8 @@ def _judge(
 def error_rate(c: Numbers, limit: float, alpha: float) -> Check:
     if not c.sampled:
         return Check("error_rate", True, "no canary requests", limit=limit)
+    from scipy.stats import binomtest
+
     p = binomtest(c.sampled_errors, c.sampled, limit, alternative="greater").pvalue
     said = f"{c.sampled_errors} errors in {c.sampled} requests{_logged(c)} ({_pct(c.error_rate)})"
     return _judge(
@@ -135,6 +139,8 @@ def errors_vs_baseline(c: Numbers, b: Numbers, alpha: float) -> Check:
         [c.sampled_errors, c.sampled - c.sampled_errors],
         [b.sampled_errors, b.sampled - b.sampled_errors],
     ]
+    from scipy.stats import fisher_exact
+
     p = fisher_exact(table, alternative="greater").pvalue
     said = f"canary {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} errors"
     return _judge(
@@ -149,6 +155,8 @@ def errors_vs_baseline(c: Numbers, b: Numbers, alpha: float) -> Check:
 
 
 def p99(c: Numbers, durations: Sequence[float], limit: float, alpha: float) -> Check:
+    from scipy.stats import binomtest
+
     slow = sum(1 for d in durations if d > limit)
     p = binomtest(slow, len(durations), TAIL, alternative="greater").pvalue
     said = f"p99 {_ms(c.p99)}; {slow} of {len(durations)} requests slower than {_ms(limit)}"
@@ -168,6 +176,8 @@ def latency_vs_baseline(
     if c.p99 is None or b.p99 is None:
         return Check("latency_vs_baseline", True, "no baseline durations to compare with")
     ratio = c.p99 / b.p99 if b.p99 > 0 else math.inf
+    from scipy.stats import mannwhitneyu
+
     p = mannwhitneyu(canary, baseline, alternative="greater").pvalue
     said = f"p99 canary {_ms(c.p99)} vs baseline {_ms(b.p99)} (x{ratio:.2f}, limit x{limit:g})"
     good = ": within the ratio" if ratio <= limit else ": not significantly slower"
@@ -213,6 +223,8 @@ def compare_outputs(
             if a.get(key) != b.get(key):
                 return f"{a['name']}: {key} {a.get(key)} vs {b.get(key)}"
         if a.get("datatype") in FLOAT_TYPES:
+            import numpy as np
+
             x, y = np.asarray(a["data"], dtype=float), np.asarray(b["data"], dtype=float)
             if x.shape != y.shape or not np.allclose(
                 x, y, rtol=tolerance.rtol, atol=tolerance.atol, equal_nan=True
