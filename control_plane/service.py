@@ -28,7 +28,7 @@ from control_plane.admin import make_admin_app
 from control_plane.callbacks import Fanout, LogCallbacks
 from control_plane.config import ConfigError, Endpoint, RoutingConfig, load
 from control_plane.endpoints import EndpointRegistry
-from control_plane.gc_pause import paused_gc
+from control_plane.gc_pause import paused_gc, release_freed_memory
 from control_plane.health import HealthMonitor
 from control_plane.metrics import XdsMetrics, make_registry
 from control_plane.nodes import NodeRegistry
@@ -199,12 +199,15 @@ class ControlPlane:
         config = self.rollouts.apply(self.endpoints.merge(self.file_config))
         material, client = self._upstream_tls(config.upstream_tls) or (None, None)
         self.timings["build_started_at"] = time.time()
-        if len(config.models) <= INLINE_BUILD_MODELS:
+        small = len(config.models) <= INLINE_BUILD_MODELS
+        if small:
             snapshot = self._build(config, material)
         else:
             snapshot = await asyncio.to_thread(self._build, config, material)
         self.timings["built_at"] = time.time()
         self.cache.set(with_runtime(snapshot, self._runtime()))
+        if not small:  # the previous snapshot is gone now, unless a stream still sends it
+            release_freed_memory()
         self.shadow_pairs.tls = client
         if self.health:
             self.health.set_config(config, client)
