@@ -53,27 +53,26 @@ class XdsMetrics:
         self.nacks: Counter[str] = Counter()
         self.acks: Counter[str] = Counter()
         self.ack_seconds: Counter[str] = Counter()
-        self._sent_at: dict[tuple[str, str], float] = {}  # (node, type) -> last push
+        self._sent_at: dict[str, dict[str, float]] = {}  # node -> type -> last push
 
     def on_connect(self, node: NodeInfo, mode: str) -> None:
         pass
 
     def on_disconnect(self, node: NodeInfo) -> None:
-        for key in [k for k in self._sent_at if k[0] == node.id]:
-            del self._sent_at[key]
+        self._sent_at.pop(node.id, None)
 
     def on_sent(self, node: NodeInfo, type_url: str, version: str, resources: int) -> None:
         self.pushes[SHORT_NAMES[type_url]] += 1
-        self._sent_at[node.id, type_url] = self.clock()
+        self._sent_at.setdefault(node.id, {})[type_url] = self.clock()
 
     def on_ack(self, node: NodeInfo, type_url: str, version: str) -> None:
-        sent = self._sent_at.pop((node.id, type_url), None)
+        sent = self._sent_at.get(node.id, {}).pop(type_url, None)
         if sent is not None:
             self.acks[SHORT_NAMES[type_url]] += 1
             self.ack_seconds[SHORT_NAMES[type_url]] += self.clock() - sent
 
     def on_nack(self, node: NodeInfo, type_url: str, version: str, message: str) -> None:
-        self._sent_at.pop((node.id, type_url), None)
+        self._sent_at.get(node.id, {}).pop(type_url, None)
         self.nacks[SHORT_NAMES[type_url]] += 1
 
     def collect(self) -> Iterator[Metric]:

@@ -20,7 +20,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 )
 
 from control_plane.callbacks import Callbacks, NodeInfo
-from control_plane.snapshot import SnapshotCache
+from control_plane.snapshot import Snapshot, SnapshotCache
 from control_plane.streams import (
     Clock,
     DeltaStream,
@@ -84,6 +84,8 @@ class AdsServer:
         self.desired = DesiredCache()  # shared by all streams
         bound = INITIAL_SYNCS if initial_syncs is None else initial_syncs
         self.initial_syncs = asyncio.Semaphore(bound) if bound > 0 else None
+        self._streams: set[asyncio.Queue] = set()  # each open stream's events
+        self._broadcaster: asyncio.Task | None = None
 
     def handler(self) -> grpc.GenericRpcHandler:
         def method(stream_class: type[Stream], request_class) -> grpc.RpcMethodHandler:
@@ -120,17 +122,12 @@ class AdsServer:
         async def read() -> None:
             try:
                 async for req in requests:
-                    await events.put(req)
+                    events.put_nowait(req)
             finally:
-                await events.put(None)
+                events.put_nowait(None)
 
-        async def watch() -> None:
-            seen = self.cache.snapshot
-            while True:
-                seen = await self.cache.wait_newer(seen)
-                await events.put(seen)
-
-        tasks = [asyncio.create_task(read()), asyncio.create_task(watch())]
+        reader = asyncio.create_task(read())
+        self._subscribe(events)
         loop = asyncio.get_running_loop()
         wake: asyncio.TimerHandle | None = None
         stream: Stream | None = None
@@ -153,13 +150,32 @@ class AdsServer:
                 if wake_after:  # routes held back while new clusters warm up
                     wake = loop.call_later(wake_after, events.put_nowait, WAKE)
         finally:
+            self._unsubscribe(events)
             slot.give_back()
             if wake:
                 wake.cancel()
-            for task in tasks:
-                task.cancel()
+            reader.cancel()
             if stream:
                 stream.close()
+
+    def _subscribe(self, events: asyncio.Queue) -> None:
+        """Put every new snapshot into `events` (one task watches the cache for all streams,
+        while any are open)."""
+        self._streams.add(events)
+        if self._broadcaster is None:
+            self._broadcaster = asyncio.create_task(self._broadcast(self.cache.snapshot))
+
+    def _unsubscribe(self, events: asyncio.Queue) -> None:
+        self._streams.discard(events)
+        if not self._streams and self._broadcaster:
+            self._broadcaster.cancel()
+            self._broadcaster = None
+
+    async def _broadcast(self, seen: Snapshot | None) -> None:
+        while True:
+            seen = await self.cache.wait_newer(seen)
+            for events in self._streams:
+                events.put_nowait(seen)
 
     @staticmethod
     async def _write(context, out: Outgoing) -> float | None:

@@ -56,6 +56,9 @@ async def test_delta_handshake_sends_each_resource_with_its_version(plane, delta
 
 async def test_removed_version_goes_routes_first_then_removed_resources(plane, delta):
     await converge(delta)
+    # The routes' ACK is in: the clusters they name linger (a build on the loop may
+    # otherwise publish the edit before the control plane has read the ACK).
+    await wait_for(lambda: plane.status()["nodes"][0]["types"]["rds"]["acked_version"])
     edit(
         plane,
         TWO_VERSIONS.replace("      v2: {endpoints: [127.0.0.1:9002]}\n", "").replace(
