@@ -20,6 +20,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 )
 
 from control_plane.callbacks import Callbacks, NodeInfo
+from control_plane.gc_pause import release_freed_memory
 from control_plane.snapshot import Snapshot, SnapshotCache
 from control_plane.streams import (
     Clock,
@@ -37,6 +38,7 @@ WAKE = "wake"  # an event that only makes a stream look at its state again
 # buffers, so this bounds the control plane's memory (docs/xds-scale.md).
 INITIAL_SYNCS = int(os.environ.get("INFERGATE_XDS_INITIAL_SYNCS", "32"))
 INITIAL_SYNC_TIMEOUT = 10.0  # seconds a stream may hold its slot without ACKing routes
+TRIM_AFTER = 2.0  # seconds after a snapshot's fan-out began: return freed memory to the OS
 
 log = logging.getLogger("infergate.xds")
 
@@ -172,10 +174,17 @@ class AdsServer:
             self._broadcaster = None
 
     async def _broadcast(self, seen: Snapshot | None) -> None:
+        loop = asyncio.get_running_loop()
+        trim: asyncio.TimerHandle | None = None
         while True:
             seen = await self.cache.wait_newer(seen)
             for events in self._streams:
                 events.put_nowait(seen)
+            if trim:
+                trim.cancel()
+            # The responses in flight to every stream are freed once written: give the
+            # memory back (glibc keeps it otherwise, at about 20 kB per stream and edit).
+            trim = loop.call_later(TRIM_AFTER, release_freed_memory)
 
     @staticmethod
     async def _write(context, out: Outgoing) -> float | None:
