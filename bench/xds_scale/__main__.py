@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.stats import emit
 from bench.workdir import scratch_dir
-from bench.xds_scale import analysis, models, push, storm
+from bench.xds_scale import analysis, models, plane, push, storm
 from control_plane.xds_server import INITIAL_SYNCS
 
 ROUTE_CLIENTS = 100  # clients for the push-time-by-model-count table
@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edits", type=int, help="weight edits per scenario (default 10)")
     p.add_argument("--no-analysis", action="store_true", help="skip the bottleneck analysis")
     p.add_argument("--only", choices=["build", "clients", "models", "storm"], action="append")
+    p.add_argument(
+        "--plane-source",
+        type=Path,
+        help="run the control plane from this source tree (e.g. an older commit's `git archive`)",
+    )
     return p.parse_args(argv)
 
 
@@ -76,7 +81,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     clients = args.clients or ([20, 100] if args.quick else [100, 1000, 5000])
     model_counts = args.models or ([10, 100] if args.quick else [10, 100, 1000])
     edits = args.edits or (3 if args.quick else 10)
-    report: dict[str, Any] = {"quick": args.quick, "machine": machine()}
+    report: dict[str, Any] = {
+        "quick": args.quick,
+        "machine": machine(),
+        "plane_source": str(plane.PLANE_SOURCE or "."),
+        "load_average_before": os.getloadavg(),
+    }
 
     want = set(args.only or ["build", "clients", "models", "storm"])
 
@@ -139,10 +149,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plane_source:
+        plane.PLANE_SOURCE = args.plane_source.resolve()
     started = time.monotonic()
     with scratch_dir("infergate-xds-scale-") as workdir:
         report = run(args, workdir)
     report["duration_s"] = round(time.monotonic() - started, 1)
+    report["load_average_after"] = os.getloadavg()
     return emit(report)
 
 

@@ -13,6 +13,9 @@ from gateway.processes import Child, free_port, host_port, wait_http
 
 LOCAL = "127.0.0.1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Run the control plane from this source tree instead of ours (`--plane-source`: an older
+# commit unpacked with `git archive`, to compare side by side).
+PLANE_SOURCE: Path | None = None
 APPLIED = re.compile(r"^(\S+ \S+) infergate\.control_plane INFO applied config .* in ([\d.]+) ms$")
 
 
@@ -55,6 +58,8 @@ class PlaneProcess:
         argv = [sys.executable, "-m", module, *args]
         if initial_syncs is not None:  # the bound of xds_server.INITIAL_SYNCS; env execs
             argv = ["env", f"INFERGATE_XDS_INITIAL_SYNCS={initial_syncs}", *argv]
+        if PLANE_SOURCE is not None:
+            argv = ["env", "-C", str(PLANE_SOURCE), f"PYTHONPATH={PLANE_SOURCE}", *argv]
         self.child = Child("control-plane", argv, str(log))
 
     @property
