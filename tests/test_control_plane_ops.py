@@ -91,6 +91,18 @@ async def test_a_burst_of_edits_coalesces_into_one_push(plane):
     assert pushed_ports(plane, "iris/v1") == [9109]
 
 
+async def test_status_gives_the_steps_of_the_last_reload_in_order(plane):
+    """`config.timings` (read by bench.convergence): each step of a save's way to the
+    snapshot, at or after the save and in order."""
+    builds, saved = plane.builds, time.time()
+    edit(plane, TWO_VERSIONS.replace("9001", "9120"))
+    await _wait(lambda: plane.builds > builds)
+    config = plane.status()["config"]
+    steps = ["changed_at", "parsed_at", "build_started_at", "built_at"]
+    times = [config["timings"][step] for step in steps] + [config["applied_at"]]
+    assert saved <= times[0] and times == sorted(times)
+
+
 async def test_a_failing_build_is_reported_and_the_next_edit_builds_again(plane, monkeypatch):
     """A bug in translation (injected here) must not stop the publisher silently."""
     from control_plane import service
