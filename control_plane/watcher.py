@@ -149,7 +149,7 @@ class ConfigWatcher:
             targets = self._targets()
             retarget = asyncio.Event()
             with INotify() as inotify:
-                names = {}  # watch descriptor: names of watched files in that folder
+                names: dict[int, set[str]] = {}  # watch descriptor: watched names there
                 for folder in {Path(t).parent for t in targets}:
                     if folder.is_dir():
                         wd = inotify.add_watch(folder, NOW | LATER)
