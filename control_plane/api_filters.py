@@ -5,6 +5,7 @@ its local replies. Without those keys the gateway is open to all, as before."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from envoy.config.accesslog.v3.accesslog_pb2 import (
@@ -48,49 +49,62 @@ def _pack(message: Message) -> Any:
     return packed
 
 
-# Filters whose config changes with the JWKS file or a `limits.rate`: Envoy takes their
-# config by ECDS, so that such an edit changes no listener (which would drain connections).
-# Each has a constant fallback, for when Envoy has no config from us (see _discovered).
-DISCOVERED = {
-    translate_auth.JWT: translate_auth.jwt_fallback(),
-    translate_limits.RATE_FILTER: translate_limits.rate_fallback(),
+# The filters of the gateway listener before the router, the same for every routing file:
+# who the caller is (auth), then what the caller may spend (limits). Each is off until the
+# virtual host or a route turns it on with its per-filter config, except the rate filter,
+# whose config limits nothing without a `rate`. So no edit of `consumers` or `limits`
+# changes the listener (a listener update drains every open connection).
+FILTERS = [*translate_auth.http_filters(), *translate_limits.http_filters()]
+
+# Filters whose config changes with the routing file itself (the JWKS, the rates, the quota
+# service's failure mode): Envoy takes their config by ECDS, so that such an edit changes
+# no listener either. Each config listed in FILTERS is the default (see _discovered).
+DISCOVERED: dict[str, Callable[[RoutingConfig], Any]] = {
+    translate_auth.JWT: lambda config: translate_auth.jwt_config(config.consumers),
+    translate_limits.RATE_FILTER: translate_limits.rate_config,
+    translate_limits.QUOTA_FILTER: lambda config: translate_limits.quota_config(
+        config.quota_on_failure
+    ),
 }
 
 
-def _discovered(config: TypedExtensionConfig) -> HttpFilter:
+def _discovered(listed: HttpFilter) -> HttpFilter:
     """A filter whose config Envoy fetches by name over ADS. A new listener waits (warms)
-    until the config arrives. The default config applies only when it does not (Envoy's
-    initial fetch timeout) or was removed while an old listener drains; without one, the
-    filter would answer every request with 500 there. The JWT fallback refuses every JWT
-    (fail closed); the rate fallback limits nothing (as without a rate)."""
+    until the config arrives. The default config, the one listed, applies only when it does
+    not (Envoy's initial fetch timeout) or was removed while an old listener drains;
+    without one, the filter would answer every request with 500 there. The JWT default
+    refuses every JWT (fail closed); the rate default limits nothing (as without a rate);
+    the quota default fails closed."""
     ads = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
     return HttpFilter(
-        name=config.name,
+        name=listed.name,
         config_discovery=ExtensionConfigSource(
             config_source=ads,
-            type_urls=[config.typed_config.type_url],
-            default_config=DISCOVERED[config.name],
+            type_urls=[listed.typed_config.type_url],
+            default_config=listed.typed_config,
         ),
+        disabled=listed.disabled,
     )
 
 
 def http_filters(config: RoutingConfig) -> tuple[list[HttpFilter], dict[str, TypedExtensionConfig]]:
-    """The filters that run before the router on the `gateway` listener: who the caller
-    is (auth), then what the caller may spend (limits); and by name the configs of those
-    that Envoy takes by extension config discovery (ECDS: they are not in the listener)."""
-    identity = translate_auth.http_filters(config.consumers) if config.consumers else []
-    filters, discovered = [], {}
-    for f in [*identity, *translate_limits.http_filters(config)]:
-        if f.name in DISCOVERED:
-            discovered[f.name] = TypedExtensionConfig(name=f.name, typed_config=f.typed_config)
-            f = _discovered(discovered[f.name])
-        filters.append(f)
+    """The filters that run before the router on the `gateway` listener (the same for every
+    file), and by name the configs of those that Envoy takes by extension config discovery
+    (ECDS: they are not in the listener)."""
+    filters = [_discovered(f) if f.name in DISCOVERED else f for f in FILTERS]
+    discovered = {
+        name: TypedExtensionConfig(name=name, typed_config=config_of(config))
+        for name, config_of in DISCOVERED.items()
+    }
     return filters, discovered
 
 
 def virtual_host_configs(config: RoutingConfig) -> dict[str, Any]:
-    """Filter name -> typed config for every route of the gateway's virtual host."""
-    return translate_auth.virtual_host_configs(config.consumers) if config.consumers else {}
+    """Filter name -> typed config for every route of the gateway's virtual host (each
+    virtual host that holds model routes must carry them: with `consumers` they turn the
+    auth filters on, and without them a restricted model would be open)."""
+    auth = translate_auth.virtual_host_configs(config.consumers) if config.consumers else {}
+    return {**auth, **translate_limits.virtual_host_configs(config)}
 
 
 def per_route_configs(model: Model) -> dict[str, Any]:
@@ -150,17 +164,17 @@ def _jwt_audience_401(shape: SubstitutionFormatString) -> ResponseMapper:
     )
 
 
-def local_reply_config(config: RoutingConfig) -> LocalReplyConfig:
+def local_reply_config(_config: RoutingConfig) -> LocalReplyConfig:
     """Every error Envoy answers itself (401, 403, 404, 413, 429, 503, ...) in the Open
     Inference Protocol's shape, `{"error": "..."}` as application/json; its own successful
-    answers (health, server metadata) stay as they are."""
+    answers (health, server metadata) stay as they are. The same for every routing file
+    (it is in the listener; `_config` is the translator's argument)."""
     body = Struct()
     body.update({"error": "%LOCAL_REPLY_BODY%"})
     shape = SubstitutionFormatString(json_format=body)
-    jwt = config.consumers is not None and config.consumers.jwt is not None
     return LocalReplyConfig(
         mappers=[
-            *([_jwt_audience_401(shape)] if jwt else []),
+            _jwt_audience_401(shape),  # in every file: the listener must not change with `jwt`
             ResponseMapper(
                 filter=_status(ComparisonFilter.EQ, 404, "infergate.no_route_status"),
                 body=DataSource(inline_string="no model at this path"),

@@ -14,8 +14,10 @@ The keys live in the route configuration (the virtual host's per-filter config),
 the listener: an edit of the keys file is an RDS update, which applies to the next request
 on every connection, where a listener update would drain connections. The JWKS is in the
 `jwt_authn` config, which `api_filters` hands to Envoy by ECDS rather than in the listener,
-so a JWKS edit drains no connection either. Routes that need no credential (public models,
-the gateway's own routes) disable the filters by name.
+so a JWKS edit drains no connection either. The listener holds the same filters for every
+routing file, each disabled until the virtual host (with `consumers`) or a route (`rbac` on a
+model with `access`) turns it on; routes that need no credential (public models, the
+gateway's own routes) turn the key and JWT checks off again by name.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from envoy.extensions.filters.http.api_key_auth.v3.api_key_auth_pb2 import (
 )
 from envoy.extensions.filters.http.header_mutation.v3.header_mutation_pb2 import (
     HeaderMutation,
+    HeaderMutationPerRoute,
     Mutations,
 )
 from envoy.extensions.filters.http.jwt_authn.v3.config_pb2 import (
@@ -155,44 +158,56 @@ _REFUSE_ALL = Jwt(
 )
 
 
+def _jwt_config(jwt: Jwt) -> Any:
+    return _filter_unless(JWT, _jwt_authentication(jwt), jwt=True).typed_config
+
+
 def jwt_fallback() -> Any:
-    """The JWT filter's config for when Envoy has none from the control plane (its ECDS
-    default: the config was removed while a draining listener still runs the filter, or
-    never arrived): every JWT gets 401, other credentials skip the filter as always."""
-    return _filter_unless(JWT, _jwt_authentication(_REFUSE_ALL), jwt=True).typed_config
+    """The JWT filter's config without a `jwt` block, and for when Envoy has none from the
+    control plane (its ECDS default: the config never arrived): every JWT gets 401, other
+    credentials skip the filter as always."""
+    return _jwt_config(_REFUSE_ALL)
 
 
-def http_filters(consumers: Consumers) -> list[HttpFilter]:
-    """Identity and access filters of the gateway listener, before any limit."""
-    strip = HeaderMutation(
-        mutations=Mutations(request_mutations=[Mutation(remove=CONSUMER_HEADER)])
-    )
+def jwt_config(consumers: Consumers | None) -> Any:
+    """The JWT filter's config (by ECDS): the `jwt` block's issuer and JWKS, else none valid."""
+    return _jwt_config(consumers.jwt) if consumers and consumers.jwt else jwt_fallback()
+
+
+def http_filters() -> list[HttpFilter]:
+    """Identity and access filters of the gateway listener, before any limit: the same for
+    every routing file, each off (`disabled`) until a route or virtual host turns it on with
+    its per-filter config. The JWT filter's config is its default: `api_filters` has Envoy
+    take the real one (`jwt_config`) by ECDS."""
     keys = ApiKeyAuth(key_sources=KEY_SOURCES, forwarding=FORWARDING)
     # Keys before JWTs: each filter removes the credential it checked, and the JWT check
     # must still find its bearer token after the key check skipped it.
-    if consumers.jwt is None:  # every credential is a key: JWT-shaped ones are unknown keys
-        filters = [_filter(STRIP, strip), _filter(KEYS, keys)]
-    else:
-        filters = [
-            _filter(STRIP, strip),
-            _filter_unless(KEYS, keys, jwt=False),
-            _filter_unless(JWT, _jwt_authentication(consumers.jwt), jwt=True),
-        ]
-    filters.append(_filter(ACCESS, RBAC()))
+    filters = [
+        _filter(STRIP, HeaderMutation()),
+        _filter_unless(KEYS, keys, jwt=False),
+        HttpFilter(name=JWT, typed_config=jwt_fallback()),
+        _filter(ACCESS, RBAC()),
+    ]
+    for f in filters:
+        f.disabled = True
     return filters
 
 
 def virtual_host_configs(consumers: Consumers) -> dict[str, Any]:
-    """Per-filter configs of the gateway's virtual host: the keys, and the JWT requirement."""
+    """Per-filter configs of the gateway's virtual host, which turn on for every route the
+    removal of a client-sent consumer header, the keys and the JWT check (without a `jwt`
+    block its config refuses every JWT: a JWT-shaped bearer token is no key either)."""
+    strip = Mutations(request_mutations=[Mutation(remove=CONSUMER_HEADER)])
     keys = ApiKeyAuthPerRoute(
         credentials=[Credential(key=key, client=name) for name, key in consumers.keys],
         key_sources=KEY_SOURCES,  # a route's config replaces the listener's whole
         forwarding=FORWARDING,
     )
-    configs = {KEYS: _pack(keys)}
-    if consumers.jwt:
-        configs[JWT] = _pack(PerRouteConfig(requirement_name=REQUIREMENT))
-    return configs
+    return {
+        STRIP: _pack(HeaderMutationPerRoute(mutations=strip)),
+        KEYS: _pack(keys),
+        JWT: _pack(PerRouteConfig(requirement_name=REQUIREMENT)),
+    }
 
 
 def open_route_configs() -> dict[str, Any]:

@@ -1,17 +1,19 @@
 """Envoy filters for each model's `limits` (docs/api-management.md#limits). Pure: no I/O.
 
 - rate: one `local_ratelimit` filter on the gateway listener (its config delivered by
-  ECDS, see `api_filters`); a token bucket per model and consumer (dynamic descriptors),
-  the model told apart by the request path, so that the path, pin-header and split routes
-  of a model share one bucket per consumer;
-- quota: the `ratelimit` filter asks the control plane's rate limit service
-  (`control_plane/quota.py`) per request, through the bootstrap's `xds_cluster`; each
-  route carries the descriptor (model, quota, consumer);
+  ECDS, see `api_filters`; it limits nothing without a `rate`); a token bucket per model
+  and consumer (dynamic descriptors), the model told apart by the request path, so that
+  the path, pin-header and split routes of a model share one bucket per consumer;
+- quota: the `ratelimit` filter (its config, with the failure mode, by ECDS) asks the
+  control plane's rate limit service (`control_plane/quota.py`) per request, through the
+  bootstrap's `xds_cluster`; each route carries the descriptor (model, quota, consumer);
 - max_body: the `buffer` filter, on for the model's routes only; a request that declares a
   larger body (content-length) takes the model's `oversize` route instead, to a model server
   that reads and drops the body before its 413 (`oversize_route`);
 - priority: `low` consumers' requests take twin routes on Envoy's DEFAULT routing
   priority, whose per-version circuit-breaker pool is small (`with_priorities`).
+The listener's filters are the same for every routing file (`http_filters`): an edit of
+limits changes routes or an ECDS resource, never the listener.
 
 The consumer is the `x-infergate-consumer` header (set by the auth filters when consumers
 are configured); without it a request counts as the consumer `anonymous`.
@@ -51,7 +53,7 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import (
 )
 from envoy.extensions.filters.http.buffer.v3.buffer_pb2 import Buffer, BufferPerRoute
 from envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2 import LocalRateLimit
-from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
+from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua, LuaPerRoute
 from envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2 import (
     RateLimit,
     RateLimitPerRoute,
@@ -87,6 +89,7 @@ QUOTA_FILTER = "envoy.filters.http.ratelimit"
 BODY_FILTER = "envoy.filters.http.buffer"
 REROUTE_FILTER = "envoy.filters.http.lua"
 MAX_BODY_HEADER = "x-infergate-max-body"  # model_servers/server.py reads it
+REROUTE = "reroute"  # the Lua filter's source code
 REROUTE_LUA = "function envoy_on_request(handle) handle:clearRouteCache() end"
 
 
@@ -150,12 +153,14 @@ def _model_of_path(model: str) -> Descriptor.Action:
     )
 
 
-def _rate_filter(models: list[Model]) -> HttpFilter:
-    """One bucket per model and consumer; rejected requests get 429 and `retry-after` (the
-    longest refill interval of the models: a client that waits that long finds a token)."""
+def rate_config(config: RoutingConfig) -> Any:
+    """The rate filter's config (by ECDS): one bucket per model and consumer; rejected
+    requests get 429 and `retry-after` (the longest refill interval of the models: a client
+    that waits that long finds a token). Without any `rate`, `rate_fallback`."""
     descriptors, rate_limits, waits = [], [], []
-    for model in models:
-        assert model.limits and model.limits.rate
+    for model in config.models:
+        if not (model.limits and model.limits.rate):
+            continue
         bucket = token_bucket(model.limits.rate, model.limits.burst)
         descriptors.append(
             LocalRateLimitDescriptor(
@@ -168,33 +173,39 @@ def _rate_filter(models: list[Model]) -> HttpFilter:
         )
         rate_limits += _consumer_actions(_model_of_path(model.name))
         waits.append(bucket.fill_interval.ToTimedelta().total_seconds())
-    config = LocalRateLimit(
-        stat_prefix="limits_rate",
-        filter_enabled=_all(),
-        filter_enforced=_all(),
-        descriptors=descriptors,
-        rate_limits=rate_limits,
-        max_dynamic_descriptors=UInt32Value(value=MAX_CONSUMERS),  # per model descriptor
-        response_headers_to_add=[
-            HeaderValueOption(
-                header=HeaderValue(key="retry-after", value=str(math.ceil(max(waits))))
-            )
-        ],
+    if not descriptors:
+        return rate_fallback()
+    return _pack(
+        LocalRateLimit(
+            stat_prefix="limits_rate",
+            filter_enabled=_all(),
+            filter_enforced=_all(),
+            descriptors=descriptors,
+            rate_limits=rate_limits,
+            max_dynamic_descriptors=UInt32Value(value=MAX_CONSUMERS),  # per model descriptor
+            response_headers_to_add=[
+                HeaderValueOption(
+                    header=HeaderValue(key="retry-after", value=str(math.ceil(max(waits))))
+                )
+            ],
+        )
     )
-    return HttpFilter(name=RATE_FILTER, typed_config=_pack(config))
 
 
 def rate_fallback() -> Any:
-    """The rate filter's config for when Envoy has none from the control plane (its ECDS
-    default: the last rate was removed while a draining listener still runs the filter, or
-    the config never arrived): no limit, as without any `rate`."""
+    """The rate filter's config without any `rate`, and for when Envoy has none from the
+    control plane (its ECDS default: the config never arrived): no limit. Its
+    `filter_enabled` is unset, so the filter passes every request on at once (0% enabled)."""
     return _pack(LocalRateLimit(stat_prefix="limits_rate"))
 
 
-def _quota_filter(config: RoutingConfig) -> HttpFilter:
-    """Asks the control plane on the routes that carry a quota descriptor (on for those
-    routes only); `quota_service.on_failure: closed` rejects with 503 when it can't."""
-    closed = config.quota_on_failure == "closed"
+def quota_config(on_failure: str = "closed") -> Any:
+    """The quota filter's config (by ECDS, as the failure mode may change): it asks the
+    control plane on the routes that carry a quota descriptor (on for those routes only);
+    `quota_service.on_failure: closed` rejects with 503 when it can't. Closed is also the
+    default, for an Envoy that never got the config (the control plane is then unreachable
+    anyway)."""
+    closed = on_failure == "closed"
     rls = RateLimit(
         domain=QUOTA_DOMAIN,
         timeout=QUOTA_TIMEOUT,
@@ -207,35 +218,34 @@ def _quota_filter(config: RoutingConfig) -> HttpFilter:
     )
     if closed:
         rls.status_on_error.code = 503
-    return HttpFilter(name=QUOTA_FILTER, typed_config=_pack(rls), disabled=True)
+    return _pack(rls)
 
 
-def _body_filter() -> HttpFilter:
-    """Off unless a route turns it on with its model's `max_body`."""
-    return HttpFilter(
-        name=BODY_FILTER,
-        typed_config=_pack(Buffer(max_request_bytes=UInt32Value(value=1))),
-        disabled=True,
-    )
+def http_filters() -> list[HttpFilter]:
+    """The limit filters of the gateway listener, the same for every routing file: each off
+    (`disabled`) until a route or virtual host turns it on, except the rate filter, whose
+    config (by ECDS, see `api_filters`) limits nothing without a `rate`. The configs given
+    here for the rate and quota filters are their defaults."""
+    # Routes were matched before the auth filters named the consumer: with low consumers
+    # the route cache is cleared, so that a low consumer's request takes its twin route.
+    reroute = Lua(source_codes={REROUTE: DataSource(inline_string=REROUTE_LUA)})
+    return [
+        HttpFilter(name=REROUTE_FILTER, typed_config=_pack(reroute), disabled=True),
+        # The body first: a request too large spends no rate or quota.
+        HttpFilter(
+            name=BODY_FILTER,
+            typed_config=_pack(Buffer(max_request_bytes=UInt32Value(value=1))),
+            disabled=True,
+        ),
+        HttpFilter(name=RATE_FILTER, typed_config=rate_fallback()),
+        HttpFilter(name=QUOTA_FILTER, typed_config=quota_config(), disabled=True),
+    ]
 
 
-def http_filters(config: RoutingConfig) -> list[HttpFilter]:
-    """The limit filters of the gateway listener, only those some model uses."""
-    limited = [m for m in config.models if m.limits]
-    filters = []
-    if low_consumers(config):
-        # Routes were matched before the auth filters named the consumer: match again, so
-        # that a low consumer's request takes its twin route (see with_priorities).
-        reroute = Lua(default_source_code=DataSource(inline_string=REROUTE_LUA))
-        filters.append(HttpFilter(name=REROUTE_FILTER, typed_config=_pack(reroute)))
-    # The body first: a request too large spends no rate or quota.
-    if any(m.limits.max_body for m in limited):
-        filters.append(_body_filter())
-    if rated := [m for m in limited if m.limits.rate]:
-        filters.append(_rate_filter(rated))
-    if any(m.limits.quota for m in limited):
-        filters.append(_quota_filter(config))
-    return filters
+def virtual_host_configs(config: RoutingConfig) -> dict[str, Any]:
+    """Per-filter configs of the gateway's virtual host: with low consumers, the route
+    cache is cleared after the auth filters (see with_priorities)."""
+    return {REROUTE_FILTER: _pack(LuaPerRoute(name=REROUTE))} if low_consumers(config) else {}
 
 
 def quota_key(rate: Rate) -> str:
