@@ -15,7 +15,7 @@ import yaml
 from envoy.extensions.common.matching.v3.extension_matcher_pb2 import ExtensionWithMatcher
 from envoy.extensions.filters.http.jwt_authn.v3.config_pb2 import JwtAuthentication
 
-from control_plane import access_log, api_filters, translate_auth, translate_limits
+from control_plane import access_log, translate_auth, translate_limits
 from control_plane.config import ConfigError, RoutingConfig, load
 from control_plane.schema import routing_schema
 from control_plane.snapshot import EXTENSION, LISTENER, PUSH_ORDER, build_snapshot
@@ -173,42 +173,93 @@ def test_keys_travel_in_routes_not_in_the_listener(tmp_path: Path):
     listener = resources.listeners["gateway"].SerializeToString()
     routes = resources.routes["gateway-routes"].SerializeToString()
     assert ALICE.encode() not in listener and ALICE.encode() in routes
-    filters = [f.name for f in hcm(resources).http_filters]
-    assert filters == [
+
+
+EVERYTHING = """\
+quota_service: {on_failure: closed}
+consumers:
+  keys_file: keys.yaml
+  jwt: {issuer: https://idp.test, jwks_file: jwks.json}
+  priority: {bob: low}
+models:
+  iris:
+    versions: {v1: {endpoints: ["127.0.0.1:9001"]}}
+    access: {consumers: [alice]}
+    limits: {rate: {per_consumer: 5/s}, quota: {per_consumer: 10/h}, max_body: 1KiB}
+  open:
+    versions: {v1: {endpoints: ["127.0.0.1:9002"]}}
+    access: {public: true}
+"""
+PLAIN = "models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:9001]}}\n"
+
+
+def test_the_listener_is_the_same_for_every_routing_file(tmp_path: Path):
+    """No edit of consumers, keys, the JWKS or limits changes the listener (which would drain
+    every open connection): the API-management filters are always in it, each disabled
+    until a virtual host or route turns it on, except the rate filter (a no-op without a
+    rate); the configs that change with the file come by ECDS."""
+    plain = translate(load(write(tmp_path, PLAIN)))
+    everything = translate(load(write(tmp_path, EVERYTHING)))
+    listener = plain.listeners["gateway"].SerializeToString(deterministic=True)
+    assert everything.listeners["gateway"].SerializeToString(deterministic=True) == listener
+    filters = hcm(plain).http_filters
+    assert [f.name for f in filters] == [
         translate_auth.STRIP,
         translate_auth.KEYS,
+        translate_auth.JWT,
         translate_auth.ACCESS,
-        translate_limits.REROUTE_FILTER,  # bob is low: match the route again, by consumer
+        translate_limits.REROUTE_FILTER,
+        translate_limits.BODY_FILTER,
+        translate_limits.RATE_FILTER,
+        translate_limits.QUOTA_FILTER,
         "envoy.filters.http.router",
     ]
+    enabled = {translate_limits.RATE_FILTER, "envoy.filters.http.router"}
+    assert {f.name for f in filters if not f.disabled} == enabled
+    # Without consumers and limits no route or virtual host turns a filter on.
+    assert not any(r.typed_per_filter_config for r in all_routes(plain))
+    assert not plain.routes["gateway-routes"].virtual_hosts[0].typed_per_filter_config
+
+
+def test_with_consumers_every_model_route_runs_the_key_check(tmp_path: Path):
+    """Fail closed: the key and JWT checks, off in the listener, are on for every route of
+    the virtual host, and only public models and the gateway's own routes turn them off."""
+    resources = translate(load(write(tmp_path, EVERYTHING)))
+    (host,) = resources.routes["gateway-routes"].virtual_hosts
+    for name in (translate_auth.STRIP, translate_auth.KEYS, translate_auth.JWT):
+        assert name in host.typed_per_filter_config, name
+    opened = [
+        r.name
+        for r in host.routes
+        if translate_auth.KEYS in r.typed_per_filter_config
+        or translate_auth.JWT in r.typed_per_filter_config
+    ]
+    assert opened and all(n.startswith(("open/", "gateway/")) for n in opened), opened
 
 
 def test_jwks_and_rates_travel_by_ecds_not_in_the_listener(tmp_path: Path):
-    """A JWKS or rate edit changes only the ECDS resources; the listener names those filters,
-    with constant defaults (the JWT one refuses every token)."""
-    jwt = "  jwt: {issuer: https://idp.test, jwks_file: jwks.json}\n"
-    routing = ROUTING.replace("  priority:", jwt + "  priority:").replace(
-        "    access: {consumers: [alice]}",
-        "    access: {consumers: [alice]}\n    limits: {rate: {per_consumer: 5/s}}",
-    )
-    path = write(tmp_path, routing)
+    """A JWKS, rate or quota failure mode edit changes only the ECDS resources; the listener
+    names those filters, with constant defaults (the JWT one refuses every token)."""
+    path = write(tmp_path, EVERYTHING)
     before = translate(load(path))
     (tmp_path / "jwks.json").write_text(JWKS.replace('"k1"', '"k2"'))
-    path.write_text(routing.replace("5/s", "6/s"))
+    path.write_text(EVERYTHING.replace("5/s", "6/s").replace("closed", "open"))
     after = translate(load(path))
-    assert set(before.extension_configs) == {translate_auth.JWT, translate_limits.RATE_FILTER}
+    discovered = {translate_auth.JWT, translate_limits.RATE_FILTER, translate_limits.QUOTA_FILTER}
+    assert set(before.extension_configs) == discovered
     for name, config in before.extension_configs.items():
         assert config != after.extension_configs[name], name
     assert before.listeners["gateway"] == after.listeners["gateway"]
-    discovered = [f for f in hcm(before).http_filters if f.name in before.extension_configs]
-    assert len(discovered) == 2
-    for f in discovered:  # a listener waits for the config; the default is a constant
+    filters = [f for f in hcm(before).http_filters if f.name in discovered]
+    assert len(filters) == 3
+    for f in filters:  # a listener waits for the config; the default is a constant
         assert not f.HasField("typed_config")
         assert not f.config_discovery.apply_default_config_without_warming
         assert f.config_discovery.default_config.type_url in f.config_discovery.type_urls
     fallback = JwtAuthentication()
     wrapped = ExtensionWithMatcher()
-    api_filters.DISCOVERED[translate_auth.JWT].Unpack(wrapped)
+    (jwt,) = [f for f in filters if f.name == translate_auth.JWT]
+    jwt.config_discovery.default_config.Unpack(wrapped)
     wrapped.extension_config.typed_config.Unpack(fallback)
     (provider,) = fallback.providers.values()  # a key whose private half is gone
     assert json.loads(provider.local_jwks.inline_string)["keys"][0]["kty"] == "EC"
@@ -219,13 +270,13 @@ def test_jwks_and_rates_travel_by_ecds_not_in_the_listener(tmp_path: Path):
 
 
 def test_without_consumers_the_gateway_is_open(tmp_path: Path):
-    config = load(
-        write(tmp_path, "models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:9001]}}\n")
-    )
+    config = load(write(tmp_path, PLAIN))
     assert config.consumers is None
     resources = translate(config)
-    assert [f.name for f in hcm(resources).http_filters] == ["envoy.filters.http.router"]
-    assert EXTENSION not in build_snapshot(resources, "e").types
+    # The JWT filter (off) has its refuse-all default; the rate filter limits nothing.
+    configs = resources.extension_configs
+    assert configs[translate_auth.JWT].typed_config == translate_auth.jwt_fallback()
+    assert configs[translate_limits.RATE_FILTER].typed_config == translate_limits.rate_fallback()
     assert not any(r.typed_per_filter_config for r in all_routes(resources))
 
 

@@ -44,7 +44,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 )
 from google.protobuf.json_format import MessageToJson
 
-from control_plane.api_filters import DISCOVERED
+from control_plane.api_filters import FILTERS
 from control_plane.translate_auth import JWT, REQUIREMENT
 from control_plane.translate_limits import RATE_FILTER
 from gateway.bootstrap import envoy_command
@@ -64,14 +64,20 @@ def _nowhere(port: int) -> ConfigSource:
 
 
 def _bootstrap(listen: int, admin: int, dead: int) -> Bootstrap:
+    # The gateway's JWT and rate filters and their defaults (the quota one needs the
+    # bootstrap's xds_cluster).
     filters = [
         HttpFilter(
-            name=name,
+            name=f.name,
             config_discovery=ExtensionConfigSource(
-                config_source=_nowhere(dead), type_urls=[default.type_url], default_config=default
+                config_source=_nowhere(dead),
+                type_urls=[f.typed_config.type_url],
+                default_config=f.typed_config,
             ),
+            disabled=f.disabled,
         )
-        for name, default in DISCOVERED.items()
+        for f in FILTERS
+        if f.name in (JWT, RATE_FILTER)
     ]
     filters.append(HttpFilter(name="envoy.filters.http.router"))
     filters[-1].typed_config.Pack(Router())

@@ -9,8 +9,8 @@ from envoy.config.core.v3.base_pb2 import RoutingPriority
 
 from control_plane.config import ConfigError, Limits, Rate, parse
 from control_plane.schema import routing_schema
-from control_plane.translate import LISTENER_NAME, ROUTE_CONFIG_NAME, translate
-from control_plane.translate_limits import token_bucket
+from control_plane.translate import ROUTE_CONFIG_NAME, translate
+from control_plane.translate_limits import RATE_FILTER, rate_fallback, token_bucket
 
 BASE = """\
 models:
@@ -48,8 +48,14 @@ def test_limits_and_quota_service_parse(tmp_path):
 def test_without_limits_nothing_changes():
     config = parse(BASE)
     assert config.models[0].limits is None and config.quota_on_failure == "open"
-    listener = translate(config).listeners[LISTENER_NAME]
-    assert "ratelimit" not in str(listener) and "buffer" not in str(listener)
+    resources = translate(config)
+    # The limit filters are in the listener, as for every file (docs/api-management.md),
+    # but no route turns one on and the rate filter's config limits nothing.
+    (host,) = resources.routes[ROUTE_CONFIG_NAME].virtual_hosts
+    assert not host.typed_per_filter_config
+    assert not any(r.typed_per_filter_config for r in host.routes)
+    rate = resources.extension_configs[RATE_FILTER].typed_config
+    assert rate == rate_fallback()
 
 
 @pytest.mark.parametrize(
