@@ -211,8 +211,8 @@ def virtual_host_configs(consumers: Consumers) -> dict[str, Any]:
 
 
 def open_route_configs() -> dict[str, Any]:
-    """Per-filter configs of a route that needs no credential (a filter that is not in the
-    chain, JWT without `jwt`, ignores its entry)."""
+    """Per-filter configs of a route that needs no credential: the key and JWT checks off,
+    whatever the virtual host turns on."""
     return {name: _pack(FilterConfig(disabled=True)) for name in (JWT, KEYS)}
 
 
