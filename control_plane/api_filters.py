@@ -71,10 +71,9 @@ DISCOVERED: dict[str, Callable[[RoutingConfig], Any]] = {
 def _discovered(listed: HttpFilter) -> HttpFilter:
     """A filter whose config Envoy fetches by name over ADS. A new listener waits (warms)
     until the config arrives. The default config, the one listed, applies only when it does
-    not (Envoy's initial fetch timeout) or was removed while an old listener drains;
-    without one, the filter would answer every request with 500 there. The JWT default
-    refuses every JWT (fail closed); the rate default limits nothing (as without a rate);
-    the quota default fails closed."""
+    not (Envoy's initial fetch timeout); without one, the filter would answer every request
+    with 500. The JWT default refuses every JWT (fail closed); the rate default limits
+    nothing (as without a rate); the quota default fails closed."""
     ads = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
     return HttpFilter(
         name=listed.name,
