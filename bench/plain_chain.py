@@ -1,0 +1,155 @@
+"""`python -m bench.plain_chain`: what the gateway listener's constant API-management filter
+chain costs a request of a routing file without `consumers` or `limits`, in Envoy alone.
+
+Two static Envoys (one worker each) answer `/` with a direct response: `router_only` has the
+router alone (the plain listener before the chain was constant), `plain_chain` has the
+gateway's filters as a plain file gets them (every one disabled, the rate filter with its
+no-op config). wrk runs against both, alternating round by round; medians of the rounds and
+of the per-round p50 deltas and rps ratios. JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
+from envoy.config.route.v3.route_components_pb2 import (
+    DirectResponseAction,
+    Route,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
+    HttpConnectionManager,
+    HttpFilter,
+)
+from google.protobuf.json_format import MessageToJson
+
+from bench.workdir import scratch_dir
+from control_plane.api_filters import FILTERS
+from control_plane.config import parse
+from control_plane.translate import LISTENER_NAME, translate
+from gateway.envoy_proxy import envoy_path
+from gateway.processes import free_port
+
+PLAIN = "models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:9]}}\n"
+
+
+def _gateway_chain() -> list[HttpFilter]:
+    """The plain file's filters, the ECDS ones with the config the control plane serves."""
+    resources = translate(parse(PLAIN))
+    hcm = HttpConnectionManager()
+    resources.listeners[LISTENER_NAME].filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    chain = []
+    for f in hcm.http_filters:
+        if f.HasField("config_discovery"):
+            served = resources.extension_configs[f.name].typed_config
+            f = HttpFilter(name=f.name, typed_config=served, disabled=f.disabled)
+        chain.append(f)
+    assert [f.name for f in chain[:-1]] == [f.name for f in FILTERS]
+    return chain
+
+
+def _start(workdir: Path, name: str, filters: list[HttpFilter]) -> tuple[subprocess.Popen, int]:
+    port, admin = free_port(), free_port()
+    route = Route(match=RouteMatch(prefix="/"), direct_response=DirectResponseAction(status=200))
+    hcm = HttpConnectionManager(
+        stat_prefix=name,
+        http_filters=filters,
+        route_config=RouteConfiguration(
+            virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=[route])]
+        ),
+    )
+    bootstrap = Bootstrap()
+    listener = bootstrap.static_resources.listeners.add(name=name)
+    listener.address.socket_address.address = "127.0.0.1"
+    listener.address.socket_address.port_value = port
+    chain = listener.filter_chains.add()
+    chain.filters.add(name="envoy.filters.network.http_connection_manager").typed_config.Pack(hcm)
+    bootstrap.admin.address.socket_address.address = "127.0.0.1"
+    bootstrap.admin.address.socket_address.port_value = admin
+    path = workdir / f"{name}.json"
+    path.write_text(MessageToJson(bootstrap))
+    command = [envoy_path(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1"]
+    log = (workdir / f"{name}.log").open("w")
+    envoy = subprocess.Popen([*command, "-l", "error"], stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+            return envoy, port
+        except OSError:
+            assert time.monotonic() < deadline and envoy.poll() is None, f"{name} did not start"
+            time.sleep(0.1)
+
+
+def _wrk(port: int, concurrency: int, seconds: float) -> tuple[float, float]:
+    """p50 (ms) and requests/s of one wrk run."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "--latency",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds:g}s",
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    value, unit = re.search(r"50%\s+([\d.]+)(us|ms|s)", out).groups()
+    p50 = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return p50, float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plain_chain", description=__doc__)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--seconds", type=float, default=4.0)
+    args = p.parse_args(argv)
+    router = HttpFilter()
+    chain = _gateway_chain()
+    router.CopyFrom(chain[-1])
+    variants = {"router_only": [router], "plain_chain": chain}
+    report: dict = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rounds": args.rounds}
+    with scratch_dir("infergate-bench-chain-") as workdir:
+        envoys = {name: _start(workdir, name, filters) for name, filters in variants.items()}
+        try:
+            for c in (1, 16):
+                runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+                for i in range(args.rounds):
+                    for name in list(variants)[:: 1 if i % 2 == 0 else -1]:
+                        _wrk(envoys[name][1], c, 1.0)  # warm-up
+                        runs[name].append(_wrk(envoys[name][1], c, args.seconds))
+                pairs = list(zip(runs["router_only"], runs["plain_chain"], strict=True))
+                report[f"c{c}"] = {
+                    **{
+                        name: {
+                            "p50_ms": round(statistics.median(r[0] for r in rs), 4),
+                            "rps": round(statistics.median(r[1] for r in rs)),
+                        }
+                        for name, rs in runs.items()
+                    },
+                    "p50_delta_ms": round(statistics.median(b[0] - a[0] for a, b in pairs), 4),
+                    "rps_ratio": round(statistics.median(b[1] / a[1] for a, b in pairs), 3),
+                }
+        finally:
+            for envoy, _ in envoys.values():
+                envoy.terminate()
+                envoy.wait()
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
