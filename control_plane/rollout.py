@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
-from control_plane.analysis import ALPHA, Analysis, Numbers, analyse
+from control_plane.analysis import ALPHA, Analysis, Numbers, analyse, preload_stats
 from control_plane.config import Model, Rollout, RolloutShadow, RoutingConfig, Shadow
 from control_plane.state_store import Conflict, StateStore
 from control_plane.telemetry import IntervalStats
@@ -201,6 +201,7 @@ class RolloutController:
         names = {m.name for m in config.models}
         for model in config.models:
             if model.rollout is not None:
+                preload_stats()
                 self._observe_model(model, model.rollout, now)
             elif self._load(model.name):  # an ended rollout's record, or a block removed
                 self._detach(self._states[model.name], now)
