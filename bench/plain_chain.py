@@ -20,7 +20,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
 from envoy.config.route.v3.route_components_pb2 import (
     DirectResponseAction,
     Route,
@@ -38,6 +37,7 @@ from bench.workdir import scratch_dir
 from control_plane.api_filters import FILTERS
 from control_plane.config import parse
 from control_plane.translate import LISTENER_NAME, translate
+from gateway import static_envoy
 from gateway.envoy_proxy import envoy_path
 from gateway.processes import free_port
 
@@ -69,14 +69,7 @@ def _start(workdir: Path, name: str, filters: list[HttpFilter]) -> tuple[subproc
             virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=[route])]
         ),
     )
-    bootstrap = Bootstrap()
-    listener = bootstrap.static_resources.listeners.add(name=name)
-    listener.address.socket_address.address = "127.0.0.1"
-    listener.address.socket_address.port_value = port
-    chain = listener.filter_chains.add()
-    chain.filters.add(name="envoy.filters.network.http_connection_manager").typed_config.Pack(hcm)
-    bootstrap.admin.address.socket_address.address = "127.0.0.1"
-    bootstrap.admin.address.socket_address.port_value = admin
+    bootstrap = static_envoy.bootstrap(hcm, port, admin)
     path = workdir / f"{name}.json"
     path.write_text(MessageToJson(bootstrap))
     command = [envoy_path(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1"]

@@ -27,8 +27,6 @@ from envoy.config.endpoint.v3.endpoint_components_pb2 import (
     LocalityLbEndpoints,
 )
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
-from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain
-from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_components_pb2 import (
     DirectResponseAction,
     Route,
@@ -42,13 +40,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
     HttpConnectionManager,
     HttpFilter,
 )
-from google.protobuf.json_format import MessageToJson
 
 from control_plane.api_filters import FILTERS
 from control_plane.translate_auth import JWT, REQUIREMENT
 from control_plane.translate_limits import RATE_FILTER
-from gateway.bootstrap import envoy_command
-from gateway.processes import Child, free_port, wait_http
+from gateway import static_envoy
+from gateway.processes import free_port
 
 
 def _nowhere(port: int) -> ConfigSource:
@@ -90,14 +87,6 @@ def _bootstrap(listen: int, admin: int, dead: int) -> Bootstrap:
         ),
         http_filters=filters,
     )
-    listener = Listener(
-        name="gateway",
-        address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=listen)),
-        filter_chains=[
-            FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager")])
-        ],
-    )
-    listener.filter_chains[0].filters[0].typed_config.Pack(hcm)
     nowhere = Cluster(
         name="nowhere",
         type=Cluster.STATIC,
@@ -121,13 +110,7 @@ def _bootstrap(listen: int, admin: int, dead: int) -> Bootstrap:
             ],
         ),
     )
-    bootstrap = Bootstrap()
-    bootstrap.node.id, bootstrap.node.cluster = "fallbacks", "test"
-    bootstrap.static_resources.listeners.append(listener)
-    bootstrap.static_resources.clusters.append(nowhere)
-    bootstrap.admin.address.socket_address.address = "127.0.0.1"
-    bootstrap.admin.address.socket_address.port_value = admin
-    return bootstrap
+    return static_envoy.bootstrap(hcm, listen, admin, [nowhere])
 
 
 def _status(url: str, headers: dict[str, str]) -> int:
@@ -140,12 +123,8 @@ def _status(url: str, headers: dict[str, str]) -> int:
 
 def test_without_their_configs_jwts_are_refused_and_nothing_is_rate_limited(tmp_path, envoy_binary):
     listen, admin, dead = free_port(), free_port(), free_port()
-    path = tmp_path / "envoy.json"
-    path.write_text(MessageToJson(_bootstrap(listen, admin, dead)))
-    envoy = Child("envoy", envoy_command(envoy_binary, str(path)), str(tmp_path / "envoy.log"))
-    envoy.start()
+    envoy = static_envoy.start(envoy_binary, tmp_path, _bootstrap(listen, admin, dead))
     try:
-        wait_http(f"http://127.0.0.1:{admin}/ready", child=envoy)
         # Any key signs a JWT; the fallback's JWKS holds only a key nobody has.
         now = int(time.time())
         claims = {"iss": "https://refuse-all.invalid", "sub": "mallory", "exp": now + 600}

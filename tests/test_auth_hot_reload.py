@@ -6,13 +6,15 @@ connection is drained and no request of a caller whose access did not change fai
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -111,17 +113,19 @@ class Gateway:
         return self.stack.envoy_stat(f"extension_config_discovery.http_filter.{name}.config_reload")
 
 
-@pytest.fixture(scope="module", params=["sotw", "delta"])
-def gateway(request, tmp_path_factory, model_repository, envoy_binary) -> Iterator[Gateway]:
+@contextlib.contextmanager
+def running_gateway(
+    workdir: Path, model_repository: Path, delta: bool, first_file: Callable[[Gateway], None]
+) -> Iterator[Gateway]:
+    """A stack in front of an echo server, the keys file written, started on the file that
+    `first_file` writes."""
     http_server = ThreadingHTTPServer(("127.0.0.1", free_port()), Echo)
     threading.Thread(target=http_server.serve_forever, daemon=True).start()
-    echo = http_server.server_address[1]
-    stack = Stack(tmp_path_factory.mktemp("reload"), model_repository, request.param == "delta")
-    g = Gateway(stack, echo)
+    stack = Stack(workdir, model_repository, delta)
+    g = Gateway(stack, http_server.server_address[1])
     try:
+        first_file(g)
         g.write("api-keys.yaml", "".join(f"{c}: {k}\n" for c, k in g.keys.items()))
-        g.write("jwks.json", jwks(g.issuer))
-        g.route(burst=2)
         stack.start_control_plane()
         stack.start_envoy()
         stack.wait_converged()
@@ -129,6 +133,18 @@ def gateway(request, tmp_path_factory, model_repository, envoy_binary) -> Iterat
     finally:
         stack.stop()
         http_server.shutdown()
+
+
+def _with_jwks(g: Gateway) -> None:
+    g.write("jwks.json", jwks(g.issuer))
+    g.route(burst=2)
+
+
+@pytest.fixture(scope="module", params=["sotw", "delta"])
+def gateway(request, tmp_path_factory, model_repository, envoy_binary) -> Iterator[Gateway]:
+    workdir = tmp_path_factory.mktemp("reload")
+    with running_gateway(workdir, model_repository, request.param == "delta", _with_jwks) as g:
+        yield g
 
 
 def test_jwks_and_rate_edits_under_traffic(gateway: Gateway):
@@ -219,24 +235,17 @@ def chunked(port: int, path: str, size: int, headers: dict[str, str]) -> int:
         conn.close()
 
 
+def _plain(g: Gateway) -> None:
+    g.keys["carol"] = secrets.token_urlsafe(24)
+    g.stack.write(PLAIN.format(listen=g.stack.listen, echo=g.echo))
+
+
 @pytest.fixture(scope="module", params=["sotw", "delta"])
 def plain(request, tmp_path_factory, model_repository, envoy_binary) -> Iterator[Gateway]:
     """A gateway on a file without `consumers` and `limits`, and a keys file ready."""
-    http_server = ThreadingHTTPServer(("127.0.0.1", free_port()), Echo)
-    threading.Thread(target=http_server.serve_forever, daemon=True).start()
-    stack = Stack(tmp_path_factory.mktemp("plain"), model_repository, request.param == "delta")
-    g = Gateway(stack, http_server.server_address[1])
-    g.keys["carol"] = secrets.token_urlsafe(24)
-    try:
-        g.write("api-keys.yaml", "".join(f"{c}: {k}\n" for c, k in g.keys.items()))
-        stack.write(PLAIN.format(listen=stack.listen, echo=g.echo))
-        stack.start_control_plane()
-        stack.start_envoy()
-        stack.wait_converged()
+    workdir = tmp_path_factory.mktemp("plain")
+    with running_gateway(workdir, model_repository, request.param == "delta", _plain) as g:
         yield g
-    finally:
-        stack.stop()
-        http_server.shutdown()
 
 
 def test_api_management_edits_change_no_listener(plain: Gateway):

@@ -7,10 +7,6 @@ import json
 import urllib.error
 import urllib.request
 
-from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
-from envoy.config.core.v3.address_pb2 import Address, SocketAddress
-from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain
-from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_components_pb2 import Route, RouteAction, RouteMatch, VirtualHost
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
@@ -18,13 +14,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
     HttpConnectionManager,
     HttpFilter,
 )
-from google.protobuf.json_format import MessageToJson
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from control_plane.api_filters import local_reply_config
 from control_plane.config import parse
-from gateway.bootstrap import envoy_command
-from gateway.processes import Child, free_port, wait_http
+from gateway import static_envoy
+from gateway.processes import free_port
 
 
 def test_a_route_to_a_cluster_envoy_lacks_answers_503_with_a_message(tmp_path, envoy_binary):
@@ -46,24 +41,8 @@ def test_a_route_to_a_cluster_envoy_lacks_answers_503_with_a_message(tmp_path, e
         local_reply_config=local_reply_config(parse("models: {}\n")),
     )
     hcm.http_filters[0].typed_config.Pack(Router())
-    listener = Listener(
-        name="gateway",
-        address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=listen)),
-        filter_chains=[
-            FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager")])
-        ],
-    )
-    listener.filter_chains[0].filters[0].typed_config.Pack(hcm)
-    bootstrap = Bootstrap()
-    bootstrap.static_resources.listeners.append(listener)
-    bootstrap.admin.address.socket_address.address = "127.0.0.1"
-    bootstrap.admin.address.socket_address.port_value = admin
-    path = tmp_path / "envoy.json"
-    path.write_text(MessageToJson(bootstrap))
-    envoy = Child("envoy", envoy_command(envoy_binary, str(path)), str(tmp_path / "envoy.log"))
-    envoy.start()
+    envoy = static_envoy.start(envoy_binary, tmp_path, static_envoy.bootstrap(hcm, listen, admin))
     try:
-        wait_http(f"http://127.0.0.1:{admin}/ready", child=envoy)
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{listen}/v2/models/iris/infer", timeout=5)
             raise AssertionError("expected a 503")
