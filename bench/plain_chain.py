@@ -1,11 +1,15 @@
 """`python -m bench.plain_chain`: what the gateway listener's constant API-management filter
 chain costs a request of a routing file without `consumers` or `limits`, in Envoy alone.
 
-Two static Envoys (one worker each) answer `/` with a direct response: `router_only` has the
-router alone (the plain listener before the chain was constant), `plain_chain` has the
-gateway's filters as a plain file gets them (every one disabled, the rate filter with its
-no-op config). wrk runs against both, alternating round by round; medians of the rounds and
-of the per-round p50 deltas and rps ratios. JSON on stdout.
+Static Envoys (one worker each) answer `/v2/models/iris/infer` with a direct response:
+`router_only` has the router alone (the plain listener before the chain was constant),
+`plain_chain` has the gateway's filters as a plain file gets them (every one disabled, the
+rate filter with its no-op config), and `keys_and_rate` the same chain with the route and
+virtual host configs of a file with an API key and a rate (issue 13's benchmark, in Envoy
+alone: the key check, the consumer header and a token bucket per consumer and model; the
+rate is high enough never to refuse). wrk runs against each, alternating the order round
+by round; medians of the rounds and of the per-round p50 deltas and rps ratios against
+`router_only`. JSON on stdout.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from envoy.config.route.v3.route_components_pb2 import (
     DirectResponseAction,
@@ -36,17 +41,33 @@ from google.protobuf.json_format import MessageToJson
 from bench.workdir import scratch_dir
 from control_plane.api_filters import FILTERS
 from control_plane.config import parse
-from control_plane.translate import LISTENER_NAME, translate
+from control_plane.translate import LISTENER_NAME, Resources, translate
 from gateway import static_envoy
 from gateway.envoy_proxy import envoy_path
 from gateway.processes import free_port
 
 PLAIN = "models:\n  iris:\n    versions: {v1: {endpoints: [127.0.0.1:9]}}\n"
+KEY = "bench-key-0123456789"
+MANAGED = """\
+consumers: {keys_file: api-keys.yaml}
+models:
+  iris:
+    versions: {v1: {endpoints: [127.0.0.1:9]}}
+    limits: {rate: {per_consumer: 1000000/s, burst: 1000000}}
+"""
+PATH = "/v2/models/iris/infer"
+HEADERS = {"x-api-key": KEY}
 
 
-def _gateway_chain() -> list[HttpFilter]:
-    """The plain file's filters, the ECDS ones with the config the control plane serves."""
-    resources = translate(parse(PLAIN))
+def _translated(workdir: Path, text: str) -> Resources:
+    (workdir / "api-keys.yaml").write_text(f"alice: {KEY}\n")
+    routing = workdir / "routing.yaml"
+    routing.write_text(text)
+    return translate(parse(text, str(routing)))
+
+
+def _gateway_chain(resources: Resources) -> list[HttpFilter]:
+    """The file's filters, the ECDS ones with the config the control plane serves."""
     hcm = HttpConnectionManager()
     resources.listeners[LISTENER_NAME].filter_chains[0].filters[0].typed_config.Unpack(hcm)
     chain = []
@@ -59,15 +80,36 @@ def _gateway_chain() -> list[HttpFilter]:
     return chain
 
 
-def _start(workdir: Path, name: str, filters: list[HttpFilter]) -> tuple[subprocess.Popen, int]:
+def _route_configs(resources: Resources) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The per-filter configs of the virtual host holding iris's split route, and the route's."""
+    for routes in resources.routes.values():
+        for host in routes.virtual_hosts:
+            for route in host.routes:
+                if route.name == "iris/split":
+                    return dict(host.typed_per_filter_config), dict(route.typed_per_filter_config)
+    raise LookupError("no iris/split route")
+
+
+def _start(
+    workdir: Path,
+    name: str,
+    filters: list[HttpFilter],
+    configs: tuple[dict[str, Any], dict[str, Any]] = ({}, {}),
+) -> tuple[subprocess.Popen, int]:
     port, admin = free_port(), free_port()
-    route = Route(match=RouteMatch(prefix="/"), direct_response=DirectResponseAction(status=200))
+    host_configs, route_configs = configs
+    route = Route(
+        match=RouteMatch(prefix="/"),
+        direct_response=DirectResponseAction(status=200),
+        typed_per_filter_config=route_configs,
+    )
+    host = VirtualHost(
+        name=name, domains=["*"], routes=[route], typed_per_filter_config=host_configs
+    )
     hcm = HttpConnectionManager(
         stat_prefix=name,
         http_filters=filters,
-        route_config=RouteConfiguration(
-            virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=[route])]
-        ),
+        route_config=RouteConfiguration(virtual_hosts=[host]),
     )
     bootstrap = static_envoy.bootstrap(hcm, port, admin)
     path = workdir / f"{name}.json"
@@ -78,7 +120,8 @@ def _start(workdir: Path, name: str, filters: list[HttpFilter]) -> tuple[subproc
     deadline = time.monotonic() + 30
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{PATH}", headers=HEADERS)
+            urllib.request.urlopen(request, timeout=1).read()
             return envoy, port
         except OSError:
             assert time.monotonic() < deadline and envoy.poll() is None, f"{name} did not start"
@@ -91,10 +134,11 @@ def _wrk(port: int, concurrency: int, seconds: float) -> tuple[float, float]:
         [
             "wrk",
             "--latency",
+            *("-H", f"x-api-key: {KEY}"),
             "-t1",
             f"-c{concurrency}",
             f"-d{seconds:g}s",
-            f"http://127.0.0.1:{port}/",
+            f"http://127.0.0.1:{port}{PATH}",
         ],
         capture_output=True,
         text=True,
@@ -110,13 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seconds", type=float, default=4.0)
     args = p.parse_args(argv)
-    router = HttpFilter()
-    chain = _gateway_chain()
-    router.CopyFrom(chain[-1])
-    variants = {"router_only": [router], "plain_chain": chain}
     report: dict = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rounds": args.rounds}
     with scratch_dir("infergate-bench-chain-") as workdir:
-        envoys = {name: _start(workdir, name, filters) for name, filters in variants.items()}
+        plain = _gateway_chain(_translated(workdir, PLAIN))
+        managed = _translated(workdir, MANAGED)
+        variants = {
+            "router_only": ([plain[-1]], ({}, {})),
+            "plain_chain": (plain, ({}, {})),
+            "keys_and_rate": (_gateway_chain(managed), _route_configs(managed)),
+        }
+        envoys = {name: _start(workdir, name, *variant) for name, variant in variants.items()}
         try:
             for c in (1, 16):
                 runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
@@ -124,17 +171,19 @@ def main(argv: list[str] | None = None) -> int:
                     for name in list(variants)[:: 1 if i % 2 == 0 else -1]:
                         _wrk(envoys[name][1], c, 1.0)  # warm-up
                         runs[name].append(_wrk(envoys[name][1], c, args.seconds))
-                pairs = list(zip(runs["router_only"], runs["plain_chain"], strict=True))
+                base = runs["router_only"]
                 report[f"c{c}"] = {
-                    **{
-                        name: {
-                            "p50_ms": round(statistics.median(r[0] for r in rs), 4),
-                            "rps": round(statistics.median(r[1] for r in rs)),
-                        }
-                        for name, rs in runs.items()
-                    },
-                    "p50_delta_ms": round(statistics.median(b[0] - a[0] for a, b in pairs), 4),
-                    "rps_ratio": round(statistics.median(b[1] / a[1] for a, b in pairs), 3),
+                    name: {
+                        "p50_ms": round(statistics.median(r[0] for r in rs), 4),
+                        "rps": round(statistics.median(r[1] for r in rs)),
+                        "p50_delta_ms": round(
+                            statistics.median(b[0] - a[0] for a, b in zip(base, rs, strict=True)), 4
+                        ),
+                        "rps_ratio": round(
+                            statistics.median(b[1] / a[1] for a, b in zip(base, rs, strict=True)), 3
+                        ),
+                    }
+                    for name, rs in runs.items()
                 }
         finally:
             for envoy, _ in envoys.values():
