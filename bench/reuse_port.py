@@ -32,7 +32,7 @@ from bench.load import IRIS_PATH, LoadResult, WrkLoad, load_generator, medians
 from bench.stats import alternating, emit, median
 from bench.workdir import scratch_dir
 from control_plane.config import parse
-from control_plane.translate import LISTENER_NAME, ROUTE_CONFIG_NAME, Resources, translate
+from control_plane.translate import LISTENER_NAME, Resources, translate
 from gateway.bootstrap import envoy_command
 from gateway.envoy_proxy import envoy_path
 from gateway.processes import Child, free_port, model_server_child, wait_http
@@ -51,7 +51,11 @@ def static_bootstrap(resources: Resources, admin: int, reuse_port: bool) -> dict
     hcm = HttpConnectionManager()
     packed = listener.filter_chains[0].filters[0].typed_config
     packed.Unpack(hcm)
-    hcm.route_config.CopyFrom(resources.routes[ROUTE_CONFIG_NAME])  # replaces RDS
+    for translated in resources.scoped_routes.values():  # inline, instead of SRDS and RDS
+        scope = hcm.scoped_routes.scoped_route_configurations_list.scoped_route_configurations.add()
+        scope.CopyFrom(translated)
+        scope.route_configuration.CopyFrom(resources.routes[translated.route_configuration_name])
+        scope.ClearField("route_configuration_name")
     packed.Pack(hcm)
     clusters = []
     for name, translated in resources.clusters.items():

@@ -27,25 +27,28 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SCOPED_ROUTE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
 RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 EXTENSION = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 
 # Make-before-break push order on one ADS stream: secrets before the clusters that name
 # them; HTTP filter configs (ECDS) after the listeners that name them, as Envoy asks for
-# them only then (runtime layers are independent: last).
-PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, EXTENSION, ROUTE, RUNTIME)
+# them only then; scopes (SRDS) before the route configurations they name (runtime layers
+# are independent: last).
+PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, EXTENSION, SCOPED_ROUTE, ROUTE, RUNTIME)
 SHORT_NAMES = {
     SECRET: "sds",
     CLUSTER: "cds",
     ENDPOINT: "eds",
     LISTENER: "lds",
+    SCOPED_ROUTE: "srds",
     ROUTE: "rds",
     RUNTIME: "rtds",
     EXTENSION: "ecds",
 }
-# LDS and CDS are full state of the world; EDS, RDS and SDS are asked for by name.
-WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
+# LDS, CDS and SRDS are full state of the world; EDS, RDS and SDS are asked for by name.
+WILDCARD_TYPES = frozenset({CLUSTER, LISTENER, SCOPED_ROUTE})
 
 
 def new_epoch() -> str:
@@ -100,6 +103,7 @@ class Snapshot:
     version: str
     types: dict[str, TypeSnapshot]
     health_check_timeouts: dict[str, float]  # per cluster: see Resources
+    route_clusters: dict[str, frozenset[str]]  # per route configuration: see Resources
 
 
 def build_snapshot(
@@ -116,6 +120,7 @@ def build_snapshot(
         CLUSTER: resources.clusters,
         ENDPOINT: resources.endpoints,
         LISTENER: resources.listeners,
+        SCOPED_ROUTE: resources.scoped_routes,
         ROUTE: resources.routes,
         RUNTIME: runtime or {},
         # Left out without any, like the secrets.
@@ -123,7 +128,11 @@ def build_snapshot(
     }
     types = {t: _type_snapshot(epoch, _encode(t, named)) for t, named in by_type.items()}
     return Snapshot(
-        epoch, _overall_version(epoch, types), types, dict(resources.health_check_timeouts)
+        epoch,
+        _overall_version(epoch, types),
+        types,
+        dict(resources.health_check_timeouts),
+        resources.route_clusters,
     )
 
 

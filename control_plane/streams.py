@@ -10,14 +10,17 @@ Both variants share the rules that keep Envoy serving (Envoy's xds_protocol docs
   resent; the next change is.
 - Stale nonces: a request answering an older response is not an ACK or NACK. SotW
   ignores it; Delta still applies its subscription changes.
-- Make-before-break: responses go out in SDS, CDS, EDS, LDS, RDS order, one in flight
-  per type. RDS waits until Envoy has ACKed the secrets (the clusters' TLS certificates,
-  if any), and clusters and endpoints for every cluster the routes name (Envoy ACKs
-  CDS once new clusters are warm, which needs their EDS and secrets, so EDS and SDS
-  never wait for the CDS ACK), then for the first health check of clusters that
-  the routes Envoy runs do not name yet (their timeout plus WARMUP_MARGIN after their
-  endpoints were ACKed). Clusters that the ACKed routes still name stay in CDS until
-  Envoy ACKs routes without them.
+- Make-before-break: responses go out in SDS, CDS, EDS, LDS, SRDS, RDS order, one in
+  flight per type. Each route configuration waits on its own (one model's new cluster
+  holds only that model's routes) until Envoy has ACKed the secrets (the clusters' TLS
+  certificates, if any), and clusters and endpoints for every cluster it names (Envoy
+  ACKs CDS once new clusters are warm, which needs their EDS and secrets, so EDS and
+  SDS never wait for the CDS ACK), then for the first health check of those clusters
+  (their timeout plus WARMUP_MARGIN after the first endpoints ACKed since CDS added
+  them). Clusters that routes Envoy holds still name stay in CDS until Envoy ACKs
+  routes without them.
+- RDS sends only the route configurations that changed, in SotW too (allowed for RDS:
+  Envoy keeps those a response does not mention), so a one-model edit sends one.
 - After a CDS push, EDS is resent (SotW: all; Delta: the changed clusters), so that
   re-warming clusters get their endpoints.
 """
@@ -41,6 +44,7 @@ from control_plane.snapshot import (
     ENDPOINT,
     PUSH_ORDER,
     ROUTE,
+    SCOPED_ROUTE,
     SECRET,
     WILDCARD_TYPES,
     Snapshot,
@@ -53,6 +57,7 @@ WILDCARD = "*"
 # Routes wait this long beyond a new cluster's health-check timeout (Envoy's first check
 # must have finished and marked the cluster warm).
 WARMUP_MARGIN = 0.05
+WARM = float("-inf")  # the ACK time of endpoints of a cluster known to be warm
 
 Clock = Callable[[], float]  # monotonic seconds
 
@@ -71,7 +76,10 @@ class Desired:
     resources: dict[str, tuple[str, bytes]]
     names: frozenset[str] = field(init=False)
     _sotw_body: bytes | None = field(default=None, init=False)
-    _delta_bodies: dict[tuple[frozenset[str], tuple[str, ...]], bytes] = field(
+    _delta_bodies: dict[tuple[frozenset[str], tuple[str, ...], str], bytes] = field(
+        default_factory=dict, init=False
+    )
+    _partial_bodies: dict[tuple[frozenset[str], str], bytes] = field(
         default_factory=dict, init=False
     )
 
@@ -85,17 +93,35 @@ class Desired:
             self._sotw_body = encode_sotw_body(self.version, blobs, type_url)
         return with_nonce(self._sotw_body, nonce)
 
+    def sotw_partial_response(
+        self, type_url: str, changed: frozenset[str], version: str, nonce: str
+    ) -> bytes:
+        """A DiscoveryResponse with only the `changed` resources (RDS: Envoy keeps the
+        others); encoded once for all streams that need the same change."""
+        key = (changed, version)
+        body = self._partial_bodies.get(key)
+        if body is None:
+            blobs = [self.resources[n][1] for n in sorted(changed)]
+            body = self._partial_bodies[key] = encode_sotw_body(version, blobs, type_url)
+        return with_nonce(body, nonce)
+
     def delta_response(
-        self, type_url: str, changed: frozenset[str], removed: tuple[str, ...], nonce: str
+        self,
+        type_url: str,
+        changed: frozenset[str],
+        removed: tuple[str, ...],
+        nonce: str,
+        version: str | None = None,
     ) -> bytes:
         """The DeltaDiscoveryResponse sending `changed` and removing `removed`; encoded once
         for all streams that need the same change (e.g. every Envoy on a weight edit)."""
-        key = (changed, removed)
+        version = version or self.version
+        key = (changed, removed, version)
         body = self._delta_bodies.get(key)
         if body is None:
             sent = {n: vb for n, vb in self.resources.items() if n in changed}
             body = self._delta_bodies[key] = encode_delta_body(
-                self.version, sent, list(removed), type_url
+                version, sent, list(removed), type_url
             )
         return with_nonce(body, nonce)
 
@@ -169,9 +195,16 @@ class TypeState:
     sent_names: frozenset[str] = frozenset()
     sent_snapshot: Snapshot | None = None
     acked_names: frozenset[str] | None = None
+    acked_version: str | None = None
+    sent_seq: int = 0  # the nonce number of the last response
     acked_at: dict[str, float] = field(default_factory=dict)  # EDS: name -> first ACKed
-    known: dict[str, str] = field(default_factory=dict)  # Delta: name -> version Envoy has
-    synced: str | None = None  # Delta: `known` holds all of this desired version (no diff)
+    # Delta, and RDS in SotW: name -> version Envoy has
+    known: dict[str, str] = field(default_factory=dict)
+    synced: str | None = None  # `known` holds all of this desired version (no diff)
+    # RDS: the route configurations of the last response, and per held-back one that
+    # Envoy holds, where its version came from
+    sent_changed: frozenset[str] = frozenset()
+    sent_held: dict[str, Snapshot] = field(default_factory=dict)
 
 
 class Stream:
@@ -192,7 +225,14 @@ class Stream:
         self.desired = desired or DesiredCache()  # shared by the server's streams
         self.target: Snapshot | None = None  # the snapshot to converge to
         self.types: dict[str, TypeState] = {}
-        self.routes_acked: Snapshot | None = None  # snapshot of the last RDS Envoy ACKed
+        # Where the routes Envoy holds come from: the snapshot of the last RDS it ACKed,
+        # except the route configurations held back since, by name.
+        self.routes_acked: Snapshot | None = None
+        self.routes_held: dict[str, Snapshot] = {}
+        # Clusters by name: the nonce number of the CDS response that added them; their
+        # warm-up counts from the first EDS response after it.
+        self.clusters_added: dict[str, int] = {}
+        self._lingering_memo: tuple[tuple, TypeSnapshot | None] | None = None
         self.nonce = 0
 
     def open(self) -> None:
@@ -208,12 +248,21 @@ class Stream:
         if error_message is not None:
             self.callbacks.on_nack(self.node, type_url, version, error_message)
             return
+        state.acked_version = version
         if type_url == ENDPOINT:  # the warm-up of new clusters counts from here
-            now = self.clock()
-            state.acked_at = {n: state.acked_at.get(n, now) for n in state.sent_names}
-        state.acked_names = state.sent_names
+            now, added, seq = self.clock(), self.clusters_added, state.sent_seq
+            state.acked_at = {
+                n: state.acked_at.get(n, now)
+                for n in state.sent_names
+                if added.get(n, 0) < seq  # sent after CDS added the cluster
+            }
+            state.acked_names = frozenset(state.acked_at)
+        else:
+            state.acked_names = state.sent_names
         if type_url == ROUTE:
             self.routes_acked = state.sent_snapshot
+            self.routes_held = state.sent_held
+            self._warm(state)
         elif type_url == ENDPOINT and self._same_routes(state.sent_snapshot):
             # Same routes, newer endpoints (e.g. registered since): clusters that linger
             # after a removal keep these endpoints, not the ones of the routes' first ACK.
@@ -230,20 +279,41 @@ class Stream:
 
     def _desired(self, type_url: str, snapshot: Snapshot) -> Desired:
         """What the stream should have for a type: the snapshot's resources, plus, for
-        clusters and endpoints, those that the routes Envoy runs still name."""
+        clusters and endpoints, those that the routes Envoy holds still name."""
         typed = snapshot.types[type_url]
         lingering = None
         if type_url in (CLUSTER, ENDPOINT) and self.routes_acked is not None:
-            old = self.routes_acked.types[type_url]
-            lingering = old if old.version != typed.version else None
+            lingering = self._lingering(type_url, typed)
         names = self.types[type_url].names
         return self.desired.get(snapshot.epoch, typed, names, lingering)
 
-    def _routes_wait(self, snapshot: Snapshot) -> float | None:
-        """Seconds until routes may name every cluster of `snapshot`: None while Envoy has
-        not ACKed clusters and endpoints for all of them; then the rest of the warm-up
-        (first active health check) of clusters that the routes it runs do not name yet."""
-        needed = snapshot.types[CLUSTER].names
+    def _lingering(self, type_url: str, typed: TypeSnapshot) -> TypeSnapshot | None:
+        """Clusters or endpoints of the routes Envoy holds: those of the last RDS it ACKed,
+        and of the route configurations held back since (computed once per change)."""
+        acked = self.routes_acked
+        assert acked is not None
+        old = acked.types[type_url]
+        if not self.routes_held:
+            return old if old.version != typed.version else None
+        key = (type_url, old, tuple(self.routes_held.items()))
+        if self._lingering_memo is not None and self._lingering_memo[0] == key:
+            return self._lingering_memo[1]
+        resources, versions = dict(old.resources), dict(old.versions)
+        for name, source in self.routes_held.items():
+            held = source.types[type_url]
+            for cluster in source.route_clusters.get(name, ()):
+                if cluster in held.resources and cluster not in resources:
+                    resources[cluster] = held.resources[cluster]
+                    versions[cluster] = held.versions[cluster]
+        merged = TypeSnapshot(content_version(acked.epoch, resources), resources, versions)
+        self._lingering_memo = (key, merged)
+        return merged
+
+    def _route_wait(self, snapshot: Snapshot, name: str) -> float | None:
+        """Seconds until route configuration `name` of `snapshot` may go out: None while
+        Envoy has not ACKed clusters and endpoints for all clusters it names; then the rest
+        of their warm-up (first active health check)."""
+        needed = snapshot.route_clusters.get(name)
         if not needed:
             return 0.0
         secrets = snapshot.types.get(SECRET)  # the clusters' TLS certificates, if any
@@ -256,30 +326,73 @@ class Stream:
             if not names:
                 continue
             state = self.types.get(type_url)
-            if state is None or state.pending or state.acked_names is None:
-                return None
-            if not names <= state.acked_names:
+            if state is None or state.acked_names is None or not names <= state.acked_names:
                 return None
         if self.routes_acked is None:
             return 0.0  # Envoy's own start-up waits for clusters to warm
-        running = self.routes_acked.types[CLUSTER].resources
         acked_at = self.types[ENDPOINT].acked_at
         timeouts = snapshot.health_check_timeouts
         now = self.clock()
         return max(
-            [
-                acked_at[n] + timeouts[n] + WARMUP_MARGIN - now
-                for n in needed
-                if n not in running and n in timeouts
-            ],
+            [acked_at[n] + timeouts[n] + WARMUP_MARGIN - now for n in needed if n in timeouts],
             default=0.0,
         )
 
     def _next_nonce(self, state: TypeState) -> str:
         self.nonce += 1
         state.last_nonce = str(self.nonce)
+        state.sent_seq = self.nonce
         state.pending = True
         return state.last_nonce
+
+    def _clusters_added(self, names) -> None:
+        """Record clusters that the response about to go out adds to Envoy: their
+        endpoints count only once sent again, and their warm-up starts then."""
+        endpoints = self.types.get(ENDPOINT)
+        for name in names:
+            self.clusters_added[name] = self.nonce + 1
+            if endpoints is not None and endpoints.acked_at.pop(name, None) is not None:
+                endpoints.acked_names = (endpoints.acked_names or frozenset()) - {name}
+
+    def _warm(self, routes: TypeState) -> None:
+        """Clusters that ACKed routes name are warm: later routes naming them never wait."""
+        endpoints, snapshot = self.types.get(ENDPOINT), routes.sent_snapshot
+        if endpoints is None or snapshot is None:
+            return
+        for name in routes.sent_changed:
+            for cluster in snapshot.route_clusters.get(name, ()):
+                if cluster in endpoints.acked_at:
+                    endpoints.acked_at[cluster] = WARM
+
+    def _scopes_acked(self, snapshot: Snapshot) -> bool:
+        """Envoy ACKed the snapshot's scopes (or does not use them): a removed model's scope
+        is gone, so nothing routes to its clusters any more."""
+        scopes = self.types.get(SCOPED_ROUTE)
+        if scopes is None or SCOPED_ROUTE not in snapshot.types:
+            return True
+        return not scopes.pending and scopes.acked_version == snapshot.types[SCOPED_ROUTE].version
+
+    def _route_changes(
+        self, state: TypeState, want: Desired, snapshot: Snapshot
+    ) -> tuple[dict[str, tuple[str, bytes]], str, float | None]:
+        """The route configurations to send now (changed, and their clusters ready), the
+        version of the response, and when to look again for those held back."""
+        changed, wake_after = {}, None
+        held: dict[str, Snapshot | None] = {}
+        for name, vb in want.resources.items():
+            if state.known.get(name) == vb[0]:
+                continue
+            wait = self._route_wait(snapshot, name)
+            if wait is not None and wait <= 0:
+                changed[name] = vb
+                continue
+            if wait is not None:
+                wake_after = wait if wake_after is None else min(wake_after, wait)
+            held[name] = self.routes_held.get(name, self.routes_acked)
+        # What Envoy keeps running instead of the held-back ones (the clusters they name
+        # linger): those it has.
+        state.sent_held = {n: s for n, s in held.items() if s is not None and n in state.known}
+        return changed, (f"{want.version}-partial" if held else want.version), wake_after
 
     def _sent(
         self,
@@ -301,19 +414,52 @@ class Stream:
             return Outgoing([])
         out = []
         wake_after = None
+        routes_acked = self.routes_acked
         for type_url in PUSH_ORDER:
             state = self.types.get(type_url)
             if state is None or state.pending or type_url not in snapshot.types:
                 continue
+            want = self._desired(type_url, snapshot)
             if type_url == ROUTE:
-                wait = self._routes_wait(snapshot)
-                if wait is None or wait > 0:
-                    wake_after = wait
-                    continue
-            response = self._respond(type_url, state, self._desired(type_url, snapshot), snapshot)
+                response, wake_after = self._respond_routes(state, want, snapshot)
+            else:
+                response = self._respond(type_url, state, want, snapshot)
             if response is not None:
                 out.append(response)
+        if self.routes_acked is not routes_acked:  # lingering clusters may go now
+            more = self.responses()
+            return Outgoing(out + more.responses, more.wake_after)
         return Outgoing(out, wake_after)
+
+    def _respond_routes(
+        self, state: TypeState, want: Desired, snapshot: Snapshot
+    ) -> tuple[bytes | None, float | None]:
+        """RDS, both variants: the changed route configurations whose clusters are ready
+        (Delta removes unsubscribed ones itself: Envoy dropped them)."""
+        if state.synced == want.version:  # nothing changed since `known` matched it
+            return None, None
+        changed, version, wake_after = self._route_changes(state, want, snapshot)
+        if not changed:
+            if version == want.version and self._scopes_acked(snapshot):
+                # Envoy holds exactly these routes (e.g. a model's went with its scope):
+                # clusters that only older routes named may go.
+                state.synced = want.version
+                if self.routes_acked is not None:
+                    self.routes_acked, self.routes_held = snapshot, {}
+            return None, wake_after
+        if version == want.version:
+            state.synced = want.version
+        for name, (res_version, _) in changed.items():
+            state.known[name] = res_version
+        state.sent_changed = frozenset(changed)
+        nonce = self._next_nonce(state)
+        self._sent(ROUTE, state, version, frozenset(state.known), snapshot, len(changed))
+        return self._routes_response(want, frozenset(changed), version, nonce), wake_after
+
+    def _routes_response(
+        self, want: Desired, changed: frozenset[str], version: str, nonce: str
+    ) -> bytes:
+        raise NotImplementedError
 
     def _respond(
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot
@@ -331,7 +477,17 @@ class SotwStream(Stream):
         if req.response_nonce and state.pending:
             self._answer(req.type_url, state, nack_message(req))
         if req.type_url not in WILDCARD_TYPES:
-            state.names = frozenset(map(sys.intern, req.resource_names))
+            names = frozenset(map(sys.intern, req.resource_names))
+            if names != state.names:
+                # Envoy drops what it unsubscribes: a name subscribed again is sent again.
+                state.known = {n: v for n, v in state.known.items() if n in names}
+                state.synced = None
+            state.names = names
+
+    def _routes_response(
+        self, want: Desired, changed: frozenset[str], version: str, nonce: str
+    ) -> bytes:
+        return want.sotw_partial_response(ROUTE, changed, version, nonce)
 
     def _respond(
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot
@@ -340,10 +496,12 @@ class SotwStream(Stream):
         if state.sent_version == want.version and state.sent_names == names and not state.force:
             return None
         state.force = False
+        if type_url == CLUSTER:
+            self._clusters_added(names - state.sent_names)
+            if ENDPOINT in self.types:
+                self.types[ENDPOINT].force = True
         nonce = self._next_nonce(state)
         self._sent(type_url, state, want.version, names, snapshot, len(names))
-        if type_url == CLUSTER and ENDPOINT in self.types:
-            self.types[ENDPOINT].force = True
         return want.sotw_response(type_url, nonce)
 
 
@@ -390,14 +548,21 @@ class DeltaStream(Stream):
         state.synced = want.version
         if not changed and not removed:
             return None
-        for name, (version, _) in changed.items():
-            state.known[name] = version
         for name in removed:
             del state.known[name]
-        if type_url == CLUSTER and ENDPOINT in self.types:
-            for name in changed:  # re-warming clusters need their endpoints again
-                self.types[ENDPOINT].known.pop(name, None)
-            self.types[ENDPOINT].synced = None
+        if type_url == CLUSTER:
+            self._clusters_added(n for n in changed if n not in state.known)
+            if ENDPOINT in self.types:
+                for name in changed:  # re-warming clusters need their endpoints again
+                    self.types[ENDPOINT].known.pop(name, None)
+                self.types[ENDPOINT].synced = None
+        for name, (version, _) in changed.items():
+            state.known[name] = version
         nonce = self._next_nonce(state)
         self._sent(type_url, state, want.version, frozenset(state.known), snapshot, len(changed))
         return want.delta_response(type_url, frozenset(changed), removed, nonce)
+
+    def _routes_response(
+        self, want: Desired, changed: frozenset[str], version: str, nonce: str
+    ) -> bytes:
+        return want.delta_response(ROUTE, changed, (), nonce, version)

@@ -1,10 +1,12 @@
 """Translate the routing model into Envoy xDS resources. Pure: no I/O, no state.
 
-One cluster per model version (type EDS, endpoints from ADS), one route
-configuration with a virtual host holding, per model, in match order:
+One cluster per model version (type EDS, endpoints from ADS), and per model a route
+configuration `models/<m>` (so an edit to one model sends only its routes), in match order:
   1. `/v2/models/<m>/versions/<v>[/...]` -> that version only;
   2. the pin header naming a version    -> that version only;
   3. `/v2/models/<m>[/...]`             -> weighted split, with an optional mirror.
+The gateway listener picks the route configuration by scoped routes (SRDS): the scope key is
+the path's 2nd and 3rd segments, (`models`, `<m>`) or (`health`, `live`); see `_scopes`.
 
 The messages are xds-protos' (Envoy's API compiled for Google's protobuf runtime, whose
 C core builds and serializes a 1,000-model snapshot in milliseconds; envoy-data-plane's
@@ -23,6 +25,7 @@ from datetime import timedelta
 from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
 from envoy.config.cluster.v3.cluster_pb2 import Cluster, LoadBalancingPolicy
 from envoy.config.cluster.v3.outlier_detection_pb2 import OutlierDetection
+from envoy.config.common.mutation_rules.v3.mutation_rules_pb2 import HeaderMutation
 from envoy.config.core.v3.address_pb2 import Address, SocketAddress
 from envoy.config.core.v3.base_pb2 import (
     DataSource,
@@ -58,12 +61,18 @@ from envoy.config.route.v3.route_components_pb2 import (
     WeightedCluster,
 )
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
     HttpConnectionManager,
     HttpFilter,
     LocalReplyConfig,
     Rds,
+    ScopedRds,
+    ScopedRoutes,
+)
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2 as early_mutation,
 )
 from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3.client_side_weighted_round_robin_pb2 import (  # noqa: E501
     ClientSideWeightedRoundRobin,
@@ -91,7 +100,11 @@ from control_plane.resilience import Resilience, Retries
 from control_plane.upstream_tls import CA_SECRET, CLIENT_SECRET
 
 LISTENER_NAME = "gateway"
-ROUTE_CONFIG_NAME = "gateway-routes"
+GATEWAY_ROUTES = "gateway"  # the route configuration of the gateway's own paths
+# The scope key's source: the path without its query, plus `/-/-` so that `/v2` has a key
+# too (("-", "-"): server metadata); set before routing, never taken from the client.
+SCOPE_HEADER = "x-infergate-scope"
+METADATA_SCOPE = ("-", "-")
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 LB_POLICIES = {
     "least_request": Cluster.LEAST_REQUEST,
@@ -108,6 +121,9 @@ class Resources:
     endpoints: dict[str, ClusterLoadAssignment]
     listeners: dict[str, Listener]
     routes: dict[str, RouteConfiguration]
+    scoped_routes: dict[str, ScopedRouteConfiguration]
+    # Per route configuration, the clusters its routes name (make-before-break per config).
+    route_clusters: dict[str, frozenset[str]]
     # Per actively health-checked cluster, its health-check timeout: how long a new
     # cluster may stay warming in Envoy after its endpoints arrive (its first check).
     health_check_timeouts: dict[str, float]
@@ -117,6 +133,11 @@ class Resources:
 
 def cluster_name(model: str, version: str) -> str:
     return f"{model}/{version}"
+
+
+def model_routes_name(model: str) -> str:
+    """The route configuration of a model's HTTP routes on the gateway listener."""
+    return f"models/{model}"
 
 
 def _ads() -> ConfigSource:
@@ -402,23 +423,74 @@ def _gateway_routes(config: RoutingConfig) -> list[Route]:
     ]
 
 
+def _scope_key_builder() -> ScopedRoutes.ScopeKeyBuilder:
+    """The key of a request: segments 2 and 3 of SCOPE_HEADER, split on `/`."""
+    extractor = ScopedRoutes.ScopeKeyBuilder.FragmentBuilder.HeaderValueExtractor
+    return ScopedRoutes.ScopeKeyBuilder(
+        fragments=[
+            ScopedRoutes.ScopeKeyBuilder.FragmentBuilder(
+                header_value_extractor=extractor(
+                    name=SCOPE_HEADER, element_separator="/", index=index
+                )
+            )
+            for index in (2, 3)
+        ]
+    )
+
+
+def _scope_header() -> TypedExtensionConfig:
+    """Sets SCOPE_HEADER before routing: the path without its query, plus `/-/-`, so that
+    `/v2` has a key and `/v2/models/m?x=1` is in m's scope. A client's own value is
+    replaced."""
+    value = HeaderValueOption(
+        header=HeaderValue(key=SCOPE_HEADER, value="%PATH(NQ)%/-/-"),
+        append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+    mutation = early_mutation.HeaderMutation(mutations=[HeaderMutation(append=value)])
+    return TypedExtensionConfig(
+        name="envoy.http.early_header_mutation.header_mutation", typed_config=_pack(mutation)
+    )
+
+
+def _scoped_routing() -> dict:
+    """The gateway listener's routing: route configurations chosen per request by scope
+    (SRDS), each fetched by RDS; all over ADS."""
+    scoped = ScopedRoutes(
+        name="gateway-scopes",
+        scope_key_builder=_scope_key_builder(),
+        rds_config_source=_ads(),
+        scoped_rds=ScopedRds(scoped_rds_config_source=_ads()),
+    )
+    return {"scoped_routes": scoped, "early_header_mutation_extensions": [_scope_header()]}
+
+
+def _scope(name: str, key: tuple[str, str], route_config: str) -> ScopedRouteConfiguration:
+    fragments = [ScopedRouteConfiguration.Key.Fragment(string_key=part) for part in key]
+    return ScopedRouteConfiguration(
+        name=name,
+        route_configuration_name=route_config,
+        key=ScopedRouteConfiguration.Key(fragments=fragments),
+    )
+
+
 def _listener(
     name: str,
     address: ServerAddress,
-    route_config: str,
+    routing: dict,
     filters: Sequence[HttpFilter] = (),
     local_reply: LocalReplyConfig | None = None,
 ) -> Listener:
     """An HTTP listener (HTTP/1.1, or HTTP/2 when the client starts with its preface, as
-    gRPC does) whose routes come from RDS; `filters` run before the router."""
+    gRPC does) whose routes come from `routing` (HCM fields: `_rds(name)` or
+    `_scoped_routing()`); `filters` run before the router."""
     hcm = HttpConnectionManager(
         local_reply_config=local_reply,
         stat_prefix=name.replace("/", "_"),
-        rds=Rds(config_source=_ads(), route_config_name=route_config),
         http_filters=[
             *filters,
             HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router())),
         ],
+        **routing,
     )
     return Listener(
         name=name,
@@ -439,6 +511,10 @@ def _listener(
             )
         ],
     )
+
+
+def _rds(route_config: str) -> dict:
+    return {"rds": Rds(config_source=_ads(), route_config_name=route_config)}
 
 
 def grpc_cluster_name(model: str, version: str) -> str:
@@ -479,33 +555,76 @@ class _ModelResources:
     clusters: dict[str, Cluster]
     endpoints: dict[str, ClusterLoadAssignment]
     health_check_timeouts: dict[str, float]
-    routes: list[Route]
     listeners: dict[str, Listener]
     route_configs: dict[str, RouteConfiguration]
+    route_clusters: dict[str, frozenset[str]]
 
 
 @functools.lru_cache(maxsize=4096)
 def _translate_model(model: Model, tls: bool) -> _ModelResources:
-    """One model's resources (`tls`: mutual TLS to its servers). Models are immutable values,
-    so an edit translates only the models it changed; the results are shared and must not be
-    modified."""
-    out = _ModelResources({}, {}, {}, _model_routes(model), {}, {})
+    """One model's resources but its gateway routes (`tls`: mutual TLS to its servers).
+    Models are immutable values, so an edit translates only the models it changed; the
+    results are shared and must not be modified."""
+    out = _ModelResources({}, {}, {}, {}, {}, {})
     check = model.resilience.health_check
+    http, grpc = [], []
     for version in model.versions:
         name = cluster_name(model.name, version.name)
+        http.append(name)
         out.clusters[name] = _cluster(name, model.resilience, tls)
         if check.enabled:
             out.health_check_timeouts[name] = check.timeout
         out.endpoints[name] = _load_assignment(name, version.endpoints)
         if model.grpc_listen:
             name = grpc_cluster_name(model.name, version.name)
+            grpc.append(name)
             out.clusters[name] = _grpc_cluster(name, model.resilience, tls)
             out.endpoints[name] = _load_assignment(name, version.grpc_endpoints)
+    out.route_clusters[model_routes_name(model.name)] = frozenset(http)
     if model.grpc_listen:
         routes = _grpc_route_config(model)
         out.route_configs[routes.name] = routes
-        out.listeners[routes.name] = _listener(routes.name, model.grpc_listen, routes.name)
+        out.route_clusters[routes.name] = frozenset(grpc)
+        out.listeners[routes.name] = _listener(routes.name, model.grpc_listen, _rds(routes.name))
     return out
+
+
+@dataclass(frozen=True)
+class _Host:
+    """What every gateway route configuration's virtual host shares, built once per
+    translation; equal (for the cache) when their serialized forms are."""
+
+    configs: dict[str, Any] = field(compare=False)
+    fallback: tuple[Route, ...] = field(compare=False)
+    key: tuple[bytes, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        configs = [
+            name.encode() + b"\0" + c.SerializeToString() for name, c in self.configs.items()
+        ]
+        routes = [r.SerializeToString(deterministic=True) for r in self.fallback]
+        object.__setattr__(self, "key", (*sorted(configs), b"", *routes))
+
+
+def _route_config(name: str, routes: Sequence[Route], host: _Host) -> RouteConfiguration:
+    return RouteConfiguration(
+        name=name,
+        virtual_hosts=[
+            VirtualHost(
+                name="gateway",
+                domains=["*"],
+                routes=[*routes, *host.fallback],
+                typed_per_filter_config=host.configs,
+            )
+        ],
+        request_headers_to_remove=[SCOPE_HEADER],
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_route_config(model: Model, host: _Host) -> RouteConfiguration:
+    """A model's gateway routes (shared: must not be modified)."""
+    return _route_config(model_routes_name(model.name), _model_routes(model), host)
 
 
 def translate(config: RoutingConfig) -> Resources:
@@ -513,33 +632,38 @@ def translate(config: RoutingConfig) -> Resources:
     clusters: dict[str, Cluster] = {}
     endpoints: dict[str, ClusterLoadAssignment] = {}
     timeouts: dict[str, float] = {}
-    routes: list[Route] = []
     listeners: dict[str, Listener] = {}
     route_configs: dict[str, RouteConfiguration] = {}
+    route_clusters: dict[str, frozenset[str]] = {GATEWAY_ROUTES: frozenset()}
+    host = _Host(
+        api_filters.virtual_host_configs(config),
+        tuple(api_filters.fallback_routes(config)),
+    )
+    scopes = {
+        f"gateway/{name}": _scope(f"gateway/{name}", key, GATEWAY_ROUTES)
+        for name, key in (
+            ("live", ("health", "live")),
+            ("ready", ("health", "ready")),
+            ("metadata", METADATA_SCOPE),
+        )
+    }
+    route_configs[GATEWAY_ROUTES] = _route_config(GATEWAY_ROUTES, _gateway_routes(config), host)
     for model in config.models:
         part = _translate_model(model, config.upstream_tls is not None)
         clusters.update(part.clusters)
         endpoints.update(part.endpoints)
         timeouts.update(part.health_check_timeouts)
-        routes += part.routes
         listeners.update(part.listeners)
         route_configs.update(part.route_configs)
-    route_configs[ROUTE_CONFIG_NAME] = RouteConfiguration(
-        name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[
-            VirtualHost(
-                name="models",
-                domains=["*"],
-                routes=[*_gateway_routes(config), *routes, *api_filters.fallback_routes(config)],
-                typed_per_filter_config=api_filters.virtual_host_configs(config),
-            )
-        ],
-    )
+        route_clusters.update(part.route_clusters)
+        name = model_routes_name(model.name)
+        route_configs[name] = _model_route_config(model, host)
+        scopes[name] = _scope(name, ("models", model.name), name)
     gateway_filters, extension_configs = api_filters.http_filters(config)
     listeners[LISTENER_NAME] = _listener(
         LISTENER_NAME,
         config.listen,
-        ROUTE_CONFIG_NAME,
+        _scoped_routing(),
         gateway_filters,
         api_filters.local_reply_config(config),
     )
@@ -548,6 +672,8 @@ def translate(config: RoutingConfig) -> Resources:
         endpoints=endpoints,
         listeners=listeners,
         routes=route_configs,
+        scoped_routes=scopes,
+        route_clusters=route_clusters,
         health_check_timeouts=timeouts,
         extension_configs=extension_configs,
     )

@@ -75,8 +75,6 @@ from control_plane.config import Limits, Model, Rate, RoutingConfig
 if TYPE_CHECKING:
     from control_plane.translate import Resources
 
-ROUTE_CONFIG_NAME = "gateway-routes"  # control_plane/translate.py's (it imports this module)
-
 CONSUMER_HEADER = "x-infergate-consumer"
 ANONYMOUS = "anonymous"
 QUOTA_DOMAIN = "infergate"
@@ -337,17 +335,10 @@ def _two_pools(cluster: Cluster, low_requests: int) -> Cluster:
     return out
 
 
-def with_priorities(resources: Resources, config: RoutingConfig) -> Resources:
-    """Copies of the gateway routes and model clusters that shed `low` consumers first:
-    each model route gets a twin for them just before it, on routing priority DEFAULT,
-    while every other request takes priority HIGH; per version, the DEFAULT pool allows
-    `limits.low_priority_requests` in flight. Unchanged without low consumers."""
-    low = low_consumers(config)
-    if not low:
-        return resources
-    budgets = {m.name: (m.limits or Limits()).low_priority_requests for m in config.models}
+def _with_low_twins(config: RouteConfiguration, low: list[str]) -> RouteConfiguration:
+    """A copy of a route configuration where each route has its `low` twin just before it."""
     routes = RouteConfiguration()
-    routes.CopyFrom(resources.routes[ROUTE_CONFIG_NAME])
+    routes.CopyFrom(config)
     host = routes.virtual_hosts[0]
     ordered = []
     for route in host.routes:
@@ -357,6 +348,23 @@ def with_priorities(resources: Resources, config: RoutingConfig) -> Resources:
         ordered.append(route)
     del host.routes[:]
     host.routes.extend(ordered)
+    return routes
+
+
+def with_priorities(resources: Resources, config: RoutingConfig) -> Resources:
+    """Copies of the gateway routes and model clusters that shed `low` consumers first:
+    each model route gets a twin for them just before it, on routing priority DEFAULT,
+    while every other request takes priority HIGH; per version, the DEFAULT pool allows
+    `limits.low_priority_requests` in flight. Unchanged without low consumers."""
+    low = low_consumers(config)
+    if not low:
+        return resources
+    budgets = {m.name: (m.limits or Limits()).low_priority_requests for m in config.models}
+    routes = {
+        name: _with_low_twins(routes, low)
+        for name, routes in resources.routes.items()
+        if name.startswith("models/")  # the gateway's model routes (translate.model_routes_name)
+    }
     clusters = {}
     for name, cluster in resources.clusters.items():
         model, _, version = name.partition("/")
@@ -365,5 +373,5 @@ def with_priorities(resources: Resources, config: RoutingConfig) -> Resources:
     return dataclasses.replace(
         resources,
         clusters=clusters,
-        routes={**resources.routes, ROUTE_CONFIG_NAME: routes},
+        routes={**resources.routes, **routes},
     )

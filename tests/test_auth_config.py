@@ -171,7 +171,7 @@ def test_keys_travel_in_routes_not_in_the_listener(tmp_path: Path):
     connection, where a listener change would drain them."""
     resources = translate(load(write(tmp_path)))
     listener = resources.listeners["gateway"].SerializeToString()
-    routes = resources.routes["gateway-routes"].SerializeToString()
+    routes = resources.routes["gateway"].SerializeToString()
     assert ALICE.encode() not in listener and ALICE.encode() in routes
 
 
@@ -218,18 +218,20 @@ def test_the_listener_is_the_same_for_every_routing_file(tmp_path: Path):
     assert {f.name for f in filters if not f.disabled} == enabled
     # Without consumers and limits no route or virtual host turns a filter on.
     assert not any(r.typed_per_filter_config for r in all_routes(plain))
-    assert not plain.routes["gateway-routes"].virtual_hosts[0].typed_per_filter_config
+    assert not any(rc.virtual_hosts[0].typed_per_filter_config for rc in plain.routes.values())
 
 
 def test_with_consumers_every_model_route_runs_the_key_check(tmp_path: Path):
     """Fail closed: the key and JWT checks, off in the listener, are on for every route of
     the virtual host, and only public models and the gateway's own routes turn them off."""
     resources = translate(load(write(tmp_path, EVERYTHING)))
-    (host,) = resources.routes["gateway-routes"].virtual_hosts
-    for name in (translate_auth.STRIP, translate_auth.KEYS, translate_auth.JWT):
-        assert name in host.typed_per_filter_config, name
+    hosts = [rc.virtual_hosts[0] for n, rc in resources.routes.items() if not n.startswith("grpc/")]
+    for host in hosts:  # every model's route configuration, and the gateway's
+        for name in (translate_auth.STRIP, translate_auth.KEYS, translate_auth.JWT):
+            assert name in host.typed_per_filter_config, name
     opened = [
         r.name
+        for host in hosts
         for r in host.routes
         if translate_auth.KEYS in r.typed_per_filter_config
         or translate_auth.JWT in r.typed_per_filter_config
@@ -295,7 +297,7 @@ def hcm(resources):
 
 
 def all_routes(resources):
-    return [r for vh in resources.routes["gateway-routes"].virtual_hosts for r in vh.routes]
+    return [r for rc in resources.routes.values() for vh in rc.virtual_hosts for r in vh.routes]
 
 
 async def test_the_watcher_follows_the_keys_file(tmp_path: Path):

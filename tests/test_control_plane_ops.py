@@ -15,14 +15,14 @@ from google.protobuf.any_pb2 import Any
 
 from control_plane.service import ControlPlane
 from control_plane.snapshot import ENDPOINT, ROUTE
-from control_plane.translate import ROUTE_CONFIG_NAME
+from control_plane.translate import model_routes_name
 from gateway import observe
 from gateway.bootstrap import XdsTls
 from gateway.processes import Child, free_port, host_port, infergate_command, wait_http
 from tests.certs import CertificateAuthority
 from tests.stack import ADMIN_TOKEN, LoadLoop, Stack, cli, count_versions
 from tests.test_config import BASE as TWO_VERSIONS
-from tests.test_xds_protocol import converge, edit
+from tests.test_xds_protocol import ROUTE_NAMES, converge, edit
 from tests.xds_client import AdsClient
 
 TOKEN = ADMIN_TOKEN
@@ -151,11 +151,11 @@ async def test_status_command_shows_acks_nacks_and_config_errors(plane):
         code, out, _ = await infergate_status("--admin-url", url)
         assert code == 0
         rows = sorted(line.split() for line in out.splitlines() if line.startswith("edge-1 "))
-        assert rows == [["edge-1", "yes", t, "yes"] for t in ("cds", "eds", "lds", "rds")]
+        assert rows == [["edge-1", "yes", t, "yes"] for t in ("cds", "eds", "lds", "rds", "srds")]
         edit(plane, TWO_VERSIONS.replace("90, v2: 10", "50, v2: 50"))
         rds = await client.recv()
         await client.send(
-            ROUTE, [ROUTE_CONFIG_NAME], last[ROUTE].version_info, rds.nonce, error="bad weights"
+            ROUTE, ROUTE_NAMES, last[ROUTE].version_info, rds.nonce, error="bad weights"
         )
         await _wait(lambda: plane.status()["nodes"][0]["types"]["rds"]["nack"] is not None)
         plane.config_path.write_text(TWO_VERSIONS.replace("v1: 90", "v1: -5"))
@@ -178,6 +178,13 @@ async def test_status_command_shows_acks_nacks_and_config_errors(plane):
         await client.close()
     code, out, err = await infergate_status("--admin-url", f"http://127.0.0.1:{free_port()}")
     assert code == 2 and out == "" and "cannot reach the control plane" in err
+
+
+def iris_routes_version(envoy_admin_url: str) -> str:
+    """The version of the response that brought iris's route configuration."""
+    configs = observe.route_configs(envoy_admin_url)
+    (iris,) = [c for c in configs if c["route_config"]["name"] == model_routes_name("iris")]
+    return iris["version_info"]
 
 
 @pytest.mark.parametrize("mode", ["sotw", "delta"])
@@ -253,9 +260,10 @@ def test_several_envoys_sotw_and_delta_and_a_late_one_converge(
         wait_http(f"{admin_url(late)}/ready", timeout=30)
         status = stack.wait_converged(nodes=3)
         rds = status["snapshot"]["types"]["rds"]
-        # SotW Envoys report the snapshot's version; a Delta Envoy has none per config.
-        assert observe.route_version(stack.envoy_url) == observe.route_version(admin_url(late))
-        assert observe.route_version(stack.envoy_url) == rds
+        # SotW Envoys report the version of the response that brought each route
+        # configuration (iris's: the last edit's); a Delta Envoy has none per config.
+        assert iris_routes_version(stack.envoy_url) == iris_routes_version(admin_url(late))
+        assert iris_routes_version(stack.envoy_url) == rds
         for admin in (stack.envoy_admin, second, late):
             split = observe.route(admin_url(admin), "iris/split")["route"]
             assert observe.weights(split, "iris/") == {"v3": 100}
@@ -333,10 +341,7 @@ def test_xds_over_tls_server_only_then_mutual(tmp_path, model_repository, envoy_
         assert nodes == ["trusted-delta", "trusted-sotw"]
         assert observe.route_configs(admin_url(anonymous)) == []
         assert observe.route_configs(admin_url(stranger)) == []
-        assert (
-            observe.route_version(admin_url(trusted["sotw"]))
-            == (status["snapshot"]["types"]["rds"])
-        )
+        assert iris_routes_version(admin_url(trusted["sotw"])) == status["snapshot"]["types"]["rds"]
         split = observe.route(admin_url(trusted["delta"]), "iris/split")["route"]
         assert observe.weights(split, "iris/") == {"v1": 100}
     finally:

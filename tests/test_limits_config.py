@@ -9,7 +9,7 @@ from envoy.config.core.v3.base_pb2 import RoutingPriority
 
 from control_plane.config import ConfigError, Limits, Rate, parse
 from control_plane.schema import routing_schema
-from control_plane.translate import ROUTE_CONFIG_NAME, translate
+from control_plane.translate import translate
 from control_plane.translate_limits import RATE_FILTER, rate_fallback, token_bucket
 
 BASE = """\
@@ -51,7 +51,7 @@ def test_without_limits_nothing_changes():
     resources = translate(config)
     # The limit filters are in the listener, as for every file (docs/api-management.md),
     # but no route turns one on and the rate filter's config limits nothing.
-    (host,) = resources.routes[ROUTE_CONFIG_NAME].virtual_hosts
+    (host,) = resources.routes["models/iris"].virtual_hosts
     assert not host.typed_per_filter_config
     assert not any(r.typed_per_filter_config for r in host.routes)
     rate = resources.extension_configs[RATE_FILTER].typed_config
@@ -133,7 +133,7 @@ def test_low_consumers_get_twin_routes_and_a_small_pool_on_http_clusters_only(tm
         "    limits: {low_priority_requests: 3}\n"
     )
     resources = translate(parse(text, path))
-    routes = resources.routes[ROUTE_CONFIG_NAME].virtual_hosts[0].routes
+    routes = resources.routes["models/iris"].virtual_hosts[0].routes
     models = [r for r in routes if r.name.startswith("iris/")]
     assert [(r.name, r.route.priority) for r in models] == [
         ("iris/path/v1/low", RoutingPriority.DEFAULT),

@@ -13,14 +13,14 @@ from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 from control_plane.config import parse
 from control_plane.service import ControlPlane
 from control_plane.snapshot import ROUTE, build_snapshot
-from control_plane.translate import ROUTE_CONFIG_NAME, translate
+from control_plane.translate import model_routes_name, translate
 from tests.stack import Stack, count_versions
 
 
 def bad_routes_snapshot(plane: ControlPlane, text: str):
     """A snapshot whose routes start with a regex that Envoy rejects."""
     resources = translate(parse(text))
-    vhost = resources.routes[ROUTE_CONFIG_NAME].virtual_hosts[0]
+    vhost = resources.routes[model_routes_name("iris")].virtual_hosts[0]
     bad = Route(
         match=RouteMatch(safe_regex=RegexMatcher(regex="(unclosed")),
         route=RouteAction(cluster="iris/v2"),

@@ -15,6 +15,7 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
 from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 from envoy.service.discovery.v3.discovery_pb2 import (
     DeltaDiscoveryRequest,
@@ -33,6 +34,7 @@ from control_plane.snapshot import (
     ENDPOINT,
     LISTENER,
     ROUTE,
+    SCOPED_ROUTE,
     SECRET,
     SHORT_NAMES,
     Snapshot,
@@ -40,7 +42,7 @@ from control_plane.snapshot import (
     build_snapshot,
 )
 from control_plane.streams import WARMUP_MARGIN, DeltaStream, DesiredCache, SotwStream
-from control_plane.translate import LISTENER_NAME, ROUTE_CONFIG_NAME, translate
+from control_plane.translate import LISTENER_NAME, translate
 from tests.fake_clock import FakeClock
 from tests.test_config import BASE as TWO_VERSIONS
 
@@ -51,6 +53,7 @@ MESSAGES = {
     CLUSTER: (Cluster, "name"),
     ENDPOINT: (ClusterLoadAssignment, "cluster_name"),
     LISTENER: (Listener, "name"),
+    SCOPED_ROUTE: (ScopedRouteConfiguration, "name"),
     ROUTE: (RouteConfiguration, "name"),
     SECRET: (Secret, "name"),
 }
@@ -75,6 +78,12 @@ def without_v2(text: str) -> str:
 
 def weights(text: str, v1: int, v2: int) -> str:
     return text.replace("90, v2: 10", f"{v1}, v2: {v2}")
+
+
+def route_configs(scopes: Sent) -> set[str]:
+    """The route configurations that the scopes name (scope `models/m` names `models/m`,
+    the gateway's scopes name `gateway`)."""
+    return {"gateway" if n.startswith("gateway/") else n for n in scopes.names}
 
 
 class Recorder:
@@ -197,7 +206,10 @@ class Peer:
         self.request(LISTENER)
         (last["lds"],) = self.pump()
         self.ack(LISTENER)
-        self.request(ROUTE, [ROUTE_CONFIG_NAME])
+        self.request(SCOPED_ROUTE)
+        (last["srds"],) = self.pump()
+        self.ack(SCOPED_ROUTE)
+        self.request(ROUTE, sorted(route_configs(last["srds"])))
         (last["rds"],) = self.pump()
         self.ack(ROUTE)
         assert self.pump() == []
@@ -224,7 +236,13 @@ def test_handshake_sends_each_type_once_and_reports_every_event(mode):
     peer = Peer(mode, snap(TWO_VERSIONS))
     last = peer.converge()
     assert last["cds"].names == last["eds"].names == {"iris/v1", "iris/v2"}
-    assert last["rds"].names == {ROUTE_CONFIG_NAME}
+    assert last["srds"].names == {
+        "gateway/live",
+        "gateway/ready",
+        "gateway/metadata",
+        "models/iris",
+    }
+    assert last["rds"].names == {"gateway", "models/iris"}
     peer.stream.close()
     events = peer.callbacks.events
     assert events[0] == ("connect", "envoy-1", mode) and events[-1] == ("disconnect", "envoy-1")
@@ -235,6 +253,8 @@ def test_handshake_sends_each_type_once_and_reports_every_event(mode):
         ("ack", "cds"),
         ("sent", "lds"),
         ("ack", "lds"),
+        ("sent", "srds"),
+        ("ack", "srds"),
         ("sent", "rds"),
         ("ack", "rds"),
     ]
@@ -373,6 +393,117 @@ def test_lingering_clusters_keep_endpoints_that_arrived_after_their_routes(mode)
     assert peer.types() == ["rds"]  # v2's endpoints stay as Envoy has them
 
 
+TWO_MODELS = (
+    TWO_VERSIONS
+    + "  other:\n    versions:\n      a: {endpoints: [127.0.0.1:9005]}\n"
+    + "      b: {endpoints: [127.0.0.1:9006]}\n    traffic: {a: 50, b: 50}\n"
+    + "    resilience: {health_check: false}\n"
+)
+
+
+def other_weights(text: str) -> str:
+    return text.replace("{a: 50, b: 50}", "{a: 10, b: 90}")
+
+
+@MODES
+def test_a_model_waiting_for_its_new_cluster_holds_only_its_own_routes(mode):
+    clock = FakeClock()
+    peer = Peer(mode, snap(TWO_MODELS), clock)
+    peer.converge()
+    edited = other_weights(with_v3(TWO_MODELS))
+    peer.retarget(edited)
+    sent = peer.pump()
+    assert [(s.type, s.names) for s in sent if s.type == "rds"] == [("rds", {"models/other"})]
+    peer.ack(ROUTE)
+    peer.request(ENDPOINT, [*peer.names[ENDPOINT], "iris/v3"])
+    peer.pump()
+    peer.ack(ENDPOINT)
+    peer.ack(CLUSTER)
+    assert peer.pump() == [] and peer.wake_after == pytest.approx(1.0 + WARMUP_MARGIN)
+    clock.advance(1.0 + WARMUP_MARGIN)
+    (rds,) = peer.pump()
+    assert (rds.type, rds.names) == ("rds", {"models/iris"})
+    assert rds.version == snap(edited).types[ROUTE].version
+
+
+@MODES
+def test_a_cluster_added_again_warms_from_the_endpoints_sent_after_it_came_back(mode):
+    """Endpoints that went out before CDS added a cluster (again) do not start its warm-up:
+    Envoy had removed the cluster and warms a new one."""
+    clock = FakeClock()
+    peer = Peer(mode, snap(TWO_VERSIONS), clock)
+    peer.converge()
+    moved = TWO_VERSIONS.replace("9001", "9011")
+    peer.retarget(moved)
+    assert peer.types() == ["eds"]  # in flight until the end
+    peer.retarget(without_v2(moved))
+    assert peer.types() == ["rds"]
+    peer.ack(ROUTE)
+    assert peer.types() == ["cds"]  # v2 removed
+    peer.ack(CLUSTER)
+    peer.retarget(moved)  # v2 comes back
+    assert peer.types() == ["cds"]
+    peer.ack(ENDPOINT)  # the old endpoints, v2's among them
+    peer.ack(CLUSTER)
+    sent = peer.types()
+    assert "eds" in sent and "rds" not in sent
+    peer.ack(ENDPOINT)
+    assert peer.pump() == [] and peer.wake_after == pytest.approx(1.0 + WARMUP_MARGIN)
+
+
+@MODES
+def test_clusters_of_held_back_routes_linger_until_envoy_acks_their_new_routes(mode):
+    clock = FakeClock()
+    peer = Peer(mode, snap(TWO_MODELS), clock)
+    peer.converge()
+    # iris: v2 leaves and v3 (health-checked) comes; other: new weights.
+    edited = other_weights(without_v2(with_v3(TWO_MODELS)).replace("v2: 5, ", ""))
+    assert "iris/v2" not in snap(edited).types[CLUSTER].resources
+    peer.retarget(edited)
+    sent = {s.type: s for s in peer.pump()}
+    assert sent["rds"].names == {"models/other"} and "iris/v3" in sent["cds"].names
+    peer.ack(ROUTE)
+    peer.request(ENDPOINT, ["iris/v1", "iris/v2", "iris/v3", "other/a", "other/b"])
+    peer.pump()
+    peer.ack(ENDPOINT)
+    peer.ack(CLUSTER)
+    assert peer.pump() == []  # iris's running routes still name v2: it stays
+    clock.advance(1.0 + WARMUP_MARGIN)
+    (rds,) = peer.pump()
+    assert rds.names == {"models/iris"}
+    peer.ack(ROUTE)
+    cds = next(s for s in peer.pump() if s.type == "cds")
+    assert "iris/v2" in cds.removed if mode == "delta" else "iris/v2" not in cds.names
+
+
+@MODES
+def test_a_removed_models_clusters_go_once_envoy_dropped_its_scope(mode):
+    peer = Peer(mode, snap(TWO_MODELS))
+    peer.converge()
+    peer.retarget(TWO_VERSIONS)  # `other` is removed
+    assert peer.types() == ["srds"]  # its clusters stay while its scope may route to them
+    peer.ack(SCOPED_ROUTE)
+    cds, eds = peer.pump()
+    if mode == "sotw":
+        assert cds.names == eds.names == {"iris/v1", "iris/v2"}
+    else:
+        assert cds.removed == eds.removed == {"other/a", "other/b"}
+
+
+def test_sotw_sends_only_changed_route_configurations_and_again_when_resubscribed():
+    peer = Peer("sotw", snap(TWO_MODELS))
+    peer.converge()
+    peer.retarget(other_weights(TWO_MODELS))
+    (rds,) = peer.pump()
+    assert rds.names == {"models/other"}
+    peer.ack(ROUTE)
+    peer.request(ROUTE, ["gateway", "models/other"])  # iris's scope went away
+    assert peer.pump() == []
+    peer.request(ROUTE, ["gateway", "models/iris", "models/other"])  # and came back
+    (rds,) = peer.pump()
+    assert rds.names == {"models/iris"}
+
+
 @MODES
 def test_endpoints_follow_every_cluster_push(mode):
     """A changed cluster re-warms in Envoy and needs its endpoints again."""
@@ -409,7 +540,7 @@ def test_streams_in_the_same_state_share_one_answer(monkeypatch):
     for peer in peers:
         peer.stream.desired = shared
         peer.converge()
-    assert len(computed) == 4  # one answer per type, for all three streams
+    assert len(computed) == 5  # one answer per type, for all three streams
 
 
 def test_delta_streams_needing_the_same_change_share_one_encoding(monkeypatch):
@@ -426,7 +557,7 @@ def test_delta_streams_needing_the_same_change_share_one_encoding(monkeypatch):
     for peer in peers:
         peer.stream.target = edited
         (rds,) = peer.pump()
-        assert (rds.type, rds.names) == ("rds", {ROUTE_CONFIG_NAME})
+        assert (rds.type, rds.names) == ("rds", {"models/iris"})
     assert len(encoded) == 1  # one body for the three streams, each with its own nonce
 
 

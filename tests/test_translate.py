@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
+    HttpConnectionManager,
+)
 
 from control_plane.config import parse
-from control_plane.translate import ROUTE_CONFIG_NAME, translate
+from control_plane.translate import GATEWAY_ROUTES, SCOPE_HEADER, translate
 
 YAML = """
 listen: 127.0.0.1:8181
@@ -23,8 +26,8 @@ models:
 """
 
 
-def routes(text: str = YAML):
-    return translate(parse(text)).routes[ROUTE_CONFIG_NAME].virtual_hosts[0].routes
+def routes(text: str = YAML, name: str = "models/iris"):
+    return translate(parse(text)).routes[name].virtual_hosts[0].routes
 
 
 def test_one_eds_cluster_per_version_with_its_endpoints():
@@ -45,9 +48,6 @@ def test_one_eds_cluster_per_version_with_its_endpoints():
 def test_route_order_path_then_pin_then_split():
     names = [r.name for r in routes()]
     assert names == [
-        "gateway/live",
-        "gateway/ready",
-        "gateway/metadata",
         "iris/path/v1",
         "iris/path/v2",
         "iris/path/v3",
@@ -56,13 +56,51 @@ def test_route_order_path_then_pin_then_split():
         "iris/pin/v3",
         "iris/split",
     ]
-    path_v2 = routes()[4]
+    path_v2 = routes()[1]
     assert path_v2.match.path_separated_prefix == "/v2/models/iris/versions/v2"
     assert path_v2.route.cluster == "iris/v2"
-    pin_v3 = routes()[8]
+    pin_v3 = routes()[5]
     assert pin_v3.match.headers[0].name == "x-model-version"
     assert pin_v3.match.headers[0].string_match.exact == "v3"
     assert pin_v3.route.cluster == "iris/v3"
+
+
+def test_one_route_configuration_per_model_chosen_by_scope_from_the_path():
+    res = translate(parse(YAML + "  other:\n    versions: {a: {endpoints: [127.0.0.1:9005]}}\n"))
+    assert sorted(res.routes) == [GATEWAY_ROUTES, "models/iris", "models/other"]
+    assert [r.name for r in routes(name=GATEWAY_ROUTES)] == [
+        "gateway/live",
+        "gateway/ready",
+        "gateway/metadata",
+    ]
+    scopes = {
+        name: ([f.string_key for f in s.key.fragments], s.route_configuration_name)
+        for name, s in res.scoped_routes.items()
+    }
+    assert scopes == {
+        "gateway/live": (["health", "live"], GATEWAY_ROUTES),
+        "gateway/ready": (["health", "ready"], GATEWAY_ROUTES),
+        "gateway/metadata": (["-", "-"], GATEWAY_ROUTES),
+        "models/iris": (["models", "iris"], "models/iris"),
+        "models/other": (["models", "other"], "models/other"),
+    }
+    assert res.route_clusters == {
+        GATEWAY_ROUTES: frozenset(),
+        "models/iris": {"iris/v1", "iris/v2", "iris/v3"},
+        "models/other": {"other/a"},
+    }
+    hcm = HttpConnectionManager()
+    res.listeners["gateway"].filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    assert hcm.WhichOneof("route_specifier") == "scoped_routes"
+    fragments = hcm.scoped_routes.scope_key_builder.fragments
+    assert [(f.header_value_extractor.name, f.header_value_extractor.index) for f in fragments] == [
+        (SCOPE_HEADER, 2),
+        (SCOPE_HEADER, 3),
+    ]
+    assert hcm.scoped_routes.scoped_rds.scoped_rds_config_source.HasField("ads")
+    (early,) = hcm.early_header_mutation_extensions
+    assert SCOPE_HEADER.encode() in early.typed_config.value
+    assert res.routes["models/iris"].request_headers_to_remove == [SCOPE_HEADER]
 
 
 def test_split_leaves_out_zero_weights_and_mirrors_the_shadow_fraction():
@@ -117,7 +155,7 @@ def test_resilience_policy_defaults_and_overrides():
     assert len(orca.health_checks) == 0
     (policy,) = orca.load_balancing_policy.policies
     assert "client_side_weighted_round_robin" in policy.typed_extension_config.name
-    retry = res.routes[ROUTE_CONFIG_NAME].virtual_hosts[0].routes[-1].route.retry_policy
+    retry = res.routes["models/fast"].virtual_hosts[0].routes[-1].route.retry_policy
     assert retry.retry_on == "5xx,reset" and retry.num_retries.value == 4
     assert retry.per_try_timeout.ToTimedelta().total_seconds() == 0.5
     assert retry.retry_host_predicate[0].name == "envoy.retry_host_predicates.previous_hosts"

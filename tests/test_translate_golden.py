@@ -1,6 +1,7 @@
 """Golden files, after Envoy Gateway's translator tests: each routing file in
 `testdata/translate/in/` translates to the Envoy resources in `testdata/translate/out/`, one
-JSON file per xDS kind (`<case>.clusters|endpoints|listeners|routes|extension_configs.json`).
+JSON file per xDS kind
+(`<case>.clusters|endpoints|listeners|scoped_routes|routes|extension_configs.json`).
 
 After an intended change of the output, `pytest tests/test_translate_golden.py
 --update-golden` rewrites the files; the diff is then the review of the change.
@@ -20,7 +21,7 @@ from control_plane.translate import translate
 
 DATA = Path(__file__).parent / "testdata" / "translate"
 CASES = sorted(p.stem for p in (DATA / "in").glob("*.yaml"))
-KINDS = ("clusters", "endpoints", "listeners", "routes", "extension_configs")
+KINDS = ("clusters", "endpoints", "listeners", "scoped_routes", "routes", "extension_configs")
 
 
 def render(resources: dict[str, Message]) -> str:

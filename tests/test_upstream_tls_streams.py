@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from control_plane.config import parse
 from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, build_snapshot
-from control_plane.translate import ROUTE_CONFIG_NAME, translate
+from control_plane.translate import model_routes_name, translate
 from control_plane.upstream_tls import CA_SECRET, CLIENT_SECRET, Material, secrets
 from tests.test_streams import EPOCH, MODES, TWO_VERSIONS, Peer, snap, with_v3
 
@@ -30,7 +30,7 @@ def converge_with_secrets(peer: Peer) -> None:
     peer.request(LISTENER)
     assert peer.types() == ["lds"]
     peer.ack(LISTENER)
-    peer.request(ROUTE, [ROUTE_CONFIG_NAME])
+    peer.request(ROUTE, [model_routes_name("iris")])
     assert peer.types() == []  # the clusters' certificates are not ACKed yet
     peer.ack(SECRET)
     assert peer.types() == ["rds"]

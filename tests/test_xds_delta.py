@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from control_plane.translate import ROUTE_CONFIG_NAME
+from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
 from gateway.processes import host_port
-from tests.test_xds_protocol import TWO_VERSIONS, edit, wait_for
+from tests.test_xds_protocol import ROUTE_NAMES, TWO_VERSIONS, edit, wait_for
 from tests.xds_client import DeltaClient
 
 
@@ -35,7 +34,10 @@ async def converge(c: DeltaClient) -> dict:
     await c.delta(LISTENER)
     last[LISTENER] = lds = await c.recv()
     await c.ack(lds)
-    await c.delta(ROUTE, subscribe=[ROUTE_CONFIG_NAME])
+    await c.delta(SCOPED_ROUTE)
+    last[SCOPED_ROUTE] = srds = await c.recv()
+    await c.ack(srds)
+    await c.delta(ROUTE, subscribe=ROUTE_NAMES)
     last[ROUTE] = rds = await c.recv()
     await c.ack(rds)
     return last
@@ -45,12 +47,12 @@ async def test_delta_handshake_sends_each_resource_with_its_version(plane, delta
     last = await converge(delta)
     assert set(names(last[CLUSTER])) == {"iris/v1", "iris/v2"}
     assert set(names(last[ENDPOINT])) == {"iris/v1", "iris/v2"}
-    assert set(names(last[ROUTE])) == {ROUTE_CONFIG_NAME}
+    assert set(names(last[ROUTE])) == set(ROUTE_NAMES)
     for resp in last.values():
         assert all(v.startswith(plane.epoch + "-") for v in names(resp).values())
     await wait_for(lambda: plane.status()["nodes"][0]["types"]["rds"]["acked_version"])
     node = plane.status()["nodes"][0]
-    assert node["mode"] == "delta" and len(node["types"]) == 4
+    assert node["mode"] == "delta" and len(node["types"]) == 5
     assert all(t["acked_version"] and t["nack"] is None for t in node["types"].values())
 
 

@@ -19,12 +19,15 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 
 from control_plane.callbacks import LISTEN_METADATA
 from control_plane.service import ControlPlane
-from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from control_plane.translate import ROUTE_CONFIG_NAME
+from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
+from control_plane.translate import GATEWAY_ROUTES, model_routes_name
 from gateway.cli import main as cli_main
 from gateway.processes import free_port, host_port
 from tests.test_config import BASE as TWO_VERSIONS
 from tests.xds_client import AdsClient
+
+# The route configurations of TWO_VERSIONS: the gateway's own paths, and iris's.
+ROUTE_NAMES = [GATEWAY_ROUTES, model_routes_name("iris")]
 
 
 def cluster_names(resp) -> set[str]:
@@ -55,9 +58,12 @@ async def finish_handshake(c: AdsClient, cds) -> dict:
     await c.send(LISTENER)
     last[LISTENER] = lds = await c.recv()
     await c.ack(lds)
-    await c.send(ROUTE, [ROUTE_CONFIG_NAME])
+    await c.send(SCOPED_ROUTE)
+    last[SCOPED_ROUTE] = srds = await c.recv()
+    await c.ack(srds)
+    await c.send(ROUTE, ROUTE_NAMES)
     last[ROUTE] = rds = await c.recv()
-    await c.ack(rds, [ROUTE_CONFIG_NAME])
+    await c.ack(rds, ROUTE_NAMES)
     return last
 
 
@@ -96,7 +102,7 @@ async def test_nack_is_recorded_and_not_resent_then_next_snapshot_is_sent(plane,
     assert rds.type_url == ROUTE and rds.version_info != last[ROUTE].version_info
     await client.send(
         ROUTE,
-        [ROUTE_CONFIG_NAME],
+        ROUTE_NAMES,
         last[ROUTE].version_info,
         rds.nonce,
         error="weights rejected for test",
@@ -112,7 +118,7 @@ async def test_nack_is_recorded_and_not_resent_then_next_snapshot_is_sent(plane,
         rds.version_info,
         last[ROUTE].version_info,
     )
-    await client.ack(fixed, [ROUTE_CONFIG_NAME])
+    await client.ack(fixed, ROUTE_NAMES)
     await wait_for(lambda: plane.status()["nodes"][0]["types"]["rds"]["nack"] is None)
 
 

@@ -15,9 +15,9 @@ from bench.xds_scale.configs import routing_yaml
 from control_plane.callbacks import NodeInfo
 from control_plane.config import parse
 from control_plane.nodes import NodeRegistry
-from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, build_snapshot
+from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, build_snapshot
 from control_plane.streams import DeltaStream, DesiredCache, SotwStream, Stream
-from control_plane.translate import ROUTE_CONFIG_NAME, translate
+from control_plane.translate import translate
 
 
 def profile_build(models: int, top: int = 12) -> list[dict[str, Any]]:
@@ -66,7 +66,8 @@ def _converged(stream: Stream, delta: bool) -> None:
         (CLUSTER, None),
         (ENDPOINT, clusters),
         (LISTENER, None),
-        (ROUTE, [ROUTE_CONFIG_NAME]),
+        (SCOPED_ROUTE, None),
+        (ROUTE, sorted(snapshot.types[ROUTE].resources)),
     ]
     for type_url, names in steps:
         request(type_url, names)
@@ -100,7 +101,9 @@ def per_stream_push_ms(models: int, streams: int = 20, delta: bool = False) -> f
         else:
             stream.handle_request(
                 DiscoveryRequest(
-                    type_url=ROUTE, resource_names=[ROUTE_CONFIG_NAME], response_nonce=nonce
+                    type_url=ROUTE,
+                    resource_names=sorted(second.types[ROUTE].resources),
+                    response_nonce=nonce,
                 )
             )
         stream.responses()

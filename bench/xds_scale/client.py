@@ -1,5 +1,6 @@
 """A simulated Envoy on one ADS stream (SotW or Delta), answering like Envoy does:
-CDS, then EDS for the clusters, ACK EDS then CDS (clusters are warm), LDS, RDS.
+CDS, then EDS for the clusters, ACK EDS then CDS (clusters are warm), LDS, SRDS (the
+scopes), RDS for the route configurations the scopes name.
 
 Every RDS ACK is reported with its version and the `time.monotonic()` of the ACK, a
 clock shared by all processes of the machine.
@@ -15,8 +16,7 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from bench.xds_scale import wire
-from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from control_plane.translate import ROUTE_CONFIG_NAME
+from control_plane.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
 from control_plane.xds_server import ADS_SERVICE
 
 OnRoutes = Callable[[str, str, float], None]  # client, route version, ACK time
@@ -39,7 +39,9 @@ class SimEnvoy:
         self.eds_names: list[str] = []
         self.eds_ack: tuple[str, str] = ("", "")  # SotW: version, nonce of the last EDS
         self.cds_waiting: wire.Response | None = None  # CDS to ACK once EDS arrives
-        self.lds_requested = self.rds_requested = False
+        self.lds_requested = self.srds_requested = False
+        self.rds_names: list[str] = []
+        self.rds_ack: tuple[str, str] = ("", "")  # SotW: version, nonce of the last RDS
         name = "DeltaAggregatedResources" if self.delta else "StreamAggregatedResources"
         method = self.channel.stream_stream(f"/{ADS_SERVICE}/{name}")
         self.call = method()
@@ -86,10 +88,37 @@ class SimEnvoy:
         await self._request(ROUTE, names, resp.version, resp.nonce)
         self.on_routes(self.node_id, resp.version, time.monotonic())
 
+    async def _scopes(self, resp: wire.Response) -> None:
+        """ACK the scopes, then ask for the route configurations they name."""
+        names = sorted({wire.scope_route_config(r, self.delta) for r in resp.resources})
+        if self.delta:
+            await self._request(SCOPED_ROUTE, None, nonce=resp.nonce)
+            added = sorted(set(names) - set(self.rds_names))
+            self.rds_names = sorted((set(self.rds_names) | set(names)) - set(resp.removed))
+            if added:
+                await self._request(ROUTE, added)
+            return
+        await self._request(SCOPED_ROUTE, None, resp.version, resp.nonce)
+        if names != self.rds_names:
+            self.rds_names = names
+            await self._request(ROUTE, names, *self.rds_ack)
+
+    async def _listeners(self, resp: wire.Response) -> None:
+        if self.delta:
+            await self._request(LISTENER, None, nonce=resp.nonce)
+        else:
+            await self._request(LISTENER, None, resp.version, resp.nonce)
+        if not self.srds_requested:
+            self.srds_requested = True
+            await self._request(SCOPED_ROUTE)
+
     async def _sotw(self, resp: wire.Response) -> None:
         t = resp.type_url
         if t == ROUTE:
-            await self._routes(resp, [ROUTE_CONFIG_NAME])
+            self.rds_ack = (resp.version, resp.nonce)
+            await self._routes(resp, self.rds_names)
+        elif t == SCOPED_ROUTE:
+            await self._scopes(resp)
         elif t == CLUSTER:
             names = sorted(wire.sotw_cluster_name(r) for r in resp.resources)
             self.cds_waiting = resp
@@ -101,15 +130,14 @@ class SimEnvoy:
             await self._request(ENDPOINT, self.eds_names, resp.version, resp.nonce)
             await self._after_eds()
         elif t == LISTENER:
-            await self._request(LISTENER, None, resp.version, resp.nonce)
-            if not self.rds_requested:
-                self.rds_requested = True
-                await self._request(ROUTE, [ROUTE_CONFIG_NAME])
+            await self._listeners(resp)
 
     async def _delta(self, resp: wire.Response) -> None:
         t = resp.type_url
         if t == ROUTE:
             await self._routes(resp, None)
+        elif t == SCOPED_ROUTE:
+            await self._scopes(resp)
         elif t == CLUSTER:
             names = {wire.delta_resource_name(r) for r in resp.resources}
             added = sorted(names - set(self.eds_names))
@@ -124,7 +152,4 @@ class SimEnvoy:
             await self._request(ENDPOINT, None, nonce=resp.nonce)
             await self._after_eds()
         elif t == LISTENER:
-            await self._request(LISTENER, None, nonce=resp.nonce)
-            if not self.rds_requested:
-                self.rds_requested = True
-                await self._request(ROUTE, [ROUTE_CONFIG_NAME])
+            await self._listeners(resp)

@@ -1,69 +1,92 @@
-"""Per-model route updates, measured before building them: what a one-model weight edit
-costs on the wire with today's single route configuration, and with the routes split
-per model as scoped routes (SRDS: one `ScopedRouteConfiguration` keyed by the model
-segment of `:path`, pointing at one `RouteConfiguration` per model, sent by RDS).
+"""Per-model route updates (scoped routes): what a one-model weight edit costs, by model
+count, side by side with the previous design (one route configuration for all models).
 
-In-process and without Envoy: translate the benchmark's routing file, then encode the
-RDS response each Envoy would get for the edit (SotW and Delta have the same size here):
-serializing the whole route configuration, against building and serializing the edited
-model's own one."""
+- `bytes`: in-process, the responses a converged stream (SotW and Delta) writes for the
+  edit, against the RDS response of the whole route configuration (what every Envoy got
+  before: all models' routes in one resource);
+- `push` (unless `--bytes-only`): the control plane in its own process, `--clients`
+  simulated Envoys per mode, `--edits` edits; from the file rename to the last client's
+  RDS ACK (see push.py).
+
+    python -m bench.xds_scale.route_split --models 10,100,1000 --clients 100 --edits 5
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from envoy.config.route.v3.route_components_pb2 import VirtualHost
-from envoy.config.route.v3.route_pb2 import RouteConfiguration
-from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
-
+from bench.workdir import scratch_dir
+from bench.xds_scale import push
+from bench.xds_scale.analysis import _converged
 from bench.xds_scale.configs import routing_yaml
+from control_plane.callbacks import NodeInfo
 from control_plane.config import parse
-from control_plane.snapshot import ROUTE
-from control_plane.translate import ROUTE_CONFIG_NAME, _model_routes, translate
-from control_plane.wire import encode_any, encode_delta_response, encode_sotw_body
-
-SCOPED_ROUTE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
-
-
-def _model_route_config(model) -> RouteConfiguration:
-    host = VirtualHost(name=model.name, domains=["*"], routes=_model_routes(model))
-    return RouteConfiguration(name=f"models/{model.name}", virtual_hosts=[host])
+from control_plane.nodes import NodeRegistry
+from control_plane.snapshot import ROUTE, SHORT_NAMES, build_snapshot
+from control_plane.streams import DeltaStream, DesiredCache, SotwStream
+from control_plane.translate import translate
+from control_plane.wire import encode_sotw_body
 
 
-def _scope(model) -> ScopedRouteConfiguration:
-    scope = ScopedRouteConfiguration(
-        name=model.name, route_configuration_name=f"models/{model.name}"
-    )
-    scope.key.fragments.add(string_key="models")
-    scope.key.fragments.add(string_key=model.name)
-    return scope
-
-
-def measure(models: int) -> dict[str, Any]:
-    edited = parse(routing_yaml(models, 1))
-    route_config = translate(edited).routes[ROUTE_CONFIG_NAME]
+def edit_bytes(models: int) -> dict[str, Any]:
+    """Bytes a converged stream is sent for a one-model weight edit, per mode and type."""
+    first = build_snapshot(translate(parse(routing_yaml(models))), "e")
     started = time.perf_counter()
-    whole = route_config.SerializeToString()
-    full = encode_sotw_body("v", [encode_any(ROUTE, whole)], ROUTE)
-    full_ms = (time.perf_counter() - started) * 1000
-    started = time.perf_counter()
-    one = _model_route_config(edited.models[0]).SerializeToString()
-    per_model = encode_delta_response("v", {"models/model-0000": ("v", one)}, [], ROUTE, "1")
-    per_model_ms = (time.perf_counter() - started) * 1000
-    scopes = sum(len(_scope(m).SerializeToString()) for m in edited.models)
-    return {
+    second = build_snapshot(translate(parse(routing_yaml(models, 1))), "e")
+    build_ms = (time.perf_counter() - started) * 1000
+    routes = second.types[ROUTE].resources
+    whole = encode_sotw_body(second.types[ROUTE].version, list(routes.values()), ROUTE)
+    out: dict[str, Any] = {
         "models": models,
-        "full_rds_response_bytes": len(full),
-        "per_model_rds_response_bytes": len(per_model),
-        "bytes_ratio": round(len(full) / len(per_model), 1),
-        "full_rds_serialize_ms": round(full_ms, 2),
-        "per_model_rds_build_ms": round(per_model_ms, 3),
-        "srds_all_scopes_bytes": scopes,
+        "whole_rds_response_bytes": len(whole),
+        "route_configurations": len(routes),
+        "parse_and_build_ms": round(build_ms, 1),
     }
+    for cls in (SotwStream, DeltaStream):
+        stream = cls(NodeInfo("n"), NodeRegistry(), time.monotonic, DesiredCache())
+        stream.open()
+        stream.target = first
+        _converged(stream, cls is DeltaStream)
+        stream.target = second
+        sent = stream.responses().responses
+        types = [SHORT_NAMES[t] for t, s in stream.types.items() if s.pending]
+        out[f"{cls.mode}_edit_bytes"] = sum(len(r) for r in sent)
+        out[f"{cls.mode}_edit_types"] = types
+    out["ratio_whole_to_sotw"] = round(len(whole) / out["sotw_edit_bytes"], 1)
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=_ints, default=[10, 100, 1000, 5000])
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--edits", type=int, default=5)
+    p.add_argument("--bytes-only", action="store_true")
+    args = p.parse_args(argv)
+    report: dict[str, Any] = {"bytes": [edit_bytes(n) for n in args.models], "push": []}
+    if not args.bytes_only:
+        with scratch_dir("route-split") as workdir:
+            for n in args.models:
+                for delta in (False, True):
+                    print(f"push: {n} models, delta={delta}", file=sys.stderr)
+                    edits = args.edits if n < 1000 else max(3, args.edits)
+                    report["push"].append(
+                        push.run(
+                            Path(workdir), clients=args.clients, models=n, delta=delta, edits=edits
+                        )
+                    )
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    import json
-
-    print(json.dumps([measure(n) for n in (10, 100, 1000, 5000)], indent=2))
+    raise SystemExit(main())

@@ -96,3 +96,17 @@ def sotw_cluster_name(any_blob: memoryview) -> str:
 def delta_resource_name(resource: memoryview) -> str:
     """Name of a Delta `Resource` (name=3)."""
     return first_string(resource, 3)
+
+
+def _any_value(any_blob: memoryview) -> memoryview:
+    for number, value in fields(any_blob):
+        if number == 2 and isinstance(value, memoryview):
+            return value
+    return memoryview(b"")
+
+
+def scope_route_config(resource: memoryview, delta: bool) -> str:
+    """The route configuration a ScopedRouteConfiguration names (route_configuration_name=2),
+    from a SotW response's Any or a Delta `Resource` (resource=2, an Any)."""
+    scope = _any_value(_any_value(resource) if delta else resource)
+    return first_string(scope, 2)
