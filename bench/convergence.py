@@ -20,7 +20,7 @@ from typing import Any
 from bench.stack import BenchStack
 from bench.stats import alternating, emit, summary_ms
 from bench.workdir import scratch_dir
-from control_plane.translate import cluster_name
+from control_plane.translate import cluster_name, model_routes_name
 
 POLL = 0.001  # seconds between polls of each admin endpoint
 # The steps of one edit, as (name, from, to): wall-clock times of the bench ("saved",
@@ -45,9 +45,11 @@ class EnvoyAdmin:
         self.conn = http.client.HTTPConnection(host, port, timeout=5)
 
     def route_dump(self) -> dict[str, Any]:
+        """Envoy's dump of iris's route configuration (one per model, by scoped routes)."""
         self.conn.request("GET", "/config_dump?resource=dynamic_route_configs")
         configs = json.loads(self.conn.getresponse().read()).get("configs", [])
-        return configs[0] if configs else {}
+        iris = model_routes_name("iris")
+        return next((c for c in configs if c["route_config"]["name"] == iris), {})
 
 
 def route_weights(dump: dict[str, Any]) -> list[dict[str, int]]:
