@@ -164,12 +164,6 @@ class BenchStack:
             time.sleep(0.05)
         raise TimeoutError("Envoy did not converge on the control plane's snapshot")
 
-    def route_dump(self) -> dict[str, Any]:
-        """Envoy's dynamic route configuration (first one) from its admin config dump."""
-        url = f"http://{host_port(self.envoy_admin)}/config_dump?resource=dynamic_route_configs"
-        configs = get_json(url).get("configs", [])
-        return configs[0] if configs else {}
-
     def apply_times_ms(self) -> list[float]:
         """Build times the control plane logged for each applied config, oldest first."""
         text = (self.workdir / f"control-plane-{self.watch}.log").read_text(errors="replace")

@@ -253,7 +253,8 @@ def _cluster_template(policy: Resilience) -> Cluster:
     )
 
 
-def _load_assignment(name: str, endpoints) -> ClusterLoadAssignment:
+def load_assignment(name: str, endpoints: Sequence[ServerAddress]) -> ClusterLoadAssignment:
+    """The endpoints (`host`, `port`) of cluster `name`."""
     return ClusterLoadAssignment(
         cluster_name=name,
         endpoints=[
@@ -574,12 +575,12 @@ def _translate_model(model: Model, tls: bool) -> _ModelResources:
         out.clusters[name] = _cluster(name, model.resilience, tls)
         if check.enabled:
             out.health_check_timeouts[name] = check.timeout
-        out.endpoints[name] = _load_assignment(name, version.endpoints)
+        out.endpoints[name] = load_assignment(name, version.endpoints)
         if model.grpc_listen:
             name = grpc_cluster_name(model.name, version.name)
             grpc.append(name)
             out.clusters[name] = _grpc_cluster(name, model.resilience, tls)
-            out.endpoints[name] = _load_assignment(name, version.grpc_endpoints)
+            out.endpoints[name] = load_assignment(name, version.grpc_endpoints)
     out.route_clusters[model_routes_name(model.name)] = frozenset(http)
     if model.grpc_listen:
         routes = _grpc_route_config(model)

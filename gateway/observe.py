@@ -86,12 +86,6 @@ def route_configs(envoy_admin_url: str) -> list[dict[str, Any]]:
     return config_dump(envoy_admin_url, "dynamic_route_configs")["configs"]
 
 
-def route_version(envoy_admin_url: str) -> str | None:
-    """The version of the (first) route configuration Envoy applied; None if it has none."""
-    configs = route_configs(envoy_admin_url)
-    return configs[0].get("version_info") if configs else None
-
-
 def route(envoy_admin_url: str, name: str) -> dict[str, Any]:
     """The route named `name` (e.g. `iris/split`) in any route configuration Envoy runs."""
     for config in route_configs(envoy_admin_url):

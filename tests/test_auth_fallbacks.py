@@ -13,7 +13,6 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
-from envoy.config.core.v3.address_pb2 import Address, SocketAddress
 from envoy.config.core.v3.config_source_pb2 import (
     ApiConfigSource,
     ApiVersion,
@@ -21,12 +20,6 @@ from envoy.config.core.v3.config_source_pb2 import (
     ExtensionConfigSource,
 )
 from envoy.config.core.v3.grpc_service_pb2 import GrpcService
-from envoy.config.endpoint.v3.endpoint_components_pb2 import (
-    Endpoint,
-    LbEndpoint,
-    LocalityLbEndpoints,
-)
-from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.route.v3.route_components_pb2 import (
     DirectResponseAction,
     Route,
@@ -42,6 +35,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 )
 
 from control_plane.api_filters import FILTERS
+from control_plane.config import Endpoint as ServerAddress
+from control_plane.translate import load_assignment
 from control_plane.translate_auth import JWT, REQUIREMENT
 from control_plane.translate_limits import RATE_FILTER
 from gateway import static_envoy
@@ -91,24 +86,7 @@ def _bootstrap(listen: int, admin: int, dead: int) -> Bootstrap:
         name="nowhere",
         type=Cluster.STATIC,
         connect_timeout=timedelta(milliseconds=100),
-        load_assignment=ClusterLoadAssignment(
-            cluster_name="nowhere",
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[
-                        LbEndpoint(
-                            endpoint=Endpoint(
-                                address=Address(
-                                    socket_address=SocketAddress(
-                                        address="127.0.0.1", port_value=dead
-                                    )
-                                )
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
+        load_assignment=load_assignment("nowhere", [ServerAddress("127.0.0.1", dead)]),
     )
     return static_envoy.bootstrap(hcm, listen, admin, [nowhere])
 
