@@ -25,13 +25,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from envoy.config.route.v3.route_components_pb2 import (
-    DirectResponseAction,
-    Route,
-    RouteMatch,
-    VirtualHost,
-)
-from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
     HttpConnectionManager,
     HttpFilter,
@@ -98,19 +91,7 @@ def _start(
 ) -> tuple[subprocess.Popen, int]:
     port, admin = free_port(), free_port()
     host_configs, route_configs = configs
-    route = Route(
-        match=RouteMatch(prefix="/"),
-        direct_response=DirectResponseAction(status=200),
-        typed_per_filter_config=route_configs,
-    )
-    host = VirtualHost(
-        name=name, domains=["*"], routes=[route], typed_per_filter_config=host_configs
-    )
-    hcm = HttpConnectionManager(
-        stat_prefix=name,
-        http_filters=filters,
-        route_config=RouteConfiguration(virtual_hosts=[host]),
-    )
+    hcm = static_envoy.answering(name, filters, route_configs, host_configs)
     bootstrap = static_envoy.bootstrap(hcm, port, admin)
     path = workdir / f"{name}.json"
     path.write_text(MessageToJson(bootstrap))

@@ -551,22 +551,12 @@ def _grpc_route_config(model: Model) -> RouteConfiguration:
     return RouteConfiguration(name=f"grpc/{model.name}", virtual_hosts=[host])
 
 
-@dataclass(frozen=True)
-class _ModelResources:
-    clusters: dict[str, Cluster]
-    endpoints: dict[str, ClusterLoadAssignment]
-    health_check_timeouts: dict[str, float]
-    listeners: dict[str, Listener]
-    route_configs: dict[str, RouteConfiguration]
-    route_clusters: dict[str, frozenset[str]]
-
-
 @functools.lru_cache(maxsize=4096)
-def _translate_model(model: Model, tls: bool) -> _ModelResources:
+def _translate_model(model: Model, tls: bool) -> Resources:
     """One model's resources but its gateway routes (`tls`: mutual TLS to its servers).
     Models are immutable values, so an edit translates only the models it changed; the
     results are shared and must not be modified."""
-    out = _ModelResources({}, {}, {}, {}, {}, {})
+    out = Resources({}, {}, {}, {}, {}, {}, {})
     check = model.resilience.health_check
     http, grpc = [], []
     for version in model.versions:
@@ -584,7 +574,7 @@ def _translate_model(model: Model, tls: bool) -> _ModelResources:
     out.route_clusters[model_routes_name(model.name)] = frozenset(http)
     if model.grpc_listen:
         routes = _grpc_route_config(model)
-        out.route_configs[routes.name] = routes
+        out.routes[routes.name] = routes
         out.route_clusters[routes.name] = frozenset(grpc)
         out.listeners[routes.name] = _listener(routes.name, model.grpc_listen, _rds(routes.name))
     return out
@@ -655,7 +645,7 @@ def translate(config: RoutingConfig) -> Resources:
         endpoints.update(part.endpoints)
         timeouts.update(part.health_check_timeouts)
         listeners.update(part.listeners)
-        route_configs.update(part.route_configs)
+        route_configs.update(part.routes)
         route_clusters.update(part.route_clusters)
         name = model_routes_name(model.name)
         route_configs[name] = _model_route_config(model, host)

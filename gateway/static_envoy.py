@@ -9,13 +9,45 @@ from pathlib import Path
 
 from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.route.v3.route_components_pb2 import (
+    DirectResponseAction,
+    Route,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
     HttpConnectionManager,
+    HttpFilter,
 )
+from google.protobuf.any_pb2 import Any
 from google.protobuf.json_format import MessageToJson
 
 from gateway.bootstrap import envoy_command
 from gateway.processes import Child, wait_http
+
+
+def answering(
+    name: str,
+    filters: Sequence[HttpFilter],
+    route_configs: dict[str, Any] | None = None,
+    host_configs: dict[str, Any] | None = None,
+) -> HttpConnectionManager:
+    """An HCM that runs `filters` (the router last) and answers every request 200 itself,
+    with per-filter configs on its one route and virtual host."""
+    route = Route(
+        match=RouteMatch(prefix="/"),
+        direct_response=DirectResponseAction(status=200),
+        typed_per_filter_config=route_configs or {},
+    )
+    host = VirtualHost(
+        name=name, domains=["*"], routes=[route], typed_per_filter_config=host_configs or {}
+    )
+    return HttpConnectionManager(
+        stat_prefix=name,
+        http_filters=filters,
+        route_config=RouteConfiguration(virtual_hosts=[host]),
+    )
 
 
 def bootstrap(

@@ -20,19 +20,12 @@ from envoy.config.core.v3.config_source_pb2 import (
     ExtensionConfigSource,
 )
 from envoy.config.core.v3.grpc_service_pb2 import GrpcService
-from envoy.config.route.v3.route_components_pb2 import (
-    DirectResponseAction,
-    Route,
-    RouteMatch,
-    VirtualHost,
-)
-from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.filters.http.jwt_authn.v3.config_pb2 import PerRouteConfig
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
 from envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2 import (  # noqa: E501
-    HttpConnectionManager,
     HttpFilter,
 )
+from google.protobuf.any_pb2 import Any
 
 from control_plane.api_filters import FILTERS
 from control_plane.config import Endpoint as ServerAddress
@@ -73,15 +66,9 @@ def _bootstrap(listen: int, admin: int, dead: int) -> Bootstrap:
     ]
     filters.append(HttpFilter(name="envoy.filters.http.router"))
     filters[-1].typed_config.Pack(Router())
-    route = Route(match=RouteMatch(prefix="/"), direct_response=DirectResponseAction(status=200))
-    route.typed_per_filter_config[JWT].Pack(PerRouteConfig(requirement_name=REQUIREMENT))
-    hcm = HttpConnectionManager(
-        stat_prefix="gateway",
-        route_config=RouteConfiguration(
-            virtual_hosts=[VirtualHost(name="all", domains=["*"], routes=[route])]
-        ),
-        http_filters=filters,
-    )
+    jwt_required = Any()
+    jwt_required.Pack(PerRouteConfig(requirement_name=REQUIREMENT))
+    hcm = static_envoy.answering("gateway", filters, route_configs={JWT: jwt_required})
     nowhere = Cluster(
         name="nowhere",
         type=Cluster.STATIC,

@@ -142,12 +142,23 @@ class Gateway:
         return self.stack.envoy_stat(f"extension_config_discovery.http_filter.{name}.config_reload")
 
 
+def gateway_fixture(first_file: Callable[[Gateway], None]):
+    """A module fixture, in SotW and Delta: a stack in front of an echo server, the keys
+    file written, started on the file that `first_file` writes."""
+
+    @pytest.fixture(scope="module", params=["sotw", "delta"])
+    def fixture(request, tmp_path_factory, model_repository, envoy_binary) -> Iterator[Gateway]:
+        workdir = tmp_path_factory.mktemp(first_file.__name__.strip("_"))
+        with running_gateway(workdir, model_repository, request.param == "delta", first_file) as g:
+            yield g
+
+    return fixture
+
+
 @contextlib.contextmanager
 def running_gateway(
     workdir: Path, model_repository: Path, delta: bool, first_file: Callable[[Gateway], None]
 ) -> Iterator[Gateway]:
-    """A stack in front of an echo server, the keys file written, started on the file that
-    `first_file` writes."""
     http_server = ThreadingHTTPServer(("127.0.0.1", free_port()), Echo)
     threading.Thread(target=http_server.serve_forever, daemon=True).start()
     stack = Stack(workdir, model_repository, delta)
@@ -169,11 +180,7 @@ def _with_jwks(g: Gateway) -> None:
     g.route(burst=2)
 
 
-@pytest.fixture(scope="module", params=["sotw", "delta"])
-def gateway(request, tmp_path_factory, model_repository, envoy_binary) -> Iterator[Gateway]:
-    workdir = tmp_path_factory.mktemp("reload")
-    with running_gateway(workdir, model_repository, request.param == "delta", _with_jwks) as g:
-        yield g
+gateway = gateway_fixture(_with_jwks)
 
 
 def test_jwks_and_rate_edits_under_traffic(gateway: Gateway):
@@ -250,16 +257,12 @@ def chunked(port: int, path: str, size: int, headers: dict[str, str]) -> int:
 
 
 def _plain(g: Gateway) -> None:
+    """A file without `consumers` and `limits`, and a keys file ready."""
     g.keys["carol"] = secrets.token_urlsafe(24)
     g.stack.write(PLAIN.format(listen=g.stack.listen, echo=g.echo))
 
 
-@pytest.fixture(scope="module", params=["sotw", "delta"])
-def plain(request, tmp_path_factory, model_repository, envoy_binary) -> Iterator[Gateway]:
-    """A gateway on a file without `consumers` and `limits`, and a keys file ready."""
-    workdir = tmp_path_factory.mktemp("plain")
-    with running_gateway(workdir, model_repository, request.param == "delta", _plain) as g:
-        yield g
+plain = gateway_fixture(_plain)
 
 
 def test_api_management_edits_change_no_listener(plain: Gateway):
