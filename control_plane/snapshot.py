@@ -1,7 +1,8 @@
 """Versioned snapshots of serialized resources, and the cache every xDS stream reads.
 
-Each resource is serialized once per snapshot into the bytes of a
-`google.protobuf.Any`; streams reuse those bytes. A type's version is its content
+Each resource is serialized into the bytes of a `google.protobuf.Any` once, and again
+only when translation gives a new message for it (unchanged models keep their messages);
+streams reuse those bytes. A type's version is its content
 hash prefixed by the instance epoch, so that an unchanged type keeps its version
 across edits, and a restarted control plane never claims a version Envoy already has.
 """
@@ -78,18 +79,40 @@ class TypeSnapshot:
         return frozenset(self.resources)
 
 
-def _type_snapshot(epoch: str, encoded: dict[str, bytes]) -> TypeSnapshot:
-    versions = {
-        name: f"{epoch}-{hashlib.sha256(blob).hexdigest()[:16]}" for name, blob in encoded.items()
-    }
-    return TypeSnapshot(content_version(epoch, encoded), encoded, versions)
+def _type_snapshot(epoch: str, encoded: dict[str, Encoded]) -> TypeSnapshot:
+    blobs = {name: e.blob for name, e in encoded.items()}
+    versions = {name: f"{epoch}-{e.digest}" for name, e in encoded.items()}
+    return TypeSnapshot(content_version(epoch, blobs), blobs, versions)
 
 
-def _encode(type_url: str, named: dict[str, Message]) -> dict[str, bytes]:
-    return {
-        name: encode_any(type_url, msg.SerializeToString(deterministic=True))
-        for name, msg in named.items()
-    }
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    message: Message  # held, so that its id() is not reused while it is cached
+    blob: bytes  # the Any-encoded resource
+    digest: str
+
+
+# The last build's encodings by the id() of their message. Translation shares an unchanged
+# model's messages from one build to the next (they are never modified), so a one-model
+# edit at 1,000 models serializes and hashes that model's resources only.
+_last_build: dict[int, Encoded] = {}
+
+
+def _encode(
+    type_url: str, named: dict[str, Message], cache: dict[int, Encoded] | None = None
+) -> dict[str, Encoded]:
+    """Each message encoded, from `_last_build` if it is the same object; what it used
+    goes into `cache` (the next build's)."""
+    out = {}
+    for name, msg in named.items():
+        hit = _last_build.get(id(msg))
+        if hit is None or hit.message is not msg:
+            blob = encode_any(type_url, msg.SerializeToString(deterministic=True))
+            hit = Encoded(msg, blob, hashlib.sha256(blob).hexdigest()[:16])
+        if cache is not None:
+            cache[id(msg)] = hit
+        out[name] = hit
+    return out
 
 
 def _overall_version(epoch: str, types: dict[str, TypeSnapshot]) -> str:
@@ -126,7 +149,10 @@ def build_snapshot(
         # Left out without any, like the secrets.
         **({EXTENSION: resources.extension_configs} if resources.extension_configs else {}),
     }
-    types = {t: _type_snapshot(epoch, _encode(t, named)) for t, named in by_type.items()}
+    global _last_build
+    cache: dict[int, Encoded] = {}
+    types = {t: _type_snapshot(epoch, _encode(t, named, cache)) for t, named in by_type.items()}
+    _last_build = cache  # one assignment: a build in another thread at once only misses
     return Snapshot(
         epoch,
         _overall_version(epoch, types),
@@ -139,16 +165,21 @@ def build_snapshot(
 def with_listen(snapshot: Snapshot, listen: Endpoint) -> Snapshot:
     """The snapshot for a node that serves the `gateway` listener on its own address:
     only the listeners differ; every other type is the same object."""
-    listeners = dict(snapshot.types[LISTENER].resources)
+    old, epoch = snapshot.types[LISTENER], snapshot.epoch
     # The snapshot's own gateway listener, moved: it keeps what was added after translation
     # (the access log).
     packed, gateway = Any(), Listener()
-    packed.ParseFromString(listeners[LISTENER_NAME])
+    packed.ParseFromString(old.resources[LISTENER_NAME])
     packed.Unpack(gateway)
     gateway.address.socket_address.address = listen.host
     gateway.address.socket_address.port_value = listen.port
-    listeners |= _encode(LISTENER, {LISTENER_NAME: gateway})
-    types = {**snapshot.types, LISTENER: _type_snapshot(snapshot.epoch, listeners)}
+    moved = _encode(LISTENER, {LISTENER_NAME: gateway})[LISTENER_NAME]
+    blobs = {**old.resources, LISTENER_NAME: moved.blob}
+    versions = {**old.versions, LISTENER_NAME: f"{epoch}-{moved.digest}"}
+    types = {
+        **snapshot.types,
+        LISTENER: TypeSnapshot(content_version(epoch, blobs), blobs, versions),
+    }
     return replace(snapshot, version=_overall_version(snapshot.epoch, types), types=types)
 
 

@@ -1,0 +1,29 @@
+"""Snapshots reuse the encoding of every message translation shares between builds."""
+
+from __future__ import annotations
+
+from bench.xds_scale.configs import routing_yaml
+from control_plane import snapshot
+from control_plane.config import parse
+from control_plane.snapshot import CLUSTER, ROUTE, build_snapshot
+from control_plane.translate import model_routes_name, translate
+
+
+def test_a_one_model_edit_encodes_only_that_models_resources_and_versions_stay_exact():
+    before = build_snapshot(translate(parse(routing_yaml(5))), "e")
+    after = build_snapshot(translate(parse(routing_yaml(5, edit=1))), "e")
+    edited, other = model_routes_name("model-0000"), model_routes_name("model-0001")
+    routes_before, routes_after = before.types[ROUTE].resources, after.types[ROUTE].resources
+    assert routes_after[other] is routes_before[other]  # the same bytes object: not re-encoded
+    assert routes_after[edited] != routes_before[edited]
+    assert after.types[CLUSTER].resources is not before.types[CLUSTER].resources
+    for name, blob in after.types[CLUSTER].resources.items():
+        reused = blob is before.types[CLUSTER].resources[name]
+        assert reused == (not name.startswith("model-0000/")), name  # the edited model's: new
+    # Encoded from scratch, the same bytes and versions.
+    snapshot._last_build.clear()
+    fresh = build_snapshot(translate(parse(routing_yaml(5, edit=1))), "e")
+    for type_url, types in after.types.items():
+        assert types.resources == fresh.types[type_url].resources
+        assert types.versions == fresh.types[type_url].versions
+        assert types.version == fresh.types[type_url].version
