@@ -54,6 +54,7 @@ bench-telemetry: venv model bench-tools
 
 bench-api: venv model bench-tools
 	$(PY) -m bench.api_overhead
+	$(PY) -m bench.plain_chain
 
 images: venv
 	bash docker/build.sh
