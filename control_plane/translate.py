@@ -465,7 +465,9 @@ def _scoped_routing() -> dict:
     return {"scoped_routes": scoped, "early_header_mutation_extensions": [_scope_header()]}
 
 
+@functools.lru_cache(maxsize=8192)
 def _scope(name: str, key: tuple[str, str], route_config: str) -> ScopedRouteConfiguration:
+    """(shared: must not be modified)"""
     fragments = [ScopedRouteConfiguration.Key.Fragment(string_key=part) for part in key]
     return ScopedRouteConfiguration(
         name=name,
