@@ -8,6 +8,7 @@ import time
 
 import pytest
 from envoy.config.route.v3.route_components_pb2 import Route, RouteAction, RouteMatch
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 
 from control_plane.config import parse
@@ -20,7 +21,11 @@ from tests.stack import Stack, count_versions
 def bad_routes_snapshot(plane: ControlPlane, text: str):
     """A snapshot whose routes start with a regex that Envoy rejects."""
     resources = translate(parse(text))
-    vhost = resources.routes[model_routes_name("iris")].virtual_hosts[0]
+    name = model_routes_name("iris")
+    routes = RouteConfiguration()
+    routes.CopyFrom(resources.routes[name])  # translated messages are shared: never modify
+    resources.routes[name] = routes
+    vhost = routes.virtual_hosts[0]
     bad = Route(
         match=RouteMatch(safe_regex=RegexMatcher(regex="(unclosed")),
         route=RouteAction(cluster="iris/v2"),
