@@ -282,30 +282,42 @@ class Stream:
         clusters and endpoints, those that the routes Envoy holds still name."""
         typed = snapshot.types[type_url]
         lingering = None
-        if type_url in (CLUSTER, ENDPOINT) and self.routes_acked is not None:
-            lingering = self._lingering(type_url, typed)
+        if type_url in (CLUSTER, ENDPOINT):
+            lingering = self._lingering(type_url, typed, snapshot.epoch)
         names = self.types[type_url].names
         return self.desired.get(snapshot.epoch, typed, names, lingering)
 
-    def _lingering(self, type_url: str, typed: TypeSnapshot) -> TypeSnapshot | None:
+    def _routes_other_than_acked(self) -> dict[str, Snapshot]:
+        """Route configurations Envoy holds, or is about to, from another snapshot than the
+        last one it ACKed: those held back since, and those of an RDS response in flight
+        (Envoy may apply it before a CDS response sent meanwhile)."""
+        sources = dict(self.routes_held)
+        routes = self.types.get(ROUTE)
+        if routes is not None and routes.pending and routes.sent_snapshot is not None:
+            sources.update(dict.fromkeys(routes.sent_changed, routes.sent_snapshot))
+        return sources
+
+    def _lingering(self, type_url: str, typed: TypeSnapshot, epoch: str) -> TypeSnapshot | None:
         """Clusters or endpoints of the routes Envoy holds: those of the last RDS it ACKed,
-        and of the route configurations held back since (computed once per change)."""
+        and of the route configurations held back or in flight since (computed once per
+        change)."""
         acked = self.routes_acked
-        assert acked is not None
-        old = acked.types[type_url]
-        if not self.routes_held:
-            return old if old.version != typed.version else None
-        key = (type_url, old, tuple(self.routes_held.items()))
+        others = self._routes_other_than_acked()
+        old = acked.types[type_url] if acked is not None else None
+        if not others:
+            return old if old is not None and old.version != typed.version else None
+        key = (type_url, old, tuple(others.items()))
         if self._lingering_memo is not None and self._lingering_memo[0] == key:
             return self._lingering_memo[1]
-        resources, versions = dict(old.resources), dict(old.versions)
-        for name, source in self.routes_held.items():
+        resources = dict(old.resources) if old is not None else {}
+        versions = dict(old.versions) if old is not None else {}
+        for name, source in others.items():
             held = source.types[type_url]
             for cluster in source.route_clusters.get(name, ()):
                 if cluster in held.resources and cluster not in resources:
                     resources[cluster] = held.resources[cluster]
                     versions[cluster] = held.versions[cluster]
-        merged = TypeSnapshot(content_version(acked.epoch, resources), resources, versions)
+        merged = TypeSnapshot(content_version(epoch, resources), resources, versions)
         self._lingering_memo = (key, merged)
         return merged
 

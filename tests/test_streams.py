@@ -376,6 +376,32 @@ def test_removed_clusters_linger_until_envoy_acks_routes_without_them(mode):
 
 
 @MODES
+def test_clusters_of_routes_in_flight_linger_until_routes_without_them_are_acked(mode):
+    """Routes naming v3 are sent, not ACKed yet, when v3 is removed again: Envoy may apply
+    them before any CDS response sent meanwhile, so v3 must stay until routes without it
+    are ACKed (a CI churn run answered 132 requests 503 NC without this)."""
+    peer = Peer(mode, snap(NO_CHECKS))
+    peer.converge()
+    peer.add_v3_and_subscribe(NO_CHECKS)
+    peer.ack(CLUSTER)
+    (rds,) = peer.pump()  # routes naming v3, in flight
+    assert rds.type == "rds"
+    peer.retarget(NO_CHECKS)
+    for sent in peer.pump():  # SotW: a CDS response names v3; Delta: none removes it
+        assert "iris/v3" not in sent.removed
+        assert mode == "delta" or sent.type != "cds" or "iris/v3" in sent.names
+    peer.ack(ROUTE)
+    (rds,) = peer.pump()  # routes without v3
+    assert rds.type == "rds"
+    peer.ack(ROUTE)
+    cds, eds = peer.pump()
+    if mode == "sotw":
+        assert "iris/v3" not in cds.names and "iris/v3" not in eds.names
+    else:
+        assert "iris/v3" in cds.removed
+
+
+@MODES
 def test_lingering_clusters_keep_endpoints_that_arrived_after_their_routes(mode):
     """A replica that registered after the routes were ACKed stays on its cluster while that
     cluster lingers: removing the version must not empty it under the running routes."""
