@@ -87,6 +87,9 @@ QUOTA_FILTER = "envoy.filters.http.ratelimit"
 BODY_FILTER = "envoy.filters.http.buffer"
 REROUTE_FILTER = "envoy.filters.http.lua"
 MAX_BODY_HEADER = "x-infergate-max-body"  # model_servers/server.py reads it
+# A body up to this much over max_body is read by Envoy in one go and refused by the buffer
+# filter (its 413 is read, no reset); beyond it the oversize route takes the request.
+OVERSIZE_SLACK = 64 * 1024
 REROUTE = "reroute"  # the Lua filter's source code
 REROUTE_LUA = "function envoy_on_request(handle) handle:clearRouteCache() end"
 
@@ -271,7 +274,7 @@ def per_route_configs(model: Model) -> dict[str, Any]:
 
 
 def oversize_route(model: Model, split: RouteAction) -> Route | None:
-    """The route of requests to `model` that declare a body over its `max_body`: to a
+    """The route of requests to `model` that declare a body far over its `max_body`: to a
     version of the split (no mirror) with the limit in `x-infergate-max-body`, so that the
     model server reads and drops the body, then answers 413 (before it resolves the model).
     Envoy's own early 413 would close the connection with the body unread, and a client
@@ -279,7 +282,8 @@ def oversize_route(model: Model, split: RouteAction) -> Route | None:
     limit = model.limits.max_body if model.limits else 0
     if not limit:
         return None
-    declared = HeaderMatcher(name="content-length", range_match=Int64Range(start=limit + 1))
+    start = limit + OVERSIZE_SLACK + 1
+    declared = HeaderMatcher(name="content-length", range_match=Int64Range(start=start))
     declared.range_match.end = 2**63 - 1
     action = RouteAction()
     action.CopyFrom(split)
