@@ -24,6 +24,7 @@ first judgement, they held it (and the admin API and xDS) for over 5 s in a load
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Sequence
@@ -33,19 +34,16 @@ from typing import Any
 from control_plane.config import Rollout, RolloutShadow
 from control_plane.telemetry import IntervalStats
 
-_preloading: list[threading.Thread] = []
-
 
 def _import_stats() -> None:
     import numpy  # noqa: F401
     import scipy.stats  # noqa: F401
 
 
+@functools.cache
 def preload_stats() -> None:
-    """Import numpy and scipy.stats in a background thread, once."""
-    if not _preloading:
-        _preloading.append(threading.Thread(target=_import_stats, daemon=True, name="stats"))
-        _preloading[0].start()
+    """Import numpy and scipy.stats in a background thread (once: later calls do nothing)."""
+    threading.Thread(target=_import_stats, daemon=True, name="stats").start()
 
 
 ALPHA = 0.01  # per check and window

@@ -146,13 +146,12 @@ class Replicas:
         if r.state == "ready":
             self._registration(r).deregister()
         ran = now - r.started_at
-        if r.state == "starting":
-            self.failed_starts[r.key] = f"{r.name} exited with code {r.child.proc.returncode}"
-
         r.failures = r.failures + 1 if ran < STABLE_AFTER else 1
         delay = restart_delay(r.failures)
         tail = log_tail(r.child.log_path)
         r.last_exit = f"exited with code {r.child.proc.returncode} after {ran:.1f} s"
+        if r.state == "starting":
+            self.failed_starts[r.key] = f"{r.name} {r.last_exit}"
         r.state, r.restart_at, r.restarts = "backoff", now + delay, r.restarts + 1
         again = f", {r.failures} times in a row" if r.failures > 1 else ""
         log.warning(
