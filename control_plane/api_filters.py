@@ -163,11 +163,11 @@ def _jwt_audience_401(shape: SubstitutionFormatString) -> ResponseMapper:
     )
 
 
-def local_reply_config(_config: RoutingConfig) -> LocalReplyConfig:
+def local_reply_config() -> LocalReplyConfig:
     """Every error Envoy answers itself (401, 403, 404, 413, 429, 503, ...) in the Open
     Inference Protocol's shape, `{"error": "..."}` as application/json; its own successful
     answers (health, server metadata) stay as they are. The same for every routing file
-    (it is in the listener; `_config` is the translator's argument)."""
+    (it is in the listener)."""
     body = Struct()
     body.update({"error": "%LOCAL_REPLY_BODY%"})
     shape = SubstitutionFormatString(json_format=body)

@@ -658,7 +658,7 @@ def translate(config: RoutingConfig) -> Resources:
         config.listen,
         _scoped_routing(),
         gateway_filters,
-        api_filters.local_reply_config(config),
+        api_filters.local_reply_config(),
     )
     resources = Resources(
         clusters=clusters,

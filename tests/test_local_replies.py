@@ -17,7 +17,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3.http_connection
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from control_plane.api_filters import local_reply_config
-from control_plane.config import parse
 from gateway import static_envoy
 from gateway.processes import free_port
 
@@ -38,7 +37,7 @@ def test_a_route_to_a_cluster_envoy_lacks_answers_503_with_a_message(tmp_path, e
         stat_prefix="gateway",
         route_config=routes,
         http_filters=[HttpFilter(name="envoy.filters.http.router")],
-        local_reply_config=local_reply_config(parse("models: {}\n")),
+        local_reply_config=local_reply_config(),
     )
     hcm.http_filters[0].typed_config.Pack(Router())
     envoy = static_envoy.start(envoy_binary, tmp_path, static_envoy.bootstrap(hcm, listen, admin))
