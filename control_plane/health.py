@@ -8,6 +8,12 @@ alike; the limit is that the control plane must reach the model servers.
 
 HTTP endpoints answer `GET /v2/health/ready` (over mutual TLS with `upstream_tls`, with
 the same client certificate as Envoy); gRPC endpoints must accept a TCP connection.
+
+Probing shares the event loop with the xDS streams and the builds, and one probe costs
+about 0.25 ms of CPU: at 1,000 models (6,000 endpoints) an unbounded round took 1.3-2 s of
+CPU every second and delayed edits by 400-600 ms. So a round probes in batches, and after
+each batch it waits long enough that probing uses at most `cpu_share` of the process's CPU
+time: small configs are probed every `interval`, large ones as fast as the share allows.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,12 +78,26 @@ def targets(config: RoutingConfig) -> list[Target]:
 class HealthMonitor:
     """Probe the endpoints of the current config; an endpoint turns unhealthy after
     `unhealthy_after` failed probes in a row (the first probe decides at once) and healthy
-    after one good probe. Changes are logged, one line each."""
+    after one good probe. Changes are logged, one line each. A round probes `batch`
+    endpoints at a time and keeps its CPU time (`cpu_clock`) under `cpu_share`."""
 
-    def __init__(self, probe: Probe | None = None, interval: float = 1.0, unhealthy_after: int = 2):
+    def __init__(
+        self,
+        probe: Probe | None = None,
+        interval: float = 1.0,
+        unhealthy_after: int = 2,
+        batch: int = 32,
+        cpu_share: float = 0.1,
+        cpu_clock: Callable[[], float] = time.process_time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         self.probe = probe
         self.interval = interval
         self.unhealthy_after = unhealthy_after
+        self.batch = batch
+        self.cpu_share = cpu_share
+        self.cpu_clock = cpu_clock
+        self.sleep = sleep
         self.config: RoutingConfig | None = None
         self.tls: ssl.SSLContext | None = None  # the client side of mutual TLS, if any
         self.endpoints: dict[Target, EndpointHealth] = {}
@@ -90,13 +111,18 @@ class HealthMonitor:
         self.endpoints = {t: self.endpoints.get(t, EndpointHealth()) for t in targets(config)}
 
     async def check(self) -> None:
-        """Probe every endpoint once, concurrently, and report what changed."""
+        """Probe every endpoint once, a batch at a time, and report what changed."""
         assert self.probe is not None
         checked = list(self.endpoints)
-        results = await asyncio.gather(*(self.probe(t) for t in checked))
-        for target, reason in zip(checked, results, strict=True):
-            if target in self.endpoints:  # the config may have changed meanwhile
-                self._record(target, self.endpoints[target], reason)
+        for start in range(0, len(checked), self.batch):
+            began = self.cpu_clock()
+            batch = checked[start : start + self.batch]
+            results = await asyncio.gather(*(self.probe(t) for t in batch))
+            for target, reason in zip(batch, results, strict=True):
+                if target in self.endpoints:  # the config may have changed meanwhile
+                    self._record(target, self.endpoints[target], reason)
+            used = self.cpu_clock() - began
+            await self.sleep(used * (1 - self.cpu_share) / self.cpu_share)
         self._report_versions()
 
     def _record(self, target: Target, state: EndpointHealth, reason: str | None) -> None:
@@ -190,7 +216,7 @@ class HealthMonitor:
                 self.probe = default_probe(session, lambda: self.tls)
             while True:
                 await self.check()
-                await asyncio.sleep(self.interval)
+                await self.sleep(self.interval)
 
 
 def default_probe(

@@ -13,9 +13,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_MODELS = re.compile(r"models:[ \t]*(#.*)?")
-_MODEL = re.compile(r"  ([^\s#'\"{}\[\],&*!|>%@`:][^\s:]*):(?:[ \t].*)?")
-_UNSPLITTABLE = re.compile(r"[&*\t]|^---|^\.\.\.|^%", re.MULTILINE)
+# Each pattern starts at the newline before a line: the text is searched with one newline
+# put in front, so that a match's start is the offset in the text where its line begins.
+# (A literal first character lets the regex engine skip ahead; `^` with MULTILINE is 4-10x
+# slower on a 300 kB file.)
+_MODELS = re.compile(r"\nmodels:[ \t]*(?:#[^\n]*)?(?![^\n])")
+_MODEL = re.compile(r"\n  ([^\s#'\"{}\[\],&*!|>%@`:][^\s:]*):(?:[ \t][^\n]*)?(?![^\n])")
+_SECTION_END = re.compile(r"\n[^ #\n]")  # a line at column 0
+_SHALLOW = re.compile(r"\n {0,2}[^ \n#]")  # content less indented than a model's body
+_CONTENT = re.compile(r"\n *[^ \n#]")
+_DOCUMENT_MARK = re.compile(r"\n(?:---|\.\.\.|%)")
 
 
 @dataclass(frozen=True)
@@ -32,32 +39,31 @@ class Block:
 
 def split(text: str) -> tuple[str, list[Block]] | None:
     """(the file with `models: {}` in place of its models section, the model blocks), or
-    None when the file is not in the plain layout."""
-    if _UNSPLITTABLE.search(text):
+    None when the file is not in the plain layout. A few regular-expression scans of the
+    whole text, no loop over its lines (15 ms at 1,000 models with one, 2-3 ms now)."""
+    lined = "\n" + text  # see the patterns
+    if "&" in text or "*" in text or "\t" in text or _DOCUMENT_MARK.search(lined):
+        return None  # anchors, aliases, tabs, several documents, directives
+    found = list(_MODELS.finditer(lined))
+    if len(found) != 1:
         return None
-    lines = text.split("\n")
-    starts = [i for i, line in enumerate(lines) if _MODELS.fullmatch(line)]
-    if len(starts) != 1:
-        return None
-    first = starts[0] + 1
-    end = next(
-        (i for i in range(first, len(lines)) if lines[i][:1] not in ("", " ", "#")), len(lines)
-    )
-    blocks: list[Block] = []
-    for i in range(first, end):
-        line = lines[i]
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if match := _MODEL.fullmatch(line):
-            blocks.append(Block(match.group(1), i, ""))
-        elif not line.startswith("   ") or not blocks:
-            return None  # an unexpected indent: let the full parse judge it
-    if not blocks or len({b.name for b in blocks}) != len(blocks):
-        return None
-    bounds = [b.line for b in blocks] + [end]
-    blocks = [
-        Block(b.name, b.line, "\n".join(lines[b.line : bounds[k + 1]]) + "\n")
-        for k, b in enumerate(blocks)
-    ]
-    head = lines[: starts[0]] + ["models: {}"] + [""] * (end - first) + lines[end:]
-    return "\n".join(head), blocks
+    models = found[0]
+    section_end = _SECTION_END.search(lined, models.end())
+    end = section_end.start() if section_end else len(text)
+    starts = list(_MODEL.finditer(lined, models.end(), end + 1))
+    if (
+        not starts
+        or _CONTENT.search(lined, models.end(), starts[0].start())  # indented, before them
+        or len(_SHALLOW.findall(lined, models.end(), end + 1)) != len(starts)  # a bad indent
+        or len({m.group(1) for m in starts}) != len(starts)
+    ):
+        return None  # let the full parse judge it
+    blocks = []
+    line = text.count("\n", 0, starts[0].start())
+    for k, match in enumerate(starts):
+        stop = starts[k + 1].start() if k + 1 < len(starts) else end
+        body = text[match.start() : stop]
+        blocks.append(Block(match.group(1), line, body if body.endswith("\n") else body + "\n"))
+        line += body.count("\n")
+    blank = "\n" * text.count("\n", models.end() - 1, end)
+    return text[: models.start()] + "models: {}" + blank + text[end:], blocks

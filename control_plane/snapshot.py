@@ -57,12 +57,11 @@ def new_epoch() -> str:
     return f"{time.time_ns():x}{os.getpid():x}"[-12:]
 
 
-def content_version(epoch: str, resources: dict[str, bytes]) -> str:
-    """A version naming exactly this set of resources, for this control-plane instance."""
-    digest = hashlib.sha256()
-    for name in sorted(resources):
-        digest.update(name.encode() + b"\0" + resources[name])
-    return f"{epoch}-{digest.hexdigest()[:16]}"
+def content_version(epoch: str, versions: dict[str, str]) -> str:
+    """A version naming exactly this set of resources (name -> the resource's own version,
+    a digest of its bytes), for this control-plane instance."""
+    listed = "\n".join(f"{name}\0{versions[name]}" for name in sorted(versions))
+    return f"{epoch}-{hashlib.sha256(listed.encode()).hexdigest()[:16]}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,10 +78,18 @@ class TypeSnapshot:
         return frozenset(self.resources)
 
 
-def _type_snapshot(epoch: str, encoded: dict[str, Encoded]) -> TypeSnapshot:
-    blobs = {name: e.blob for name, e in encoded.items()}
+# The last build's type snapshots: a type whose content did not change keeps its object,
+# so that what streams derived from it (`streams.DesiredCache`) stays valid.
+_last_types: dict[str, TypeSnapshot] = {}
+
+
+def _type_snapshot(epoch: str, type_url: str, encoded: dict[str, Encoded]) -> TypeSnapshot:
     versions = {name: f"{epoch}-{e.digest}" for name, e in encoded.items()}
-    return TypeSnapshot(content_version(epoch, blobs), blobs, versions)
+    version = content_version(epoch, versions)
+    last = _last_types.get(type_url)
+    if last is not None and last.version == version:
+        return last
+    return TypeSnapshot(version, {name: e.blob for name, e in encoded.items()}, versions)
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,10 +156,11 @@ def build_snapshot(
         # Left out without any, like the secrets.
         **({EXTENSION: resources.extension_configs} if resources.extension_configs else {}),
     }
-    global _last_build
+    global _last_build, _last_types
     cache: dict[int, Encoded] = {}
-    types = {t: _type_snapshot(epoch, _encode(t, named, cache)) for t, named in by_type.items()}
-    _last_build = cache  # one assignment: a build in another thread at once only misses
+    types = {t: _type_snapshot(epoch, t, _encode(t, named, cache)) for t, named in by_type.items()}
+    # One assignment each: a build in another thread at once only misses.
+    _last_build, _last_types = cache, types
     return Snapshot(
         epoch,
         _overall_version(epoch, types),
@@ -178,14 +186,17 @@ def with_listen(snapshot: Snapshot, listen: Endpoint) -> Snapshot:
     versions = {**old.versions, LISTENER_NAME: f"{epoch}-{moved.digest}"}
     types = {
         **snapshot.types,
-        LISTENER: TypeSnapshot(content_version(epoch, blobs), blobs, versions),
+        LISTENER: TypeSnapshot(content_version(epoch, versions), blobs, versions),
     }
     return replace(snapshot, version=_overall_version(snapshot.epoch, types), types=types)
 
 
 def with_runtime(snapshot: Snapshot, runtime: dict[str, Message]) -> Snapshot:
     """The snapshot with other RTDS layers; every other type is the same object."""
-    types = {**snapshot.types, RUNTIME: _type_snapshot(snapshot.epoch, _encode(RUNTIME, runtime))}
+    types = {
+        **snapshot.types,
+        RUNTIME: _type_snapshot(snapshot.epoch, RUNTIME, _encode(RUNTIME, runtime)),
+    }
     return replace(snapshot, version=_overall_version(snapshot.epoch, types), types=types)
 
 

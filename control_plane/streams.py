@@ -83,8 +83,24 @@ class Desired:
         default_factory=dict, init=False
     )
 
+    _changes: dict[tuple[str, frozenset[str]], dict[str, tuple[str, bytes]]] = field(
+        default_factory=dict, init=False
+    )
+
     def __post_init__(self) -> None:
         self.names = frozenset(self.resources)
+
+    def changed_from(self, old: Desired) -> dict[str, tuple[str, bytes]]:
+        """The resources whose version is not the one in `old`: what a stream holding `old`
+        lacks (computed once for all the streams that move from `old` to this)."""
+        key = (old.version, old.names)
+        changes = self._changes.get(key)
+        if changes is None:
+            before = old.resources
+            changes = self._changes[key] = {
+                n: vb for n, vb in self.resources.items() if before.get(n, ("",))[0] != vb[0]
+            }
+        return changes
 
     def sotw_response(self, type_url: str, nonce: str) -> bytes:
         """The DiscoveryResponse; all but the nonce is encoded once and shared by streams."""
@@ -142,7 +158,7 @@ def _compute_desired(
         }
         if extras:
             available.update(extras)
-            version = content_version(epoch, {n: b for n, (_, b) in available.items()})
+            version = content_version(epoch, {n: v for n, (v, _) in available.items()})
     if names is not None:
         available = {n: available[n] for n in sorted(names) if n in available}
     return Desired(version, available)
@@ -157,6 +173,14 @@ class DesiredCache:
         self._by_type: WeakKeyDictionary[TypeSnapshot, dict[DesiredKey, Desired]] = (
             WeakKeyDictionary()
         )
+        self._names: dict[frozenset[str], frozenset[str]] = {}
+
+    def shared(self, names: frozenset[str]) -> frozenset[str]:
+        """One object per set of subscribed names, so that streams subscribed alike find
+        their entries by identity (comparing two sets of 1,000 names is not free)."""
+        if len(self._names) > 256:  # sets no stream may hold any more
+            self._names.clear()
+        return self._names.setdefault(names, names)
 
     def get(
         self,
@@ -188,6 +212,7 @@ class TypeState:
     """One resource type on one stream."""
 
     names: frozenset[str] | None = None  # subscribed names; None: wildcard
+    listed: tuple[str, ...] | None = None  # SotW: the names as the last request listed
     last_nonce: str | None = None
     pending: bool = False  # the last response has no ACK or NACK yet
     force: bool = False  # SotW: resend even if unchanged
@@ -200,7 +225,7 @@ class TypeState:
     acked_at: dict[str, float] = field(default_factory=dict)  # EDS: name -> first ACKed
     # Delta, and RDS in SotW: name -> version Envoy has
     known: dict[str, str] = field(default_factory=dict)
-    synced: str | None = None  # `known` holds all of this desired version (no diff)
+    synced: Desired | None = None  # `known` holds all of this (no diff needed)
     # RDS: the route configurations of the last response, and per held-back one that
     # Envoy holds, where its version came from
     sent_changed: frozenset[str] = frozenset()
@@ -317,7 +342,7 @@ class Stream:
                 if cluster in held.resources and cluster not in resources:
                     resources[cluster] = held.resources[cluster]
                     versions[cluster] = held.versions[cluster]
-        merged = TypeSnapshot(content_version(epoch, resources), resources, versions)
+        merged = TypeSnapshot(content_version(epoch, versions), resources, versions)
         self._lingering_memo = (key, merged)
         return merged
 
@@ -391,7 +416,8 @@ class Stream:
         version of the response, and when to look again for those held back."""
         changed, wake_after = {}, None
         held: dict[str, Snapshot | None] = {}
-        for name, vb in want.resources.items():
+        candidates = want.resources if state.synced is None else want.changed_from(state.synced)
+        for name, vb in candidates.items():
             if state.known.get(name) == vb[0]:
                 continue
             wait = self._route_wait(snapshot, name)
@@ -448,19 +474,20 @@ class Stream:
     ) -> tuple[bytes | None, float | None]:
         """RDS, both variants: the changed route configurations whose clusters are ready
         (Delta removes unsubscribed ones itself: Envoy dropped them)."""
-        if state.synced == want.version:  # nothing changed since `known` matched it
+        if state.synced is not None and state.synced.version == want.version:
+            # nothing changed since `known` matched it
             return None, None
         changed, version, wake_after = self._route_changes(state, want, snapshot)
         if not changed:
             if version == want.version and self._scopes_acked(snapshot):
                 # Envoy holds exactly these routes (e.g. a model's went with its scope):
                 # clusters that only older routes named may go.
-                state.synced = want.version
+                state.synced = want
                 if self.routes_acked is not None:
                     self.routes_acked, self.routes_held = snapshot, {}
             return None, wake_after
         if version == want.version:
-            state.synced = want.version
+            state.synced = want
         for name, (res_version, _) in changed.items():
             state.known[name] = res_version
         state.sent_changed = frozenset(changed)
@@ -489,7 +516,11 @@ class SotwStream(Stream):
         if req.response_nonce and state.pending:
             self._answer(req.type_url, state, nack_message(req))
         if req.type_url not in WILDCARD_TYPES:
-            names = frozenset(map(sys.intern, req.resource_names))
+            listed = tuple(req.resource_names)
+            if listed == state.listed:  # Envoy lists the same names again (every ACK)
+                return
+            state.listed = listed
+            names = self.desired.shared(frozenset(map(sys.intern, listed)))
             if names != state.names:
                 # Envoy drops what it unsubscribes: a name subscribed again is sent again.
                 state.known = {n: v for n, v in state.known.items() if n in names}
@@ -505,7 +536,8 @@ class SotwStream(Stream):
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot
     ) -> bytes | None:
         names = want.names
-        if state.sent_version == want.version and state.sent_names == names and not state.force:
+        same_names = state.sent_names is names or state.sent_names == names  # `is`: O(1)
+        if state.sent_version == want.version and same_names and not state.force:
             return None
         state.force = False
         if type_url == CLUSTER:
@@ -536,7 +568,7 @@ class DeltaStream(Stream):
             state.names = None
             subscribe.discard(WILDCARD)
         if state.names is not None and (subscribe or unsubscribe):
-            state.names = (state.names | subscribe) - set(unsubscribe)
+            state.names = self.desired.shared((state.names | subscribe) - set(unsubscribe))
         for name in unsubscribe:
             state.known.pop(name, None)
         for name in subscribe - set(req.initial_resource_versions):
@@ -547,7 +579,8 @@ class DeltaStream(Stream):
     def _respond(
         self, type_url: str, state: TypeState, want: Desired, snapshot: Snapshot
     ) -> bytes | None:
-        if state.synced == want.version:  # nothing changed since `known` matched it
+        if state.synced is not None and state.synced.version == want.version:
+            # nothing changed since `known` matched it
             return None
         changed = {n: vb for n, vb in want.resources.items() if state.known.get(n) != vb[0]}
         removed = tuple(
@@ -557,7 +590,7 @@ class DeltaStream(Stream):
                 if n not in want.resources and (state.names is None or n in state.names)
             )
         )
-        state.synced = want.version
+        state.synced = want
         if not changed and not removed:
             return None
         for name in removed:

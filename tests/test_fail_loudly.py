@@ -542,3 +542,28 @@ def model_server_pid(supervisor_pid: int, port: int) -> int:
         if f"--port {port}" in " ".join(proc.cmdline()):
             return proc.pid
     raise LookupError(port)
+
+
+async def test_a_probe_round_keeps_its_cpu_time_under_its_share():
+    """Each batch's CPU time is followed by a pause 9x as long (share 0.1), so probing a
+    large config never holds the event loop for long."""
+    cpu = [0.0]
+    pauses: list[float] = []
+    probed: list[list[int]] = []
+
+    async def probe(target: Target) -> str | None:
+        cpu[0] += 0.001  # every probe costs 1 ms of CPU
+        probed[-1].append(target.address.port)
+        return None
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(round(seconds, 6))
+        probed.append([])
+
+    monitor = HealthMonitor(probe, batch=3, cpu_share=0.1, cpu_clock=lambda: cpu[0], sleep=sleep)
+    monitor.set_config(parse(TWO, "routing.yaml"))  # 7 endpoints
+    probed.append([])
+    await monitor.check()
+    assert [len(b) for b in probed] == [3, 3, 1, 0]
+    assert pauses == [0.027, 0.027, 0.009]
+    assert all(v["http"]["unknown"] == 0 for v in monitor.versions())
