@@ -199,12 +199,14 @@ class RolloutController:
         """Start rollouts for new `rollout` blocks; pause a rollout whose `traffic` was edited
         in the file or whose block was removed."""
         names = {m.name for m in config.models}
+        stored = self.store.keys("rollout/")  # one listing, not a read per model
         for model in config.models:
             if model.rollout is not None:
                 preload_stats()
                 self._observe_model(model, model.rollout, now)
-            elif self._load(model.name):  # an ended rollout's record, or a block removed
-                self._detach(self._states[model.name], now)
+            elif model.name in self._states or f"rollout/{model.name}" in stored:
+                if self._load(model.name):  # an ended rollout's record, or a block removed
+                    self._detach(self._states[model.name], now)
         for name in set(self._states) - names:
             self._detach(self._states[name], now)
 

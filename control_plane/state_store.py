@@ -4,7 +4,7 @@ A store keeps one JSON document per key with a revision number. `put` is a
 compare-and-set: it succeeds only if the key is still at the revision the caller read
 (0: the key must not exist yet), so two writers cannot silently overwrite each other.
 `FileStateStore` keeps each key in its own file; a shared store (etcd) can replace it
-by implementing the same two methods.
+by implementing the same three methods.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 
 class Conflict(Exception):
@@ -32,6 +32,10 @@ class Stored:
 
 class StateStore(Protocol):
     def get(self, key: str) -> Stored | None: ...
+
+    def keys(self, prefix: str) -> set[str]:
+        """The keys that start with `prefix`."""
+        ...
 
     def put(self, key: str, value: dict[str, Any], revision: int) -> int:
         """Write `value` if the key is at `revision` (0: absent); return the new revision."""
@@ -81,6 +85,14 @@ class FileStateStore:
         except FileNotFoundError:
             return None
         return Stored(doc["value"], doc["revision"])
+
+    def keys(self, prefix: str) -> set[str]:
+        try:
+            files = os.listdir(self.directory)
+        except FileNotFoundError:
+            return set()
+        keys = (unquote(f.removesuffix(".json")) for f in files if f.endswith(".json"))
+        return {k for k in keys if k.startswith(prefix)}
 
     def put(self, key: str, value: dict[str, Any], revision: int) -> int:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -212,7 +212,6 @@ class TypeState:
     """One resource type on one stream."""
 
     names: frozenset[str] | None = None  # subscribed names; None: wildcard
-    listed: tuple[str, ...] | None = None  # SotW: the names as the last request listed
     last_nonce: str | None = None
     pending: bool = False  # the last response has no ACK or NACK yet
     force: bool = False  # SotW: resend even if unchanged
@@ -516,10 +515,9 @@ class SotwStream(Stream):
         if req.response_nonce and state.pending:
             self._answer(req.type_url, state, nack_message(req))
         if req.type_url not in WILDCARD_TYPES:
-            listed = tuple(req.resource_names)
-            if listed == state.listed:  # Envoy lists the same names again (every ACK)
-                return
-            state.listed = listed
+            listed, held = req.resource_names, state.names
+            if held is not None and len(listed) == len(held) and held.issuperset(listed):
+                return  # the same names again (every ACK lists them; each name once)
             names = self.desired.shared(frozenset(map(sys.intern, listed)))
             if names != state.names:
                 # Envoy drops what it unsubscribes: a name subscribed again is sent again.

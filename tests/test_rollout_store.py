@@ -20,3 +20,13 @@ def test_put_is_a_compare_and_set_on_the_revision(tmp_path):
     assert (stored.value, stored.revision) == ({"step": 2}, 2)
     files = sorted(p.name for p in (tmp_path / "state").iterdir())
     assert files == [".lock", "rollout%2Firis.json"]
+
+
+def test_keys_lists_the_stored_keys_with_a_prefix(tmp_path):
+    store = FileStateStore(tmp_path / "state")
+    assert store.keys("rollout/") == set()  # no directory yet
+    store.put("rollout/iris", {"phase": "judging"}, 0)
+    store.put("rollout/a b/c", {}, 0)
+    store.put("other/iris", {}, 0)
+    assert store.keys("rollout/") == {"rollout/iris", "rollout/a b/c"}
+    assert store.keys("") == {"rollout/iris", "rollout/a b/c", "other/iris"}

@@ -72,11 +72,6 @@ def _push(workdir: Path, clients: int, models: int, delta: bool, edits: int) -> 
     )
 
 
-def _edits_for(model_count: int, edits: int) -> int:
-    """Fewer edits where one build takes many seconds."""
-    return min(edits, 3) if model_count >= 1000 else edits
-
-
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     clients = args.clients or ([20, 100] if args.quick else [100, 1000, 5000])
     model_counts = args.models or ([10, 100] if args.quick else [10, 100, 1000])
@@ -109,7 +104,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         route_clients = min(ROUTE_CLIENTS, max(clients))
         print(f"push by models ({route_clients} SotW clients)", file=sys.stderr)
         report["push_by_models"] = [
-            _push(workdir, route_clients, n, False, _edits_for(n, edits)) for n in model_counts
+            _push(workdir, route_clients, n, False, edits) for n in model_counts
         ]
 
     if "storm" in want:
