@@ -36,7 +36,7 @@ WAKE = "wake"  # an event that only makes a stream look at its state again
 # Streams that get their initial (full) config at once; 0: no bound. In a reconnect
 # storm every stream's first responses hold a copy of the whole config in gRPC's send
 # buffers, so this bounds the control plane's memory (docs/xds-scale.md).
-INITIAL_SYNCS = int(os.environ.get("INFERGATE_XDS_INITIAL_SYNCS", "32"))
+INITIAL_SYNCS = int(os.environ.get("INFERGATE_XDS_INITIAL_SYNCS", "8"))
 INITIAL_SYNC_TIMEOUT = 10.0  # seconds a stream may hold its slot without ACKing routes
 TRIM_AFTER = 2.0  # seconds after a snapshot's fan-out began: return freed memory to the OS
 
