@@ -40,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="run the control plane from this source tree (e.g. an older commit's `git archive`)",
     )
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        default=0.0,
+        help="the control plane's endpoint probes, as deployed (1); default 0: off",
+    )
     return p.parse_args(argv)
 
 
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "quick": args.quick,
         "machine": machine(),
         "plane_source": str(plane.PLANE_SOURCE or "."),
+        "health_interval": plane.HEALTH_INTERVAL,
         "load_average_before": os.getloadavg(),
     }
 
@@ -146,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plane_source:
         plane.PLANE_SOURCE = args.plane_source.resolve()
+    plane.HEALTH_INTERVAL = args.health_interval
     started = time.monotonic()
     with scratch_dir("infergate-xds-scale-") as workdir:
         report = run(args, workdir)

@@ -16,6 +16,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Run the control plane from this source tree instead of ours (`--plane-source`: an older
 # commit unpacked with `git archive`, to compare side by side).
 PLANE_SOURCE: Path | None = None
+HEALTH_INTERVAL = 0.0  # the control plane's endpoint probes: off unless asked for
 APPLIED = re.compile(r"^(\S+ \S+) infergate\.control_plane INFO applied config .* in ([\d.]+) ms$")
 
 
@@ -52,9 +53,9 @@ class PlaneProcess:
         self.admin = (LOCAL, free_port())
         self.log = log
         args = ["control-plane", str(config), "--xds", host_port(self.xds)]
-        # No endpoint probes: the simulated models have no servers, and probing thousands of
-        # dead endpoints every second would be measured as control-plane cost.
-        args += ["--admin", host_port(self.admin), "--health-interval", "0"]
+        # No endpoint probes by default: the simulated models have no servers, so every probe
+        # fails (`--health-interval` turns them on, as a deployment has them).
+        args += ["--admin", host_port(self.admin), "--health-interval", str(HEALTH_INTERVAL)]
         argv = [sys.executable, "-m", module, *args]
         if initial_syncs is not None:  # the bound of xds_server.INITIAL_SYNCS; env execs
             argv = ["env", f"INFERGATE_XDS_INITIAL_SYNCS={initial_syncs}", *argv]
