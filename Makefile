@@ -29,8 +29,11 @@ $(MODEL_FILE): examples/train_iris.py | venv
 run: venv model
 	$(VENV)/bin/infergate run examples/routing.yaml --repository $(MODELS)
 
+# Two workers (pytest-xdist): one test process per core; each picks ports from its own share
+# (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test model
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

@@ -68,7 +68,17 @@ def _ephemeral_start() -> int:
 
 
 _FIRST_PORT = 10000
+PORT_RANGE_ENV = "INFERGATE_PORT_RANGE"  # `LOW-HIGH`: where free_port picks (children inherit)
 _handed_out: set[int] = set()
+
+
+def port_range() -> tuple[int, int]:
+    """[low, high) of the ports free_port picks: `$INFERGATE_PORT_RANGE` (e.g. one share per
+    parallel test worker), else from 10000 up to the kernel's ephemeral range."""
+    if given := os.environ.get(PORT_RANGE_ENV):
+        low, high = given.split("-")
+        return int(low), int(high)
+    return _FIRST_PORT, _ephemeral_start()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,13 +86,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     below the kernel's ephemeral range, so the source port of an outgoing connection cannot
     take it between now and its bind (a CI run lost an OS-picked port that way: Envoy's
     listener bind NACKed with 'Address already in use')."""
-    last = _ephemeral_start()
-    if last - _FIRST_PORT < 1000:  # an unusual range: let the OS pick
+    low, high = port_range()
+    if high - low < 1000:  # an unusual range: let the OS pick
         with socket.socket() as s:
             s.bind((host, 0))
             return s.getsockname()[1]
     while True:
-        port = random.randrange(_FIRST_PORT, last)
+        port = random.randrange(low, high)
         if port in _handed_out:
             continue
         with socket.socket() as s:

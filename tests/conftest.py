@@ -12,9 +12,17 @@ import pytest
 from control_plane import translate as translate_module
 from control_plane.service import ControlPlane
 from gateway.envoy_proxy import envoy_path
-from gateway.processes import free_port
+from gateway.processes import PORT_RANGE_ENV, free_port, port_range
 from tests.stack import ADMIN_TOKEN, Stack
 from tests.test_config import BASE as TWO_VERSIONS
+
+# Parallel workers (pytest-xdist) pick ports from disjoint shares of the range, so that two
+# workers never pick the same port between one's pick and its bind; children inherit it.
+if (worker := os.environ.get("PYTEST_XDIST_WORKER")) and PORT_RANGE_ENV not in os.environ:
+    _low, _high = port_range()
+    _share = (_high - _low) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    _start = _low + int(worker.removeprefix("gw")) * _share
+    os.environ[PORT_RANGE_ENV] = f"{_start}-{_start + _share}"
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -77,6 +77,12 @@ def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
         s.bind(("127.0.0.1", ports[-1]))
 
 
+def test_free_ports_keep_to_the_range_given_in_the_environment(monkeypatch):
+    monkeypatch.setenv("INFERGATE_PORT_RANGE", "20000-22000")  # e.g. one test worker's share
+    ports = {free_port() for _ in range(200)}
+    assert len(ports) == 200 and min(ports) >= 20000 and max(ports) < 22000
+
+
 def test_second_control_plane_on_the_same_xds_port_fails_clearly(tmp_path):
     config = tmp_path / "routing.yaml"
     config.write_text(one_model(free_port(), free_port()))
