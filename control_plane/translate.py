@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -465,7 +466,35 @@ def _scoped_routing() -> dict:
     return {"scoped_routes": scoped, "early_header_mutation_extensions": [_scope_header()]}
 
 
-@functools.lru_cache(maxsize=8192)
+class _PerBuild:
+    """Memoize a function from one translation to the next: what a build used is kept for
+    the next build, the rest is dropped. (A fixed-size LRU cache thrashes once a config has
+    more models than its size: at 5,000 models every edit translated and encoded every
+    model again, 2.3 s instead of tens of ms.)"""
+
+    def __init__(self, fn: Callable[..., typing.Any]) -> None:
+        self.fn = fn
+        self.last: dict[tuple, typing.Any] = {}
+        self.now: dict[tuple, typing.Any] = {}
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: typing.Any) -> typing.Any:
+        hit = self.now.get(args)
+        if hit is None:
+            hit = self.last.get(args)
+            if hit is None:
+                hit = self.fn(*args)
+            self.now[args] = hit
+        return hit
+
+    def next_build(self) -> None:
+        self.last, self.now = self.now, {}
+
+    def cache_clear(self) -> None:
+        self.last, self.now = {}, {}
+
+
+@_PerBuild
 def _scope(name: str, key: tuple[str, str], route_config: str) -> ScopedRouteConfiguration:
     """(shared: must not be modified)"""
     fragments = [ScopedRouteConfiguration.Key.Fragment(string_key=part) for part in key]
@@ -553,7 +582,7 @@ def _grpc_route_config(model: Model) -> RouteConfiguration:
     return RouteConfiguration(name=f"grpc/{model.name}", virtual_hosts=[host])
 
 
-@functools.lru_cache(maxsize=4096)
+@_PerBuild
 def _translate_model(model: Model, tls: bool) -> Resources:
     """One model's resources but its gateway routes (`tls`: mutual TLS to its servers).
     Models are immutable values, so an edit translates only the models it changed; the
@@ -614,7 +643,7 @@ def _route_config(name: str, routes: Sequence[Route], host: _Host) -> RouteConfi
     )
 
 
-@functools.lru_cache(maxsize=4096)
+@_PerBuild
 def _model_route_config(model: Model, host: _Host) -> RouteConfiguration:
     """A model's gateway routes (shared: must not be modified)."""
     return _route_config(model_routes_name(model.name), _model_routes(model), host)
@@ -670,4 +699,6 @@ def translate(config: RoutingConfig) -> Resources:
         health_check_timeouts=timeouts,
         extension_configs=extension_configs,
     )
+    for memo in (_scope, _translate_model, _model_route_config):
+        memo.next_build()
     return api_filters.finish(resources, config)

@@ -31,3 +31,19 @@ def test_a_one_model_edit_encodes_only_that_models_resources_and_versions_stay_e
         assert types.resources == fresh.types[type_url].resources
         assert types.versions == fresh.types[type_url].versions
         assert types.version == fresh.types[type_url].version
+
+
+def test_translation_keeps_what_the_last_build_used_and_drops_the_rest():
+    """However many models a config has (a fixed-size LRU cache thrashed above its size)."""
+    from control_plane.translate import _PerBuild
+
+    calls: list[int] = []
+    square = _PerBuild(lambda x: calls.append(x) or x * x)
+    assert [square(x) for x in range(10_000)] == [x * x for x in range(10_000)]
+    square.next_build()  # build 2 uses every other value again: none is computed twice
+    assert [square(x) for x in range(0, 10_000, 2)] == [x * x for x in range(0, 10_000, 2)]
+    assert len(calls) == 10_000
+    square.next_build()  # build 3: the odd ones were not used by build 2, so they are gone
+    square(1)
+    square(2)
+    assert calls[-1] == 1 and len(calls) == 10_001
