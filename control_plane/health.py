@@ -14,6 +14,8 @@ about 0.25 ms of CPU: at 1,000 models (6,000 endpoints) an unbounded round took 
 CPU every second and delayed edits by 400-600 ms. So a round probes in batches, and after
 each batch it waits long enough that probing uses at most `cpu_share` of the process's CPU
 time: small configs are probed every `interval`, large ones as fast as the share allows.
+No batch starts while a snapshot is built and pushed (`hold`): at 1,000 models the build
+thread waited for the GIL on the probing loop (build 15 ms alone, 47 ms beside probes).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from control_plane.config import Endpoint, Model, RoutingConfig
 
 log = logging.getLogger("infergate.health")
 TERMINAL = {"terminal": True}  # an INFO line that the terminal shows too
+MAX_HOLD = 2.0  # seconds a batch waits for `hold` at most (edits in a row never starve probes)
 
 
 @dataclass(frozen=True)
@@ -63,15 +66,12 @@ def role(model: Model, version: str) -> str:
     return "pinned only"
 
 
-def targets(config: RoutingConfig) -> list[Target]:
+def targets(model: Model) -> list[Target]:
     found = []
-    for model in config.models:
-        for version in model.versions:
-            found += [Target(model.name, version.name, "http", ep) for ep in version.endpoints]
-            if model.grpc_listen:
-                found += [
-                    Target(model.name, version.name, "grpc", ep) for ep in version.grpc_endpoints
-                ]
+    for version in model.versions:
+        found += [Target(model.name, version.name, "http", ep) for ep in version.endpoints]
+        if model.grpc_listen:
+            found += [Target(model.name, version.name, "grpc", ep) for ep in version.grpc_endpoints]
     return found
 
 
@@ -90,6 +90,7 @@ class HealthMonitor:
         cpu_share: float = 0.1,
         cpu_clock: Callable[[], float] = time.process_time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        hold: Callable[[], float] = lambda: 0.0,
     ):
         self.probe = probe
         self.interval = interval
@@ -98,9 +99,11 @@ class HealthMonitor:
         self.cpu_share = cpu_share
         self.cpu_clock = cpu_clock
         self.sleep = sleep
+        self.hold = hold  # seconds to wait before the next batch (e.g. while a build runs)
         self.config: RoutingConfig | None = None
         self.tls: ssl.SSLContext | None = None  # the client side of mutual TLS, if any
         self.endpoints: dict[Target, EndpointHealth] = {}
+        self._targets: dict[str, tuple[Model, list[Target]]] = {}  # per model name
         self._down: set[tuple[str, str, str]] = set()  # (model, version, protocol) reported
 
     def set_config(self, config: RoutingConfig, tls: ssl.SSLContext | None = None) -> None:
@@ -108,13 +111,34 @@ class HealthMonitor:
         over TLS with this client context if given."""
         self.config = config
         self.tls = tls
-        self.endpoints = {t: self.endpoints.get(t, EndpointHealth()) for t in targets(config)}
+        # Only the changed models' targets are made again (all of them at 1,000 models took
+        # 16 ms on the event loop, right when streams push an edit).
+        before, self._targets = self._targets, {}
+        for model in config.models:
+            last = before.pop(model.name, None)
+            if last is not None and (last[0] is model or last[0] == model):
+                self._targets[model.name] = last
+                continue
+            known = (
+                {t: self.endpoints.pop(t) for t in last[1] if t in self.endpoints} if last else {}
+            )
+            found = targets(model)
+            self._targets[model.name] = (model, found)
+            for target in found:
+                self.endpoints[target] = known.get(target) or EndpointHealth()
+        for _, gone in before.values():  # removed models
+            for target in gone:
+                self.endpoints.pop(target, None)
 
     async def check(self) -> None:
         """Probe every endpoint once, a batch at a time, and report what changed."""
         assert self.probe is not None
         checked = list(self.endpoints)
         for start in range(0, len(checked), self.batch):
+            held = 0.0
+            while (wait := self.hold()) > 0 and held < MAX_HOLD:
+                await self.sleep(min(wait, 0.05))
+                held += min(wait, 0.05)
             began = self.cpu_clock()
             batch = checked[start : start + self.batch]
             results = await asyncio.gather(*(self.probe(t) for t in batch))

@@ -56,6 +56,7 @@ from control_plane.yaml_edit import write_traffic
 log = logging.getLogger("infergate.control_plane")
 
 INLINE_BUILD_MODELS = 10  # configs up to this many models are built on the event loop
+PUSH_QUIET = 0.25  # seconds after a publish without endpoint probes (the streams push)
 
 GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -105,7 +106,12 @@ class ControlPlane:
         self.admin_address = admin_address
         self.admin_token = admin_token
         self.tls = tls
-        self.health = HealthMonitor(interval=health_interval) if health_interval > 0 else None
+        self.health = (
+            HealthMonitor(interval=health_interval, hold=self._probes_wait)
+            if health_interval > 0
+            else None
+        )
+        self._quiet_at = 0.0  # monotonic time from which probes may run (see publish)
         self.epoch = new_epoch()
         self.cache = SnapshotCache()
         self.registry = NodeRegistry()
@@ -191,6 +197,15 @@ class ControlPlane:
 
     # --- output ----------------------------------------------------------------------
     async def publish(self) -> Snapshot:
+        """Build and hand out a snapshot; endpoint probes wait meanwhile, and while streams
+        push it (`PUSH_QUIET`)."""
+        self._quiet_at = float("inf")
+        try:
+            return await self._publish()
+        finally:
+            self._quiet_at = time.monotonic() + PUSH_QUIET
+
+    async def _publish(self) -> Snapshot:
         """Translate the current inputs and hand the snapshot to every stream. A large config
         is built in a thread, so that streams keep being served meanwhile; a small one on
         the event loop (about 0.1 ms per model), which saves the thread hand-offs."""
@@ -220,6 +235,9 @@ class ControlPlane:
             (time.perf_counter() - started) * 1000,
         )
         return snapshot
+
+    def _probes_wait(self) -> float:
+        return self._quiet_at - time.monotonic()
 
     def _build(self, config: RoutingConfig, tls: Material | None) -> Snapshot:
         with paused_gc():

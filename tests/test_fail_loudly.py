@@ -573,3 +573,26 @@ async def test_a_probe_round_keeps_its_cpu_time_under_its_share():
     assert [len(b) for b in probed] == [3, 3, 1, 0]
     assert pauses == [0.027, 0.027, 0.009]
     assert all(v["http"]["unknown"] == 0 for v in monitor.versions())
+
+
+async def test_probes_wait_while_the_control_plane_builds_but_never_starve():
+    waits = iter([0.12, 0.07, 0.02])  # a build, then the push: 0.12 s left, ...
+    pauses: list[float] = []
+
+    async def probe(target: Target) -> str | None:
+        pauses.append(-1)  # a probe ran
+        return None
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(round(seconds, 6))
+
+    monitor = HealthMonitor(
+        probe, batch=100, cpu_clock=lambda: 0.0, sleep=sleep, hold=lambda: next(waits, 0.0)
+    )
+    monitor.set_config(parse(TWO, "routing.yaml"))  # 7 endpoints: one batch
+    await monitor.check()
+    assert pauses == [0.05, 0.05, 0.02] + [-1] * 7 + [0.0]
+    pauses.clear()
+    monitor.hold = lambda: 1.0  # builds without end: a batch still goes after MAX_HOLD
+    await monitor.check()
+    assert pauses == [0.05] * 40 + [-1] * 7 + [0.0]
