@@ -25,7 +25,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -75,36 +75,26 @@ def targets(model: Model) -> list[Target]:
     return found
 
 
+@dataclass(eq=False)
 class HealthMonitor:
     """Probe the endpoints of the current config; an endpoint turns unhealthy after
     `unhealthy_after` failed probes in a row (the first probe decides at once) and healthy
     after one good probe. Changes are logged, one line each. A round probes `batch`
     endpoints at a time and keeps its CPU time (`cpu_clock`) under `cpu_share`."""
 
-    def __init__(
-        self,
-        probe: Probe | None = None,
-        interval: float = 1.0,
-        unhealthy_after: int = 2,
-        batch: int = 32,
-        cpu_share: float = 0.1,
-        cpu_clock: Callable[[], float] = time.process_time,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        hold: Callable[[], float] = lambda: 0.0,
-    ):
-        self.probe = probe
-        self.interval = interval
-        self.unhealthy_after = unhealthy_after
-        self.batch = batch
-        self.cpu_share = cpu_share
-        self.cpu_clock = cpu_clock
-        self.sleep = sleep
-        self.hold = hold  # seconds to wait before the next batch (e.g. while a build runs)
-        self.config: RoutingConfig | None = None
-        self.tls: ssl.SSLContext | None = None  # the client side of mutual TLS, if any
-        self.endpoints: dict[Target, EndpointHealth] = {}
-        self._targets: dict[str, tuple[Model, list[Target]]] = {}  # per model name
-        self._down: set[tuple[str, str, str]] = set()  # (model, version, protocol) reported
+    probe: Probe | None = None
+    interval: float = 1.0
+    unhealthy_after: int = 2
+    batch: int = 32
+    cpu_share: float = 0.1
+    cpu_clock: Callable[[], float] = time.process_time
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    hold: Callable[[], float] = lambda: 0.0  # seconds before the next batch (a build runs)
+    config: RoutingConfig | None = field(default=None, init=False)
+    tls: ssl.SSLContext | None = field(default=None, init=False)  # client side of mutual TLS
+    endpoints: dict[Target, EndpointHealth] = field(default_factory=dict, init=False)
+    _targets: dict[str, tuple[Model, list[Target]]] = field(default_factory=dict, init=False)
+    _down: set[tuple[str, str, str]] = field(default_factory=set, init=False)  # reported
 
     def set_config(self, config: RoutingConfig, tls: ssl.SSLContext | None = None) -> None:
         """Probe this config's endpoints from now on (keeping what is known of old ones),
