@@ -485,8 +485,8 @@ class Stream:
                 if self.routes_acked is not None:
                     self.routes_acked, self.routes_held = snapshot, {}
             return None, wake_after
-        if version == want.version:
-            state.synced = want
+        # A partial send leaves the state `known` fully held (the next diff is a full one).
+        state.synced = want if version == want.version else None
         for name, (res_version, _) in changed.items():
             state.known[name] = res_version
         state.sent_changed = frozenset(changed)

@@ -65,7 +65,9 @@ def wait_converged(
             if converged(last, after, nodes):
                 return last
         time.sleep(0.05)
-    raise TimeoutError(f"Envoy did not converge: {json.dumps(last)[:2000]}")
+    if isinstance(last, dict):  # what is not converged first: the snapshot and the nodes
+        last = {k: last.get(k) for k in ("snapshot", "nodes", "config")}
+    raise TimeoutError(f"Envoy did not converge: {json.dumps(last)[:4000]}")
 
 
 # --- Envoy's admin ----------------------------------------------------------------------------

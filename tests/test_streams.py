@@ -453,6 +453,19 @@ def test_a_model_waiting_for_its_new_cluster_holds_only_its_own_routes(mode):
 
 
 @MODES
+def test_a_route_configuration_sent_while_others_wait_is_sent_again_when_it_reverts(mode):
+    """Streams take their route diff from the last state they fully held; a partial send
+    leaves that state, so a configuration edited and then edited back is sent again."""
+    peer = Peer(mode, snap(TWO_MODELS), FakeClock())
+    peer.converge()
+    peer.retarget(other_weights(with_v3(TWO_MODELS)))  # iris waits for v3; other goes
+    assert [s.names for s in peer.pump() if s.type == "rds"] == [{"models/other"}]
+    peer.ack(ROUTE)
+    peer.retarget(with_v3(TWO_MODELS))  # other back as it was before; iris still waits
+    assert [s.names for s in peer.pump() if s.type == "rds"] == [{"models/other"}]
+
+
+@MODES
 def test_a_cluster_added_again_warms_from_the_endpoints_sent_after_it_came_back(mode):
     """Endpoints that went out before CDS added a cluster (again) do not start its warm-up:
     Envoy had removed the cluster and warms a new one."""
