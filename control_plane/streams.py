@@ -478,13 +478,19 @@ class Stream:
             return None, None
         changed, version, wake_after = self._route_changes(state, want, snapshot)
         if not changed:
-            if version == want.version and self._scopes_acked(snapshot):
-                # Envoy holds exactly these routes (e.g. a model's went with its scope):
-                # clusters that only older routes named may go.
+            if version != want.version or not self._scopes_acked(snapshot):
+                return None, wake_after
+            # Envoy holds exactly these routes (e.g. a model's went with its scope, or an
+            # edit undid one that was held back): clusters only older routes named may go.
+            if self.routes_acked is not None:
+                self.routes_acked, self.routes_held = snapshot, {}
+            if state.sent_version == want.version or not want.resources:
                 state.synced = want
-                if self.routes_acked is not None:
-                    self.routes_acked, self.routes_held = snapshot, {}
-            return None, wake_after
+                return None, wake_after
+            # It last heard an older version: one configuration sent again, as it is, tells
+            # it this one (so `/status` shows it converged; Envoy keeps the others).
+            first = next(iter(want.resources))
+            changed = {first: want.resources[first]}
         # A partial send leaves the state `known` fully held (the next diff is a full one).
         state.synced = want if version == want.version else None
         for name, (res_version, _) in changed.items():

@@ -522,7 +522,9 @@ def test_a_removed_models_clusters_go_once_envoy_dropped_its_scope(mode):
     peer.retarget(TWO_VERSIONS)  # `other` is removed
     assert peer.types() == ["srds"]  # its clusters stay while its scope may route to them
     peer.ack(SCOPED_ROUTE)
-    cds, eds = peer.pump()
+    sent = {s.type: s for s in peer.pump()}
+    assert len(sent["rds"].names) == 1  # the routes' new version: one sent again as it is
+    cds, eds = sent["cds"], sent["eds"]
     if mode == "sotw":
         assert cds.names == eds.names == {"iris/v1", "iris/v2"}
     else:
@@ -664,3 +666,23 @@ def test_registry_counts_streams_and_clears_a_nack_once_a_later_version_is_acked
     registry.on_ack(node, ROUTE, "e-3")
     assert status.type(ROUTE).nack is None
     assert (status.type(ROUTE).acked_count, status.type(ROUTE).nack_count) == (2, 1)
+
+
+@MODES
+def test_routes_held_back_then_undone_end_on_the_current_version(mode):
+    """An edit undoes the change a route configuration was held back for: nothing is left
+    to send, yet Envoy last heard a partial version; one configuration sent again as it is
+    tells it the current one (else `/status` never shows it converged)."""
+    peer = Peer(mode, snap(TWO_MODELS), FakeClock())
+    peer.converge()
+    peer.retarget(other_weights(with_v3(TWO_MODELS)))  # iris waits for v3; other goes
+    (rds,) = [s for s in peer.pump() if s.type == "rds"]
+    assert rds.version.endswith("-partial")
+    peer.ack(ROUTE)
+    final = other_weights(TWO_MODELS)  # v3 gone again: iris's routes are what Envoy has
+    peer.retarget(final)
+    (rds,) = [s for s in peer.pump() if s.type == "rds"]
+    assert len(rds.names) == 1 and rds.version == snap(final).types[ROUTE].version
+    peer.ack(ROUTE)
+    assert peer.stream.types[ROUTE].acked_version == snap(final).types[ROUTE].version
+    assert [s for s in peer.pump() if s.type == "rds"] == []
