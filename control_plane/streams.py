@@ -347,8 +347,8 @@ class Stream:
 
     def _route_wait(self, snapshot: Snapshot, name: str) -> float | None:
         """Seconds until route configuration `name` of `snapshot` may go out: None while
-        Envoy has not ACKed clusters and endpoints for all clusters it names; then the rest
-        of their warm-up (first active health check)."""
+        Envoy has not ACKed clusters and endpoints for all clusters it names, or a response
+        in flight removes one; then the rest of their warm-up (first active health check)."""
         needed = snapshot.route_clusters.get(name)
         if not needed:
             return 0.0
@@ -364,6 +364,8 @@ class Stream:
             state = self.types.get(type_url)
             if state is None or state.acked_names is None or not names <= state.acked_names:
                 return None
+            if state.pending and not names <= state.sent_names:
+                return None  # the response in flight removes one: Envoy is about to drop it
         if self.routes_acked is None:
             return 0.0  # Envoy's own start-up waits for clusters to warm
         acked_at = self.types[ENDPOINT].acked_at

@@ -686,3 +686,25 @@ def test_routes_held_back_then_undone_end_on_the_current_version(mode):
     peer.ack(ROUTE)
     assert peer.stream.types[ROUTE].acked_version == snap(final).types[ROUTE].version
     assert [s for s in peer.pump() if s.type == "rds"] == []
+
+
+@MODES
+def test_routes_wait_for_a_cluster_that_a_response_in_flight_removes(mode):
+    """A version comes back while the CDS response that removes it is in flight: Envoy will
+    drop the cluster first, so routes naming it wait for the response that adds it again."""
+    peer = Peer(mode, snap(NO_CHECKS))
+    peer.converge()
+    peer.retarget(without_v2(NO_CHECKS))
+    assert peer.types() == ["rds"]  # routes without v2 first
+    peer.ack(ROUTE)
+    assert peer.types() == ["cds", "eds"]  # then v2's cluster goes: not ACKed yet
+    peer.retarget(NO_CHECKS)  # v2 back
+    assert peer.pump() == []  # routes naming v2 would meet no cluster (503 NC)
+    peer.ack(CLUSTER)
+    peer.ack(ENDPOINT)
+    assert peer.types() == ["cds", "eds"]  # v2 added again
+    peer.ack(ENDPOINT)
+    assert peer.pump() == []  # until Envoy ACKed the cluster
+    peer.ack(CLUSTER)
+    (rds,) = peer.pump()
+    assert rds.type == "rds" and rds.version == snap(NO_CHECKS).types[ROUTE].version
