@@ -63,13 +63,6 @@ class ScaleConfig:
         return "\n".join(lines) + "\n"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="watched, not yet trusted: a few requests got 503 NC in about 1 run of 10 (both "
-    "modes in parallel, -n 2), also at session 5's start; one cause was found and fixed "
-    "(routes to a cluster that a CDS response in flight removes), and 14 runs since passed; "
-    "strict once a longer series stays clean",
-)
 @pytest.mark.parametrize("mode", ["sotw", "delta"])
 def test_one_model_edits_at_200_models_under_traffic(
     tmp_path, model_repository, envoy_binary, mode
