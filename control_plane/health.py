@@ -127,8 +127,9 @@ class HealthMonitor:
         for start in range(0, len(checked), self.batch):
             held = 0.0
             while (wait := self.hold()) > 0 and held < MAX_HOLD:
-                await self.sleep(min(wait, 0.05))
-                held += min(wait, 0.05)
+                step = min(wait, 0.05)
+                await self.sleep(step)
+                held += step
             began = self.cpu_clock()
             batch = checked[start : start + self.batch]
             results = await asyncio.gather(*(self.probe(t) for t in batch))
