@@ -13,6 +13,7 @@ from control_plane import translate as translate_module
 from control_plane.service import ControlPlane
 from gateway.envoy_proxy import envoy_path
 from gateway.processes import PORT_RANGE_ENV, free_port, port_range
+from tests.iris_numpy import export
 from tests.stack import ADMIN_TOKEN, Stack
 from tests.test_config import BASE as TWO_VERSIONS
 
@@ -88,9 +89,10 @@ def envoy_binary() -> str:
 
 
 @pytest.fixture(scope="session")
-def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example iris models (v1, v2, v3), trained fresh for this run."""
-    repo = tmp_path_factory.mktemp("models")
+def sklearn_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example iris models (v1, v2, v3) as `make run` serves them: scikit-learn
+    estimators, trained fresh for this run."""
+    repo = tmp_path_factory.mktemp("sklearn-models")
     subprocess.run(
         [sys.executable, str(ROOT / "examples" / "train_iris.py"), str(repo)],
         check=True,
@@ -100,9 +102,16 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def repo(model_repository: Path) -> Path:
-    """The same repository, under the name the model-server tests use (read-only)."""
-    return model_repository
+def model_repository(tmp_path_factory: pytest.TempPathFactory, sklearn_repository: Path) -> Path:
+    """The same versions as numpy-only python models (tests/iris_numpy.py): the end-to-end
+    tests' repository, whose servers start on a third of the CPU."""
+    return export(sklearn_repository, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def repo(sklearn_repository: Path) -> Path:
+    """The scikit-learn repository, under the name the model-server tests use (read-only)."""
+    return sklearn_repository
 
 
 @pytest.fixture

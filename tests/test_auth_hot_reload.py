@@ -21,7 +21,7 @@ import pytest
 from control_plane.translate_auth import JWT
 from control_plane.translate_limits import RATE_FILTER
 from gateway.processes import free_port
-from tests.stack import Stack
+from tests.stack import Stack, poll
 from tests.test_auth_e2e import ISSUER, Echo, Idp
 
 ROUTING = """\
@@ -209,8 +209,9 @@ def test_jwks_and_rate_edits_under_traffic(gateway: Gateway):
         reloads = g.reloads(RATE_FILTER)
         started = time.time()
         g.route(burst=5)
+        # polled: a late publish of the JWKS edit can converge before the file is read
+        poll(lambda: g.reloads(RATE_FILTER) > reloads, what="the rate filter's reload")
         g.stack.wait_converged(after=started)
-        assert g.reloads(RATE_FILTER) > reloads
         assert [g.metered() for _ in range(6)] == [200] * 5 + [429]
 
     assert g.listener_updates() == before, "a listener update drains connections"

@@ -60,7 +60,8 @@ def test_control_plane_refuses_an_invalid_file(tmp_path):
     assert result.returncode == 1 and "bad.yaml:2:1: invalid YAML" in result.stderr
 
 
-def test_run_serves_then_ctrl_c_leaves_no_process(tmp_path, model_repository, envoy_binary):
+def test_run_serves_then_ctrl_c_leaves_no_process(tmp_path, sklearn_repository, envoy_binary):
+    """`make run`: the example routing file and the scikit-learn models."""
     listen = free_port()
     ports = [free_port() for _ in range(3)]
     config = tmp_path / "routing.yaml"
@@ -81,7 +82,7 @@ def test_run_serves_then_ctrl_c_leaves_no_process(tmp_path, model_repository, en
             "run",
             str(config),
             "--repository",
-            str(model_repository),
+            str(sklearn_repository),
             "--workdir",
             str(tmp_path / "run"),
             "--xds",

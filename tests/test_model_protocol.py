@@ -81,8 +81,7 @@ class ThreadedServer:
 
 
 @pytest.fixture(scope="module")
-def server(model_repository: Path) -> Iterator[ThreadedServer]:
-    repo = model_repository
+def server(repo: Path) -> Iterator[ThreadedServer]:
     models = [*initial_models(repo, "iris", None), LoadedModel("echo", "1", EchoRuntime())]
     with ThreadedServer(make_app(models, repository=repo)) as running:
         yield running

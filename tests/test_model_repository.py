@@ -71,10 +71,10 @@ def _onnx_model(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Path:
+def repo(tmp_path_factory: pytest.TempPathFactory, sklearn_repository: Path) -> Path:
     """The session's iris models and a Python, an ONNX and a broken model, in a copy."""
     out = tmp_path_factory.mktemp("models")
-    shutil.copytree(model_repository, out, dirs_exist_ok=True)
+    shutil.copytree(sklearn_repository, out, dirs_exist_ok=True)
     scaler = out / "scaler" / "1"
     scaler.mkdir(parents=True)
     (scaler / "model.py").write_text(PYTHON_MODEL)

@@ -11,12 +11,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 
 from bench.rollout_upstreams import Behaviour, Upstreams
 from gateway import observe
+from model_servers.repository import load_model
 from tests.stack import LoadLoop, Stack, get_json, routing_yaml
 
 ROLLOUT = """\
@@ -150,12 +150,12 @@ def test_healthy_canary_succeeds_through_a_control_plane_restart(stack):
 
 def iris_rows(repository: Path, disagreeing: bool, n: int) -> list[list[float]]:
     """Iris-like inputs on which v1 and v3 predict the same class, or different ones."""
-    v1 = joblib.load(repository / "iris" / "v1" / "model.joblib")
-    v3 = joblib.load(repository / "iris" / "v3" / "model.joblib")
-    x = np.random.default_rng(0).uniform([4, 2, 1, 0.1], [8, 4.5, 7, 2.5], (5000, 4))
-    rows = x[(v1.predict(x) != v3.predict(x)) == disagreeing]
+    v1, v3 = (load_model(repository, "iris", v).runtime for v in ("v1", "v3"))
+    x = np.random.default_rng(0).uniform([4, 2, 1, 0.1], [8, 4.5, 7, 2.5], (5000, 4)).round(2)
+    differ = v1.predict({"x": x}, None)["predict"] != v3.predict({"x": x}, None)["predict"]
+    rows = x[differ == disagreeing]
     assert len(rows) >= n
-    return rows[:n].round(2).tolist()
+    return rows[:n].tolist()
 
 
 def send(port: int, rows: list[list[float]], stop: threading.Event, seen: list) -> None:

@@ -28,19 +28,9 @@ from tests.stack import (
     get_text,
     infer,
     ninety_ten,
+    poll,
     routing_yaml,
 )
-
-
-def poll(condition: Callable[[], object], timeout: float = 15.0, what: str = "") -> object:
-    """The first truthy value of `condition()`, polling until `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            assert value, f"timed out waiting for {what}"
-            return value
-        time.sleep(0.05)
 
 
 def prometheus_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
