@@ -142,6 +142,7 @@ class LoadLoop:
 
     port: int
     threads: int = 2
+    rate: float = 200.0  # requests per second per thread at most (0: as fast as answered)
     results: list[tuple[float, int, str | None, str]] = field(default_factory=list)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (sent at, seconds)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -150,7 +151,11 @@ class LoadLoop:
     def _work(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         deadline = time.monotonic() + 120  # bounded even if stop() is never called
+        due = time.monotonic()
         while not self._stop.is_set() and time.monotonic() < deadline:
+            if self.rate:  # paced: a late request is sent at once, never a burst after it
+                due = max(due + 1 / self.rate, time.monotonic())
+                self._stop.wait(due - time.monotonic())
             sent = time.monotonic()
             try:
                 reply = infer(self.port, conn=conn)
@@ -283,15 +288,25 @@ class Stack:
         wait_http(f"http://127.0.0.1:{port}/v2/health/ready", child=child)
 
     def start_all(self, traffic: dict[str, int], *control_plane_options: str) -> Stack:
-        """Model servers, the routing file, the control plane and the main Envoy, converged."""
-        self.start_models()
+        """The routing file, the control plane (starting while the model servers load), the
+        model servers and the main Envoy, converged."""
         self.route(traffic)
-        self.start_control_plane(*control_plane_options)
+        self.launch_control_plane(*control_plane_options)
+        self.start_models()
+        self.wait_control_plane()
         self.start_envoy()
         self.wait_converged()
         return self
 
     def start_control_plane(self, *options: str) -> None:
+        self.launch_control_plane(*options)
+        self.wait_control_plane()
+
+    def wait_control_plane(self) -> None:
+        assert self.control_plane
+        wait_http(f"http://127.0.0.1:{self.admin}/healthz", child=self.control_plane)
+
+    def launch_control_plane(self, *options: str) -> None:
         argv = cli(
             "control-plane",
             str(self.config),
@@ -303,7 +318,6 @@ class Stack:
         )
         log = str(self.workdir / "control-plane.log")
         self.control_plane = Child("control plane", argv, log).start()
-        wait_http(f"http://127.0.0.1:{self.admin}/healthz", child=self.control_plane)
 
     def start_envoy(self, node_id: str = "test-envoy") -> None:
         """The stack's main Envoy, serving the listener once it has its config."""
