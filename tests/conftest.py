@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,6 @@ if (worker := os.environ.get("PYTEST_XDIST_WORKER")) and PORT_RANGE_ENV not in o
     _share = (_high - _low) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     _start = _low + int(worker.removeprefix("gw")) * _share
     os.environ[PORT_RANGE_ENV] = f"{_start}-{_start + _share}"
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -92,12 +88,10 @@ def envoy_binary() -> str:
 def sklearn_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example iris models (v1, v2, v3) as `make run` serves them: scikit-learn
     estimators, trained fresh for this run."""
+    from examples.train_iris import train  # scikit-learn: 1.4 s of imports, when needed
+
     repo = tmp_path_factory.mktemp("sklearn-models")
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_iris.py"), str(repo)],
-        check=True,
-        capture_output=True,
-    )
+    train(repo)
     return repo
 
 

@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sklearn.datasets import load_iris
 
 from model_servers.repository import LoadedModel, load_model
 from model_servers.settings import Batching
 from tests.app_client import app_client as _client
 from tests.app_client import poll
+from tests.iris_numpy import IRIS_X as X
 
 ROOT = Path(__file__).resolve().parent.parent
-X, _ = load_iris(return_X_y=True)
 
 
 def value(text: str, name: str) -> float:

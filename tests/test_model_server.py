@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sklearn.datasets import load_iris
 
 from gateway.processes import free_port
 from model_servers.protocol import ProtocolError, decode_request, encode_response
@@ -27,9 +26,9 @@ from model_servers.repository import LoadedModel, ModelNotFoundError, load_model
 from model_servers.runtimes import SklearnRuntime
 from tests.app_client import app_client as _client
 from tests.app_client import poll
+from tests.iris_numpy import IRIS_X as X
 
 ROOT = Path(__file__).resolve().parent.parent
-X, _ = load_iris(return_X_y=True)
 SAMPLE = X[[0, 60, 120, 149]]
 
 

@@ -26,15 +26,14 @@ import joblib
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sklearn.datasets import load_iris
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from gateway.processes import Child, free_port, model_server_child  # noqa: E402
+from tests.iris_numpy import IRIS_X as X  # noqa: E402
 
-X, _ = load_iris(return_X_y=True)
 # the gRPC status of each HTTP error status (docs/model-server.md)
 GRPC_CODE = {
     400: "INVALID_ARGUMENT",
