@@ -29,11 +29,12 @@ $(MODEL_FILE): examples/train_iris.py | venv
 run: venv model
 	$(VENV)/bin/infergate run examples/routing.yaml --repository $(MODELS)
 
-# Two workers (pytest-xdist): one test process per core; each picks ports from its own share
+# Four workers (pytest-xdist), two per core: an end-to-end test waits on Envoy, timers and
+# its processes about half of its time. Each picks ports from its own share
 # (tests/conftest.py). TEST_WORKERS=0 runs in one process. Bytecode is cached even where the
 # environment sets PYTHONDONTWRITEBYTECODE: the suite starts about 250 Python processes, and
 # each would compile our modules again (0.12 s of CPU).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 4
 test: $(VENV)/.installed-test model
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n $(TEST_WORKERS)
 
