@@ -34,7 +34,8 @@ from google.protobuf.json_format import MessageToJson
 from bench.workdir import scratch_dir
 from control_plane.api_filters import FILTERS
 from control_plane.config import parse
-from control_plane.translate import LISTENER_NAME, Resources, translate
+from control_plane.resources import Resources
+from control_plane.translate import LISTENER_NAME, translate
 from gateway import static_envoy
 from gateway.envoy_proxy import envoy_path
 from gateway.processes import free_port

@@ -32,7 +32,8 @@ from bench.load import IRIS_PATH, LoadResult, WrkLoad, load_generator, medians
 from bench.stats import alternating, emit, median
 from bench.workdir import scratch_dir
 from control_plane.config import parse
-from control_plane.translate import LISTENER_NAME, Resources, translate
+from control_plane.resources import Resources
+from control_plane.translate import LISTENER_NAME, translate
 from gateway.bootstrap import envoy_command
 from gateway.envoy_proxy import envoy_path
 from gateway.processes import Child, free_port, model_server_child, wait_http

@@ -38,8 +38,8 @@ from envoy.type.v3.percent_pb2 import FractionalPercent
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Struct
 
+from control_plane.resources import Resources
 from control_plane.telemetry import RequestRecord, TelemetryStore
-from control_plane.translate import Resources
 
 log = logging.getLogger("infergate.telemetry")
 

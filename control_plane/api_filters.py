@@ -6,7 +6,6 @@ its local replies. Without those keys the gateway is open to all, as before."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from envoy.config.accesslog.v3.accesslog_pb2 import (
     AccessLogFilter,
@@ -38,9 +37,7 @@ from google.protobuf.wrappers_pb2 import UInt32Value
 
 from control_plane import translate_auth, translate_limits
 from control_plane.config import Model, RoutingConfig
-
-if TYPE_CHECKING:
-    from control_plane.translate import Resources
+from control_plane.resources import Resources
 
 
 def _pack(message: Message) -> Any:

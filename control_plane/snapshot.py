@@ -21,7 +21,8 @@ from google.protobuf.any_pb2 import Any
 from google.protobuf.message import Message
 
 from control_plane.config import Endpoint
-from control_plane.translate import LISTENER_NAME, Resources
+from control_plane.resources import Resources
+from control_plane.translate import LISTENER_NAME
 from control_plane.wire import encode_any
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"

@@ -98,6 +98,7 @@ from control_plane.config import Endpoint as ServerAddress
 from control_plane.config import Model, RoutingConfig
 from control_plane.resilience import HealthCheck as HealthCheckPolicy
 from control_plane.resilience import Resilience, Retries
+from control_plane.resources import Resources
 from control_plane.upstream_tls import CA_SECRET, CLIENT_SECRET
 
 LISTENER_NAME = "gateway"
@@ -112,24 +113,6 @@ LB_POLICIES = {
     "round_robin": Cluster.ROUND_ROBIN,
     "random": Cluster.RANDOM,
 }
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Envoy resources of one config, by name, per xDS resource kind."""
-
-    clusters: dict[str, Cluster]
-    endpoints: dict[str, ClusterLoadAssignment]
-    listeners: dict[str, Listener]
-    routes: dict[str, RouteConfiguration]
-    scoped_routes: dict[str, ScopedRouteConfiguration]
-    # Per route configuration, the clusters its routes name (make-before-break per config).
-    route_clusters: dict[str, frozenset[str]]
-    # Per actively health-checked cluster, its health-check timeout: how long a new
-    # cluster may stay warming in Envoy after its endpoints arrive (its first check).
-    health_check_timeouts: dict[str, float]
-    # HTTP filter configs by name, delivered by ECDS (see api_filters.http_filters).
-    extension_configs: dict[str, TypedExtensionConfig] = field(default_factory=dict)
 
 
 def cluster_name(model: str, version: str) -> str:

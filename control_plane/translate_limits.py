@@ -25,7 +25,6 @@ import dataclasses
 import math
 import re
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
@@ -71,9 +70,7 @@ from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 
 from control_plane.config import Limits, Model, Rate, RoutingConfig
-
-if TYPE_CHECKING:
-    from control_plane.translate import Resources
+from control_plane.resources import Resources
 
 CONSUMER_HEADER = "x-infergate-consumer"
 ANONYMOUS = "anonymous"
