@@ -142,7 +142,7 @@ class LoadLoop:
 
     port: int
     threads: int = 2
-    rate: float = 200.0  # requests per second per thread at most (0: as fast as answered)
+    rate: float = 100.0  # requests per second per thread at most (0: as fast as answered)
     results: list[tuple[float, int, str | None, str]] = field(default_factory=list)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (sent at, seconds)
     _stop: threading.Event = field(default_factory=threading.Event)

@@ -58,6 +58,7 @@ def test_idle_version_scales_to_zero_and_back(run):
 
 def test_a_replica_that_cannot_start_fails_held_requests_with_503_at_once(run):
     """Its exit answers the held request, long before the 20 s activation timeout."""
+    run.wait("the activator in Envoy", lambda: len(run.healthy_hosts("broken")) == 1)
     reply = infer_waiting(run.listen, "/v2/models/iris/versions/broken/infer")
     assert reply.status == 503, reply.body[:300]
     error = json.loads(reply.body)["error"]
