@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -85,21 +86,36 @@ def envoy_binary() -> str:
 
 
 @pytest.fixture(scope="session")
-def sklearn_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example iris models (v1, v2, v3) as `make run` serves them: scikit-learn
-    estimators, trained fresh for this run."""
-    from examples.train_iris import train  # scikit-learn: 1.4 s of imports, when needed
+def trained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example iris versions, trained once per run into `sklearn/` and exported as
+    numpy models into `numpy/` (tests/iris_numpy.py). The first xdist worker to ask does it
+    under a lock and the others reuse it, so that one worker imports scikit-learn for it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's
+    folder = shared / "iris-models"
+    with open(shared / "iris-models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            from examples.train_iris import train  # scikit-learn: 1.4 s of imports
 
-    repo = tmp_path_factory.mktemp("sklearn-models")
-    train(repo)
-    return repo
+            train(folder / "sklearn")
+            export(folder / "sklearn", folder / "numpy")
+            (folder / "done").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
-def model_repository(tmp_path_factory: pytest.TempPathFactory, sklearn_repository: Path) -> Path:
-    """The same versions as numpy-only python models (tests/iris_numpy.py): the end-to-end
-    tests' repository, whose servers start on a third of the CPU."""
-    return export(sklearn_repository, tmp_path_factory.mktemp("models"))
+def sklearn_repository(trained_models: Path) -> Path:
+    """The example iris models (v1, v2, v3) as `make run` serves them: scikit-learn
+    estimators, trained fresh for this run (read-only)."""
+    return trained_models / "sklearn"
+
+
+@pytest.fixture(scope="session")
+def model_repository(trained_models: Path) -> Path:
+    """The same versions as numpy-only python models: the end-to-end tests' repository,
+    whose servers start on a third of the CPU (read-only)."""
+    return trained_models / "numpy"
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,7 @@ def export(trained: Path, out: Path) -> Path:
     version under `out`; return `out`."""
     for path in sorted(trained.glob("*/*/model.joblib")):
         folder = out / path.parent.relative_to(trained)
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "params.npz", **parameters(joblib.load(path)))
         (folder / "model.py").write_text(MODEL)
         (folder / "model-settings.yaml").write_text(SETTINGS)
