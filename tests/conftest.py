@@ -33,6 +33,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `early` (long ones, most of them waiting on autoscaler windows) start
+    first: last, they ended the run while the other workers had nothing left to do."""
+    items.sort(key=lambda item: item.get_closest_marker("early") is None)
+
+
 @pytest.fixture(autouse=True)
 def uncached_translator() -> None:
     """Every test translates from scratch: the translator memoizes per model and policy, and

@@ -11,6 +11,8 @@ import pytest
 from tests.stack import Reply, infer
 from tests.test_supervisor_replicas import Run
 
+pytestmark = pytest.mark.early  # long: started first (tests/conftest.py)
+
 FROM_ZERO = """\
 listen: 127.0.0.1:{listen}
 models:
