@@ -34,7 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `early` (long ones, most of them waiting on autoscaler windows) start
+    """Tests marked `early` (long ones that mostly wait, on autoscaler windows) start
     first: last, they ended the run while the other workers had nothing left to do."""
     items.sort(key=lambda item: item.get_closest_marker("early") is None)
 

@@ -15,8 +15,6 @@ from control_plane.translate import translate
 from gateway.observe import get_json, get_text
 from tests.stack import LoadLoop, Stack
 
-pytestmark = pytest.mark.early  # long: started first (tests/conftest.py)
-
 EDITS = int(os.environ.get("CHURN_EDITS", "300"))
 
 

@@ -13,8 +13,6 @@ import pytest
 from tests.stack import LoadLoop, Stack
 from tests.test_churn import assert_envoy_holds
 
-pytestmark = pytest.mark.early  # long: started first (tests/conftest.py)
-
 MODELS = 200
 EDITS = int(os.environ.get("CHURN_SCALE_EDITS", "40"))
 
