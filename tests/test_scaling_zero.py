@@ -11,8 +11,6 @@ import pytest
 from tests.stack import Reply, infer
 from tests.test_supervisor_replicas import Run
 
-pytestmark = pytest.mark.early  # long: started first (tests/conftest.py)
-
 FROM_ZERO = """\
 listen: 127.0.0.1:{listen}
 models:
@@ -24,6 +22,8 @@ models:
         autoscale: {{min: 0, max: 1, target_concurrency: 4}}
     traffic: {{v1: 100, broken: 0}}
 """
+
+pytestmark = pytest.mark.early  # long: started first (tests/conftest.py)
 
 
 def infer_waiting(port: int, path: str = "/v2/models/iris/infer") -> Reply:
