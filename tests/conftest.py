@@ -97,7 +97,8 @@ def trained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     numpy models into `numpy/` (tests/iris_numpy.py). The first xdist worker to ask does it
     under a lock and the others reuse it, so that one worker imports scikit-learn for it."""
     base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's
+    # the run's folder: above the workers' own (xdist), or the base folder itself
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     folder = shared / "iris-models"
     with open(shared / "iris-models.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
