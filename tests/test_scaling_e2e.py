@@ -13,8 +13,6 @@ from gateway.observe import get_json
 from tests.stack import LoadLoop
 from tests.test_supervisor_replicas import Run
 
-pytestmark = pytest.mark.early  # long: started first (tests/conftest.py)
-
 AUTOSCALED = """\
 listen: 127.0.0.1:{listen}
 models:
