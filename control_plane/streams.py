@@ -8,8 +8,9 @@ Both variants share the rules that keep Envoy serving (Envoy's xds_protocol docs
 - ACK / NACK: a request answering the last response of its type; a NACK carries
   `error_detail`. It is reported with Envoy's message and the rejected content is not
   resent; the next change is.
-- Stale nonces: a request answering an older response is not an ACK or NACK. SotW
-  ignores it; Delta still applies its subscription changes.
+- Stale nonces: a request answering an older response is not an ACK or NACK, but its
+  subscription changes apply (a name Envoy dropped and subscribed to again meanwhile is
+  sent again).
 - Make-before-break: responses go out in SDS, CDS, EDS, LDS, SRDS, RDS order, one in
   flight per type. Each route configuration waits on its own (one model's new cluster
   holds only that model's routes) until Envoy has ACKed the secrets (the clusters' TLS
@@ -480,18 +481,30 @@ class Stream:
             return None, None
         changed, version, wake_after = self._route_changes(state, want, snapshot)
         if not changed:
-            if version != want.version or not self._scopes_acked(snapshot):
-                return None, wake_after
-            # Envoy holds exactly these routes (e.g. a model's went with its scope, or an
-            # edit undid one that was held back): clusters only older routes named may go.
-            if self.routes_acked is not None:
-                self.routes_acked, self.routes_held = snapshot, {}
-            if state.sent_version == want.version or not want.resources:
-                state.synced = want
-                return None, wake_after
-            # It last heard an older version: one configuration sent again, as it is, tells
-            # it this one (so `/status` shows it converged; Envoy keeps the others).
-            first = next(iter(want.resources))
+            if version != want.version:  # all that changed is held back
+                if state.sent_version != want.version:
+                    return None, wake_after
+                # Envoy ACKed this version, then subscribed to more (a model's scope came
+                # back) that wait: one configuration it holds, sent again as it is under
+                # the partial version, tells it (and `/status`) that it is not there yet.
+                unchanged = (n for n, vb in want.resources.items() if state.known.get(n) == vb[0])
+                first = next(unchanged, None)
+                if first is None:
+                    return None, wake_after
+            else:
+                if not self._scopes_acked(snapshot):
+                    return None, wake_after
+                # Envoy holds exactly these routes (e.g. a model's went with its scope, or
+                # an edit undid one that was held back): clusters only older routes named
+                # may go.
+                if self.routes_acked is not None:
+                    self.routes_acked, self.routes_held = snapshot, {}
+                if state.sent_version == want.version or not want.resources:
+                    state.synced = want
+                    return None, wake_after
+                # It last heard an older version: one configuration sent again, as it is,
+                # tells it this one (so `/status` shows it converged; Envoy keeps the others).
+                first = next(iter(want.resources))
             changed = {first: want.resources[first]}
         # A partial send leaves the state `known` fully held (the next diff is a full one).
         state.synced = want if version == want.version else None
@@ -518,9 +531,9 @@ class SotwStream(Stream):
 
     def handle_request(self, req: DiscoveryRequest) -> None:
         state = self.types.setdefault(req.type_url, TypeState())
-        if req.response_nonce and req.response_nonce != state.last_nonce:
-            return  # stale: answers a response that a newer one replaced
-        if req.response_nonce and state.pending:
+        # A stale nonce answers a response that a newer one replaced: no ACK or NACK, but
+        # its names count (Envoy may drop a name and subscribe to it again meanwhile).
+        if req.response_nonce and req.response_nonce == state.last_nonce and state.pending:
             self._answer(req.type_url, state, nack_message(req))
         if req.type_url not in WILDCARD_TYPES:
             listed, held = req.resource_names, state.names

@@ -283,16 +283,22 @@ def test_nack_is_reported_and_not_resent_until_the_next_change(mode):
     assert peer.callbacks.events[-1] == ("ack", "rds", fixed.version)
 
 
-def test_sotw_ignores_a_request_with_a_stale_nonce():
-    peer = Peer("sotw", snap(TWO_VERSIONS))
-    last = peer.converge()
+def test_sotw_a_stale_request_is_no_ack_but_its_names_count():
+    """Envoy dropped a route configuration (its scope went) and subscribed to it again
+    while a newer response was in flight: it needs it sent again."""
+    peer = Peer("sotw", snap(TWO_MODELS))
+    peer.converge()
+    stale = peer.nonces[ROUTE]
+    peer.retarget(weights(TWO_MODELS, 50, 50))
+    (rds,) = peer.pump()
+    assert rds.names == {"models/iris"}
     events = len(peer.callbacks.events)
-    # Answering an old response (here CDS's nonce on EDS), asking for other names.
-    peer.request(ENDPOINT, ["iris/v1"], nonce=peer.nonces[CLUSTER])
-    assert peer.pump() == [] and len(peer.callbacks.events) == events
-    peer.request(ENDPOINT, ["iris/v1"])  # the same with the current nonce
-    (eds,) = peer.pump()
-    assert eds.type == "eds" and eds.names == {"iris/v1"} and last["eds"].names != eds.names
+    peer.request(ROUTE, ["gateway", "models/iris"], nonce=stale)
+    peer.request(ROUTE, ["gateway", "models/iris", "models/other"], nonce=stale)
+    assert peer.pump() == [] and len(peer.callbacks.events) == events  # no ACK, no answer
+    peer.ack(ROUTE)
+    (rds,) = peer.pump()
+    assert rds.names == {"models/other"}
 
 
 def test_delta_applies_subscriptions_even_with_a_stale_nonce():
@@ -686,6 +692,39 @@ def test_routes_held_back_then_undone_end_on_the_current_version(mode):
     peer.ack(ROUTE)
     assert peer.stream.types[ROUTE].acked_version == snap(final).types[ROUTE].version
     assert [s for s in peer.pump() if s.type == "rds"] == []
+
+
+@MODES
+def test_routes_subscribed_again_after_their_version_was_acked_show_it_is_not_held(mode):
+    """A model comes back: Envoy ACKs the routes of that snapshot before its scope asks
+    for the model's routes, which then wait for their clusters. Until they go out, Envoy
+    must not count as holding that version (`/status` would say converged)."""
+    peer = Peer(mode, snap(TWO_MODELS))
+    peer.converge()
+    peer.retarget(TWO_VERSIONS)  # `other` goes, with its scope and then its routes
+    assert peer.types() == ["srds"]
+    peer.ack(SCOPED_ROUTE)
+    peer.request(ROUTE, ["gateway", "models/iris"])
+    for sent in peer.pump():
+        peer.ack({"rds": ROUTE, "cds": CLUSTER, "eds": ENDPOINT}[sent.type])
+    final = weights(TWO_MODELS, 50, 50)  # `other` back, and iris's routes change
+    peer.retarget(final)
+    version = snap(final).types[ROUTE].version
+    sent = {s.type: s for s in peer.pump()}
+    assert sent["rds"].names == {"models/iris"} and sent["rds"].version == version
+    peer.ack(SCOPED_ROUTE)
+    peer.ack(ROUTE)
+    peer.request(ROUTE, ["gateway", "models/iris", "models/other"])  # its scope is back
+    (rds,) = peer.pump()  # other's routes wait for its clusters
+    assert rds.version == f"{version}-partial" and len(rds.names) == 1
+    peer.ack(ROUTE)
+    assert peer.callbacks.events[-1] == ("ack", "rds", f"{version}-partial")
+    peer.request(ENDPOINT, ["iris/v1", "iris/v2", "other/a", "other/b"])
+    peer.pump()
+    peer.ack(ENDPOINT)
+    peer.ack(CLUSTER)
+    (rds,) = peer.pump()
+    assert rds.names == {"models/other"} and rds.version == version
 
 
 @MODES
