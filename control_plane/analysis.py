@@ -18,13 +18,14 @@ interval; the controller splits it between early looks and the decision).
 
 numpy and scipy.stats are imported where used: they add about 85 MB to the control plane's
 memory, needed only while a rollout is judged or shadows are compared. `preload_stats` imports
-them in a thread as soon as the file has a rollout: imported on the event loop at the
-first judgement, they held it (and the admin API and xDS) for over 5 s in a loaded CI run.
+them in a thread as soon as the file has a rollout, and the control plane does not judge
+until they are in: imported on the event loop at the first judgement, they held it (and the
+admin API and xDS) for over 5 s in a loaded CI run; a judgement that waited on the thread's
+import did too, after a control-plane restart.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from collections.abc import Sequence
@@ -40,10 +41,21 @@ def _import_stats() -> None:
     import scipy.stats  # noqa: F401
 
 
-@functools.cache
+_importer: threading.Thread | None = None
+
+
 def preload_stats() -> None:
     """Import numpy and scipy.stats in a background thread (once: later calls do nothing)."""
-    threading.Thread(target=_import_stats, daemon=True, name="stats").start()
+    global _importer
+    if _importer is None:
+        _importer = threading.Thread(target=_import_stats, daemon=True, name="stats")
+        _importer.start()
+
+
+def stats_importing() -> bool:
+    """Whether `preload_stats` is still importing: a judgement now would wait for it on the
+    event loop (the import lock), and hold the admin API and xDS with it."""
+    return _importer is not None and _importer.is_alive()
 
 
 ALPHA = 0.01  # per check and window

@@ -25,6 +25,7 @@ from control_plane.access_log import (
     with_access_log,
 )
 from control_plane.admin import make_admin_app
+from control_plane.analysis import stats_importing
 from control_plane.callbacks import Fanout, LogCallbacks
 from control_plane.config import ConfigError, Endpoint, RoutingConfig, load
 from control_plane.endpoints import EndpointRegistry
@@ -298,6 +299,8 @@ class ControlPlane:
         """Let the rollout controller decide, and rebuild when the weights it wants change."""
         while True:
             await asyncio.sleep(period)
+            if stats_importing():
+                continue
             before = self.rollouts.overrides()
             try:
                 self.rollouts.tick(self.store.clock())
