@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import socket
 
-import psutil
-
 _ANY = ("0.0.0.0", "::")
 
 
 def holder(address: tuple[str, int]) -> str | None:
     """`pid N (command line)` of the process listening on `address`, if it can be known."""
+    import psutil  # only once an address is taken: a model server starts without it
+
     host, port = address
     for conn in psutil.net_connections(kind="tcp"):
         if (

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 
 from model_servers.onnx_runtime import OnnxRuntime
@@ -35,7 +34,10 @@ class SklearnRuntime:
 
     @classmethod
     def load(cls, path: Path) -> SklearnRuntime:
-        """Load a joblib file."""
+        """Load a joblib file (joblib is imported here: other runtimes' servers start
+        without it)."""
+        import joblib
+
         return cls(joblib.load(path))
 
     def metadata(self) -> dict[str, list[dict[str, Any]]]:
