@@ -11,13 +11,13 @@ import hashlib
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap
+from typing import TYPE_CHECKING, Any
 
 from control_plane import config
 from control_plane.state_store import write_atomically
+
+if TYPE_CHECKING:  # ruamel.yaml is imported at the first edit: a control plane starts without
+    from ruamel.yaml import YAML
 
 Keys = Sequence[str]
 
@@ -27,6 +27,8 @@ class StaleFile(Exception):
 
 
 def _yaml() -> YAML:
+    from ruamel.yaml import YAML
+
     y = YAML()
     y.preserve_quotes = True
     y.width = 4096  # never re-wrap long lines
@@ -58,6 +60,8 @@ class Document:
     def set(self, keys: Keys, value: Any) -> None:
         """Set the value at `keys`. A mapping replacing a mapping is updated in place, so its
         style and comments stay; a new mapping of plain values is written in flow style."""
+        from ruamel.yaml.comments import CommentedMap
+
         parent, last = self.get(keys[:-1]), keys[-1]
         old = parent.get(last)
         if isinstance(old, CommentedMap) and isinstance(value, dict):

@@ -96,7 +96,7 @@ def wait_envoy_split(s: Stack, want: dict[str, int], timeout: float = 30) -> Non
         # (5% against max_error_rate 1% at min_requests 100 is 5 errors in ~100: p about
         # 0.003, at the edge of the interval's alpha; a clean CI run promoted it once.)
         (Behaviour(fail_every=10), ("error_rate failed", "errors_vs_baseline failed")),
-        (Behaviour(delay=0.03), ("latency_vs_baseline failed",)),  # six times slower
+        (Behaviour(delay=0.05), ("latency_vs_baseline failed",)),  # ten times slower
     ],
     ids=["errors", "slow"],
 )
@@ -107,8 +107,9 @@ def test_failing_canary_is_rolled_back_at_its_first_judged_interval(stack, fault
     wait_envoy_split(s, {"iris/v1": 50, "iris/v2": 50})
     with LoadLoop(s.listen, threads=2):
         r = wait_phase(s, {"rolled_back", "succeeded"})
+        assert r["phase"] == "rolled_back", json.dumps(r["history"], indent=1)[-3000:]
         wait_envoy_split(s, {"iris/v1": 100})  # the canary is out of Envoy's route
-    assert r["phase"] == "rolled_back" and r["canary_weight"] == 0
+    assert r["canary_weight"] == 0
     decision = r["history"][-1]
     assert decision["kind"] == "rollback", decision
     assert any(c in decision["reason"] for c in check), decision["reason"]
