@@ -172,7 +172,7 @@ class DataPlane:
             return request
 
         request = decode() if inline else await loop.run_in_executor(executor, decode)
-        outputs = await served.predict(request, executor)
+        outputs = await served.predict(request, executor, small=inline)
         if inline:
             response = codec.encode(served.model, request, outputs)
         else:
