@@ -29,7 +29,7 @@ from control_plane.analysis import stats_importing
 from control_plane.callbacks import Fanout, LogCallbacks
 from control_plane.config import ConfigError, Endpoint, RoutingConfig, load
 from control_plane.endpoints import EndpointRegistry
-from control_plane.gc_pause import paused_gc, release_freed_memory
+from control_plane.gc_pause import freeze_survivors, paused_gc, release_freed_memory
 from control_plane.health import HealthMonitor
 from control_plane.metrics import XdsMetrics, make_registry
 from control_plane.nodes import NodeRegistry
@@ -224,6 +224,7 @@ class ControlPlane:
         self.cache.set(with_runtime(snapshot, self._runtime()))
         if not small:  # the previous snapshot is gone now, unless a stream still sends it
             release_freed_memory()
+            freeze_survivors()  # no full collection scans the new one during its fan-out
         self.shadow_pairs.tls = client
         if self.health:
             self.health.set_config(config, client)

@@ -20,7 +20,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 )
 
 from control_plane.callbacks import Callbacks, NodeInfo
-from control_plane.gc_pause import release_freed_memory
+from control_plane.gc_pause import collect_when_quiet
 from control_plane.snapshot import Snapshot, SnapshotCache
 from control_plane.streams import (
     Clock,
@@ -38,7 +38,8 @@ WAKE = "wake"  # an event that only makes a stream look at its state again
 # buffers, so this bounds the control plane's memory (docs/xds-scale.md).
 INITIAL_SYNCS = int(os.environ.get("INFERGATE_XDS_INITIAL_SYNCS", "8"))
 INITIAL_SYNC_TIMEOUT = 10.0  # seconds a stream may hold its slot without ACKing routes
-TRIM_AFTER = 2.0  # seconds after a snapshot's fan-out began: return freed memory to the OS
+# seconds after a snapshot's fan-out began: collect garbage, return freed memory to the OS
+QUIET_AFTER = 2.0
 
 log = logging.getLogger("infergate.xds")
 
@@ -183,8 +184,9 @@ class AdsServer:
             if trim:
                 trim.cancel()
             # The responses in flight to every stream are freed once written: give the
-            # memory back (glibc keeps it otherwise, at about 20 kB per stream and edit).
-            trim = loop.call_later(TRIM_AFTER, release_freed_memory)
+            # memory back (glibc keeps it otherwise, at about 20 kB per stream and edit),
+            # after a full collection, which would have held up a fan-out.
+            trim = loop.call_later(QUIET_AFTER, collect_when_quiet)
 
     @staticmethod
     async def _write(context, out: Outgoing) -> float | None:
