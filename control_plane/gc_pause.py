@@ -12,8 +12,10 @@ models about 15 MB lower between edits (docs/xds-scale.md).
 A full collection scans every tracked object: at 1,000 models it took 30-65 ms, on the
 event loop, and one that fell on a fan-out delayed every Envoy's update by as much. So
 the objects alive after a large build are frozen (`gc.freeze`: full collections skip
-them; reference counting still frees them), and everything is collected once the
-control plane is quiet (`collect_when_quiet`), cycles among frozen objects included.
+them; reference counting still frees them), and everything is collected, cycles among
+frozen objects included, and unfrozen once the control plane is quiet
+(`collect_when_quiet`), or before a freeze when the last such collection is older than
+`FULL_COLLECTION_EVERY` (edits that never leave it quiet do not grow the frozen heap).
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
+FULL_COLLECTION_EVERY = 60.0  # seconds, at most, between full collections
+clock = time.monotonic
+_last_full = clock()
 
 
 @contextmanager
@@ -46,14 +52,18 @@ def release_freed_memory() -> None:
 
 
 def freeze_survivors() -> None:
-    """Keep the objects alive now (a new snapshot's) out of later full collections."""
+    """Keep the objects alive now (a new snapshot's) out of later full collections; first
+    collect everything if that has not happened for `FULL_COLLECTION_EVERY` seconds."""
+    if clock() - _last_full > FULL_COLLECTION_EVERY:
+        collect_when_quiet()
     gc.freeze()
 
 
 def collect_when_quiet() -> None:
-    """Collect everything, frozen objects included, freeze the survivors again, and return
-    the freed memory to the operating system."""
+    """Unfreeze and collect everything, and return the freed memory to the operating
+    system."""
+    global _last_full
     gc.unfreeze()
     gc.collect()
-    gc.freeze()
+    _last_full = clock()
     release_freed_memory()
