@@ -19,7 +19,8 @@ Both variants share the rules that keep Envoy serving (Envoy's xds_protocol docs
   SDS never wait for the CDS ACK), then for the first health check of those clusters
   (their timeout plus WARMUP_MARGIN after the first endpoints ACKed since CDS added
   them). Clusters that routes Envoy holds still name stay in CDS until Envoy ACKs
-  routes without them.
+  routes without them; the endpoints of clusters that a CDS response in flight adds stay
+  in EDS until Envoy ACKs it (it warms them, even if the target dropped them meanwhile).
 - RDS sends only the route configurations that changed, in SotW too (allowed for RDS:
   Envoy keeps those a response does not mention), so a one-model edit sends one.
 - After a CDS push, EDS is resent (SotW: all; Delta: the changed clusters), so that
@@ -322,23 +323,36 @@ class Stream:
             sources.update(dict.fromkeys(routes.sent_changed, routes.sent_snapshot))
         return sources
 
+    def _clusters_in_flight(self, typed: TypeSnapshot) -> tuple[Snapshot, frozenset[str]] | None:
+        """The snapshot and the names, of those not in `typed`, of the clusters a CDS
+        response not ACKed yet holds: Envoy warms them, and each waits for its endpoints
+        (else for Envoy's 15 s initial fetch timeout, and every later CDS with it)."""
+        clusters = self.types.get(CLUSTER)
+        if clusters is None or not clusters.pending or clusters.sent_snapshot is None:
+            return None
+        missing = clusters.sent_names - typed.resources.keys()
+        return (clusters.sent_snapshot, missing) if missing else None
+
     def _lingering(self, type_url: str, typed: TypeSnapshot, epoch: str) -> TypeSnapshot | None:
         """Clusters or endpoints of the routes Envoy holds: those of the last RDS it ACKed,
-        and of the route configurations held back or in flight since (computed once per
-        change)."""
+        and of the route configurations held back or in flight since; for endpoints, also
+        those of the clusters a CDS response in flight adds (computed once per change)."""
         acked = self.routes_acked
         others = self._routes_other_than_acked()
+        warming = self._clusters_in_flight(typed) if type_url == ENDPOINT else None
         old = acked.types[type_url] if acked is not None else None
-        if not others:
+        if not others and warming is None:
             return old if old is not None and old.version != typed.version else None
-        key = (type_url, old, tuple(others.items()))
+        key = (type_url, old, tuple(others.items()), warming)
         if self._lingering_memo is not None and self._lingering_memo[0] == key:
             return self._lingering_memo[1]
         resources = dict(old.resources) if old is not None else {}
         versions = dict(old.versions) if old is not None else {}
-        for name, source in others.items():
-            held = source.types[type_url]
-            for cluster in source.route_clusters.get(name, ()):
+        sources = [(s.types[type_url], s.route_clusters.get(n, ())) for n, s in others.items()]
+        if warming is not None:
+            sources.append((warming[0].types[ENDPOINT], warming[1]))
+        for held, clusters in sources:
+            for cluster in clusters:
                 if cluster in held.resources and cluster not in resources:
                     resources[cluster] = held.resources[cluster]
                     versions[cluster] = held.versions[cluster]

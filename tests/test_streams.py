@@ -728,6 +728,27 @@ def test_routes_subscribed_again_after_their_version_was_acked_show_it_is_not_he
 
 
 @MODES
+def test_a_cluster_in_flight_gets_its_endpoints_though_the_target_dropped_it(mode):
+    """An edit adds v3 and the next removes it before Envoy ACKed the CDS response that
+    adds it: Envoy warms v3 all the same and asks for its endpoints. Without them it would
+    hold that CDS response (and every later one) until its 15 s initial fetch timeout."""
+    peer = Peer(mode, snap(NO_CHECKS))
+    peer.converge()
+    peer.retarget(with_v3(NO_CHECKS))
+    assert peer.types()[0] == "cds"
+    if mode == "sotw":
+        peer.ack(ENDPOINT)  # the endpoints that follow every CDS response
+    peer.retarget(NO_CHECKS)  # v3 gone again
+    peer.request(ENDPOINT, ["iris/v1", "iris/v2", "iris/v3"])  # Envoy warms v3
+    (eds,) = [s for s in peer.pump() if s.type == "eds"]
+    assert "iris/v3" in eds.names
+    peer.ack(ENDPOINT)
+    peer.ack(CLUSTER)  # v3 warm: Envoy ACKs; v3 goes with the next CDS response
+    cds = next(s for s in peer.pump() if s.type == "cds")
+    assert "iris/v3" in cds.removed if mode == "delta" else "iris/v3" not in cds.names
+
+
+@MODES
 def test_routes_wait_for_a_cluster_that_a_response_in_flight_removes(mode):
     """A version comes back while the CDS response that removes it is in flight: Envoy will
     drop the cluster first, so routes naming it wait for the response that adds it again."""
