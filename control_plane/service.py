@@ -224,7 +224,9 @@ class ControlPlane:
         self.cache.set(with_runtime(snapshot, self._runtime()))
         if not small:  # the previous snapshot is gone now, unless a stream still sends it
             release_freed_memory()
-            freeze_survivors()  # no full collection scans the new one during its fan-out
+        # No full collection during the fan-out: at 1,000 models, or 2,000 streams, one
+        # takes 65-170 ms on the event loop.
+        freeze_survivors()
         self.shadow_pairs.tls = client
         if self.health:
             self.health.set_config(config, client)
