@@ -11,11 +11,12 @@ models about 15 MB lower between edits (docs/xds-scale.md).
 
 A full collection scans every tracked object: at 1,000 models it took 30-65 ms (at 2,000
 streams 160-175 ms), on the event loop, and one that fell on a fan-out delayed every
-Envoy's update by as much. So the objects alive after each publish are frozen (`gc.freeze`: full collections skip
-them; reference counting still frees them), and everything is collected, cycles among
-frozen objects included, and unfrozen once the control plane is quiet
-(`collect_when_quiet`), or before a freeze when the last such collection is older than
-`FULL_COLLECTION_EVERY` (edits that never leave it quiet do not grow the frozen heap).
+Envoy's update by as much. So the objects alive after each publish are frozen
+(`gc.freeze`: full collections skip them; reference counting still frees them), and
+everything is collected, cycles among frozen objects included, and unfrozen once the
+control plane is quiet (`collect_when_quiet`), or before a freeze when the last such
+collection is older than `FULL_COLLECTION_EVERY` (edits that never leave it quiet do not
+grow the frozen heap).
 """
 
 from __future__ import annotations
