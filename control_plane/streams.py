@@ -495,30 +495,9 @@ class Stream:
             return None, None
         changed, version, wake_after = self._route_changes(state, want, snapshot)
         if not changed:
-            if version != want.version:  # all that changed is held back
-                if state.sent_version != want.version:
-                    return None, wake_after
-                # Envoy ACKed this version, then subscribed to more (a model's scope came
-                # back) that wait: one configuration it holds, sent again as it is under
-                # the partial version, tells it (and `/status`) that it is not there yet.
-                unchanged = (n for n, vb in want.resources.items() if state.known.get(n) == vb[0])
-                first = next(unchanged, None)
-                if first is None:
-                    return None, wake_after
-            else:
-                if not self._scopes_acked(snapshot):
-                    return None, wake_after
-                # Envoy holds exactly these routes (e.g. a model's went with its scope, or
-                # an edit undid one that was held back): clusters only older routes named
-                # may go.
-                if self.routes_acked is not None:
-                    self.routes_acked, self.routes_held = snapshot, {}
-                if state.sent_version == want.version or not want.resources:
-                    state.synced = want
-                    return None, wake_after
-                # It last heard an older version: one configuration sent again, as it is,
-                # tells it this one (so `/status` shows it converged; Envoy keeps the others).
-                first = next(iter(want.resources))
+            first = self._route_to_resend(state, want, snapshot, version)
+            if first is None:
+                return None, wake_after
             changed = {first: want.resources[first]}
         # A partial send leaves the state `known` fully held (the next diff is a full one).
         state.synced = want if version == want.version else None
@@ -528,6 +507,30 @@ class Stream:
         nonce = self._next_nonce(state)
         self._sent(ROUTE, state, version, frozenset(state.known), snapshot, len(changed))
         return self._routes_response(want, frozenset(changed), version, nonce), wake_after
+
+    def _route_to_resend(
+        self, state: TypeState, want: Desired, snapshot: Snapshot, version: str
+    ) -> str | None:
+        """No route configuration changed that may go now: the one to send again, as it
+        is, when Envoy must hear `version` (so that `/status` tells the truth), else None."""
+        if version != want.version:  # all that changed is held back
+            if state.sent_version != want.version:
+                return None
+            # Envoy ACKed this version, then subscribed to more (a model's scope came back)
+            # that wait: the partial version tells it (and `/status`) it is not there yet.
+            held = (n for n, vb in want.resources.items() if state.known.get(n) == vb[0])
+            return next(held, None)
+        if not self._scopes_acked(snapshot):
+            return None
+        # Envoy holds exactly these routes (e.g. a model's went with its scope, or an edit
+        # undid one that was held back): clusters only older routes named may go.
+        if self.routes_acked is not None:
+            self.routes_acked, self.routes_held = snapshot, {}
+        if state.sent_version == want.version or not want.resources:
+            state.synced = want
+            return None
+        # It last heard an older version: this one tells it (Envoy keeps the others).
+        return next(iter(want.resources))
 
     def _routes_response(
         self, want: Desired, changed: frozenset[str], version: str, nonce: str

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import time
 from concurrent.futures import Executor
@@ -44,7 +43,8 @@ class ServedModel:
     metrics: ModelMetrics
     batcher: Batcher | None
     metadata: dict[str, Any]
-    predict_cost: float = math.inf  # seconds, of recent predictions; inf: not measured yet
+    # seconds, of recent predictions; the threshold itself until measured (off the loop)
+    predict_cost: float = INLINE_PREDICT_SECONDS
 
     @property
     def queue_depth(self) -> int:
@@ -75,8 +75,7 @@ class ServedModel:
             return self.model.runtime.predict(request.inputs, request.outputs)
         finally:
             took = time.perf_counter() - start
-            cost = self.predict_cost
-            self.predict_cost = took if cost == math.inf else max(took, cost * COST_DECAY)
+            self.predict_cost = max(took, self.predict_cost * COST_DECAY)
 
 
 class ModelRegistry:
