@@ -67,6 +67,10 @@ GRPC_OPTIONS = [
     # grpcio shares ports (SO_REUSEPORT) by default: a second control plane on the same
     # address would silently take half of the Envoys. Fail to start instead.
     ("grpc.so_reuseport", 0),
+    # gRPC cancels new streams once over 1,000 wait for the server to accept them: Envoys
+    # reconnecting at once (a restart) would be turned away and retry with backoff.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 20_000),
 ]
 
 

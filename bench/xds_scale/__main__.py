@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.stats import emit
 from bench.workdir import scratch_dir
-from bench.xds_scale import analysis, models, plane, push, storm
+from bench.xds_scale import analysis, floor, models, plane, push, storm
 from control_plane.xds_server import INITIAL_SYNCS
 
 ROUTE_CLIENTS = 100  # clients for the push-time-by-model-count table
@@ -105,6 +105,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             _push(workdir, n, CLIENT_MODELS, delta, edits)
             for n in clients
             for delta in (False, True)
+        ]
+        print("grpc floor (bare grpcio streams, one message each way)", file=sys.stderr)
+        report["grpc_floor"] = [
+            _guarded(f"floor-{n}", lambda n=n: floor.run(workdir, n, edits)) for n in clients
         ]
 
     if "models" in want:

@@ -33,6 +33,22 @@ def scenario(name: str, delta: bool, clients: int, models: int) -> dict[str, Any
     }
 
 
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """Close each one's stdin (it exits), then kill those still running, by pid."""
+    for proc in procs:
+        if proc.stdin and not proc.stdin.closed:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Fleet:
     """`clients` simulated Envoys spread over `workers` processes."""
 
@@ -94,19 +110,7 @@ class Fleet:
         self.events.put((index, {"event": "exit", "code": proc.wait()}))
 
     def stop(self) -> None:
-        """Close each worker's stdin (it exits), then kill those still running, by pid."""
-        for proc in self.procs:
-            if proc.stdin and not proc.stdin.closed:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
 
     def wait_routes(self, known: set[str], timeout: float) -> tuple[str, list[float]]:
         """Wait until every worker reports all its clients on one route version not in
