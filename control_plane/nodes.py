@@ -93,6 +93,9 @@ class NodeRegistry:
         self.clock = clock
         self.forget_after = forget_after
         self.nodes: dict[str, NodeStatus] = {}
+        # Disconnected nodes, the longest gone first: forgetting looks at the oldest only
+        # (a scan of all nodes per connect was quadratic when thousands reconnect).
+        self._gone: dict[str, float] = {}
 
     def on_connect(self, node: NodeInfo, mode: str) -> None:
         self.forget_old()
@@ -101,13 +104,14 @@ class NodeRegistry:
             listen = str(node.listen) if node.listen else None
             status = NodeStatus(node.id, node.cluster, mode, listen, self.clock())
             self.nodes[node.id] = status
+            self._gone.pop(node.id, None)
         status.streams += 1
 
     def on_disconnect(self, node: NodeInfo) -> None:
         status = self.nodes[node.id]
         status.streams -= 1
         if not status.connected:
-            status.disconnected_at = self.clock()
+            status.disconnected_at = self._gone[node.id] = self.clock()
 
     def on_sent(self, node: NodeInfo, type_url: str, version: str, resources: int) -> None:
         status = self.nodes[node.id].type(type_url)
@@ -133,9 +137,11 @@ class NodeRegistry:
     def forget_old(self) -> None:
         """Drop nodes disconnected for longer than `forget_after`."""
         cutoff = self.clock() - self.forget_after
-        for node_id, status in list(self.nodes.items()):
-            if status.disconnected_at is not None and status.disconnected_at < cutoff:
-                del self.nodes[node_id]
+        while self._gone:
+            node_id, gone_at = next(iter(self._gone.items()))
+            if gone_at >= cutoff:
+                return
+            del self._gone[node_id], self.nodes[node_id]
 
     def as_list(self) -> list[dict[str, Any]]:
         self.forget_old()

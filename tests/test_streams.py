@@ -658,6 +658,23 @@ def test_registry_shows_a_disconnected_node_then_forgets_it():
     assert registry.as_list() == []
 
 
+def test_registry_forgets_nodes_in_the_order_they_left_and_keeps_those_back():
+    clock = FakeClock()
+    registry = NodeRegistry(clock=clock)
+    a, b, c = NodeInfo("a"), NodeInfo("b"), NodeInfo("c")
+    for node in (a, b, c):
+        registry.on_connect(node, "sotw")
+    registry.on_disconnect(a)
+    clock.advance(10)
+    registry.on_disconnect(b)
+    registry.on_disconnect(c)
+    registry.on_connect(b, "sotw")  # back: never forgotten while connected
+    clock.advance(FORGET_AFTER - 5)
+    assert [s["node_id"] for s in registry.as_list()] == ["b", "c"]  # a left 10 s earlier
+    clock.advance(FORGET_AFTER)
+    assert [s["node_id"] for s in registry.as_list()] == ["b"]
+
+
 def test_registry_counts_streams_and_clears_a_nack_once_a_later_version_is_acked():
     registry = NodeRegistry(clock=FakeClock())
     node = NodeInfo("envoy-1")

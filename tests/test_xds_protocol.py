@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -208,3 +210,24 @@ async def test_initial_syncs_are_bounded_until_routes_are_acked_or_the_stream_en
         await second.close()
         if not first_leaves:
             await first.close()
+
+
+async def test_a_burst_of_streams_opened_while_the_plane_is_busy_is_served(plane):
+    """Envoys reconnecting at once (a restart): 2,000 streams that open while the control
+    plane's event loop is busy all get served. gRPC's defaults cancel new streams past
+    1,000 waiting to be accepted."""
+    streams = 2000
+    client = subprocess.Popen(
+        [sys.executable, "-m", "tests.burst_client", host_port(plane.xds_address), str(streams)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout and client.stdout.readline() == "failed 0\n"  # blocks the loop
+        nodes = plane.registry.nodes
+        await wait_for(lambda: sum(n.connected for n in nodes.values()) == streams, timeout=20)
+    finally:
+        assert client.stdin
+        client.stdin.close()
+        client.wait(10)
