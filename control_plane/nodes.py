@@ -24,7 +24,7 @@ class Nack:
     at: float
 
 
-@dataclass
+@dataclass(slots=True)
 class TypeStatus:
     """One resource type (cds, eds, lds, rds) of one node; times are wall-clock seconds."""
 

@@ -30,7 +30,7 @@ Both variants share the rules that keep Envoy serving (Envoy's xds_protocol docs
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, KeysView
 from dataclasses import dataclass, field
 from typing import ClassVar
 from weakref import WeakKeyDictionary
@@ -62,6 +62,12 @@ WARMUP_MARGIN = 0.05
 WARM = float("-inf")  # the ACK time of endpoints of a cluster known to be warm
 
 Clock = Callable[[], float]  # monotonic seconds
+
+
+def _shared(names: KeysView[str], like: frozenset[str]) -> frozenset[str]:
+    """`names` as a frozenset: `like` itself when equal (shared by the streams that hold
+    the same names, instead of one copy per stream)."""
+    return like if names == like else frozenset(names)
 
 
 def nack_message(req: DiscoveryRequest | DeltaDiscoveryRequest) -> str | None:
@@ -209,7 +215,7 @@ class Outgoing:
     wake_after: float | None = None  # seconds until held-back routes may go out
 
 
-@dataclass
+@dataclass(slots=True)
 class TypeState:
     """One resource type on one stream."""
 
@@ -282,7 +288,7 @@ class Stream:
                 for n in state.sent_names
                 if added.get(n, 0) < seq  # sent after CDS added the cluster
             }
-            state.acked_names = frozenset(state.acked_at)
+            state.acked_names = _shared(state.acked_at.keys(), state.sent_names)
         else:
             state.acked_names = state.sent_names
         if type_url == ROUTE:
@@ -505,7 +511,9 @@ class Stream:
             state.known[name] = res_version
         state.sent_changed = frozenset(changed)
         nonce = self._next_nonce(state)
-        self._sent(ROUTE, state, version, frozenset(state.known), snapshot, len(changed))
+        self._sent(
+            ROUTE, state, version, _shared(state.known.keys(), want.names), snapshot, len(changed)
+        )
         return self._routes_response(want, frozenset(changed), version, nonce), wake_after
 
     def _route_to_resend(
@@ -640,7 +648,8 @@ class DeltaStream(Stream):
         for name, (version, _) in changed.items():
             state.known[name] = version
         nonce = self._next_nonce(state)
-        self._sent(type_url, state, want.version, frozenset(state.known), snapshot, len(changed))
+        held = _shared(state.known.keys(), want.names)
+        self._sent(type_url, state, want.version, held, snapshot, len(changed))
         return want.delta_response(type_url, frozenset(changed), removed, nonce)
 
     def _routes_response(
