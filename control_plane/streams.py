@@ -60,16 +60,6 @@ WILDCARD = "*"
 # must have finished and marked the cluster warm).
 WARMUP_MARGIN = 0.05
 WARM = float("-inf")  # the ACK time of endpoints of a cluster known to be warm
-# What a change to a type's state (a request of it, a response of it sent) can make due:
-# routes wait on secrets, clusters and endpoints (and on the scopes to resend); clusters
-# and endpoints linger for the routes Envoy holds, and endpoints for clusters in flight.
-AFFECTS = {
-    SECRET: frozenset({SECRET, ROUTE}),
-    CLUSTER: frozenset({CLUSTER, ENDPOINT, ROUTE}),
-    ENDPOINT: frozenset({CLUSTER, ENDPOINT, ROUTE}),
-    SCOPED_ROUTE: frozenset({SCOPED_ROUTE, ROUTE}),
-    ROUTE: frozenset({CLUSTER, ENDPOINT, ROUTE}),
-}
 
 Clock = Callable[[], float]  # monotonic seconds
 
@@ -265,10 +255,7 @@ class Stream:
         self.callbacks = callbacks
         self.clock = clock
         self.desired = desired or DesiredCache()  # shared by the server's streams
-        self._target: Snapshot | None = None
-        # The types whose answer may have changed since `responses()` last looked at them
-        # (the others would answer nothing again: an edit of one type costs that type).
-        self._due: set[str] = set(PUSH_ORDER)
+        self.target: Snapshot | None = None  # the snapshot to converge to
         self.types: dict[str, TypeState] = {}
         # Where the routes Envoy holds come from: the snapshot of the last RDS it ACKed,
         # except the route configurations held back since, by name.
@@ -279,28 +266,6 @@ class Stream:
         self.clusters_added: dict[str, int] = {}
         self._lingering_memo: tuple[tuple, TypeSnapshot | None] | None = None
         self.nonce = 0
-
-    @property
-    def target(self) -> Snapshot | None:
-        """The snapshot to converge to."""
-        return self._target
-
-    @target.setter
-    def target(self, snapshot: Snapshot | None) -> None:
-        old, self._target = self._target, snapshot
-        if snapshot is old:
-            return
-        if old is None or snapshot is None:
-            self._due.update(PUSH_ORDER)
-            return
-        # Unchanged types keep their objects (snapshot.py); routes also read the
-        # snapshot's cluster names and health checks.
-        self._due.update(t for t in PUSH_ORDER if snapshot.types.get(t) is not old.types.get(t))
-        self._due.add(ROUTE)
-
-    def _changed(self, type_url: str) -> None:
-        """A type's state changed: it, and the types that read it, are due."""
-        self._due.update(AFFECTS.get(type_url, (type_url,)))
 
     def open(self) -> None:
         self.callbacks.on_connect(self.node, self.mode)
@@ -499,7 +464,6 @@ class Stream:
         resources: int,
     ) -> None:
         state.sent_version, state.sent_names, state.sent_snapshot = version, names, snapshot
-        self._changed(type_url)
         self.callbacks.on_sent(self.node, type_url, version, resources)
 
     def responses(self) -> Outgoing:
@@ -511,25 +475,18 @@ class Stream:
         out = []
         wake_after = None
         routes_acked = self.routes_acked
-        due = self._due  # grows while responses go out (e.g. a CDS response makes EDS due)
         for type_url in PUSH_ORDER:
-            if type_url not in due:
-                continue
-            due.discard(type_url)
             state = self.types.get(type_url)
             if state is None or state.pending or type_url not in snapshot.types:
-                continue  # due again at its request, its ACK, or a snapshot that has it
+                continue
             want = self._desired(type_url, snapshot)
             if type_url == ROUTE:
                 response, wake_after = self._respond_routes(state, want, snapshot)
-                if wake_after is not None:
-                    due.add(ROUTE)  # held back until a time: look again at every event
             else:
                 response = self._respond(type_url, state, want, snapshot)
             if response is not None:
                 out.append(response)
         if self.routes_acked is not routes_acked:  # lingering clusters may go now
-            self._changed(ROUTE)
             more = self.responses()
             return Outgoing(out + more.responses, more.wake_after)
         return Outgoing(out, wake_after)
@@ -598,7 +555,6 @@ class SotwStream(Stream):
     mode = "sotw"
 
     def handle_request(self, req: DiscoveryRequest) -> None:
-        self._changed(req.type_url)
         state = self.types.setdefault(req.type_url, TypeState())
         # A stale nonce answers a response that a newer one replaced: no ACK or NACK, but
         # its names count (Envoy may drop a name and subscribe to it again meanwhile).
@@ -641,7 +597,6 @@ class DeltaStream(Stream):
     mode = "delta"
 
     def handle_request(self, req: DeltaDiscoveryRequest) -> None:
-        self._changed(req.type_url)
         state = self.types.get(req.type_url)
         if state is None:
             state = self.types[req.type_url] = TypeState(names=frozenset())

@@ -41,7 +41,7 @@ from control_plane.snapshot import (
     SnapshotCache,
     build_snapshot,
 )
-from control_plane.streams import WARMUP_MARGIN, DeltaStream, DesiredCache, SotwStream, Stream
+from control_plane.streams import WARMUP_MARGIN, DeltaStream, DesiredCache, SotwStream
 from control_plane.translate import LISTENER_NAME, translate
 from tests.fake_clock import FakeClock
 from tests.test_config import BASE as TWO_VERSIONS
@@ -121,17 +121,11 @@ class Sent:
 class Peer:
     """Envoy's side of one stream: sends requests as Envoy does, decodes the responses."""
 
-    def __init__(
-        self,
-        mode: str,
-        snapshot: Snapshot,
-        clock: FakeClock | None = None,
-        stream_class: type[Stream] | None = None,
-    ) -> None:
+    def __init__(self, mode: str, snapshot: Snapshot, clock: FakeClock | None = None) -> None:
         self.delta = mode == "delta"
         self.clock = clock or FakeClock()
         self.callbacks = Recorder()
-        stream_class = stream_class or (DeltaStream if self.delta else SotwStream)
+        stream_class = DeltaStream if self.delta else SotwStream
         self.stream = stream_class(NodeInfo("envoy-1"), self.callbacks, self.clock)
         self.stream.target = snapshot
         self.stream.open()
