@@ -198,8 +198,9 @@ def test_jwks_and_rate_edits_under_traffic(gateway: Gateway):
         reloads = g.reloads(JWT)
         started = time.time()
         g.write("jwks.json", jwks(g.issuer, g.rotated))
+        # polled: another publish after `started` can converge before the file is read
+        poll(lambda: g.reloads(JWT) > reloads, what="the JWT filter's reload")
         g.stack.wait_converged(after=started)
-        assert g.reloads(JWT) > reloads
         rotated = {"authorization": f"Bearer {g.rotated.token()}"}
         assert g.status("/v2/models/echo/ready", rotated) == 200
         # The rate filter's config did not change: bob's bucket is still empty.
@@ -209,8 +210,7 @@ def test_jwks_and_rate_edits_under_traffic(gateway: Gateway):
         reloads = g.reloads(RATE_FILTER)
         started = time.time()
         g.route(burst=5)
-        # polled: a late publish of the JWKS edit can converge before the file is read
-        poll(lambda: g.reloads(RATE_FILTER) > reloads, what="the rate filter's reload")
+        poll(lambda: g.reloads(RATE_FILTER) > reloads, what="the rate filter's reload")  # as above
         g.stack.wait_converged(after=started)
         assert [g.metered() for _ in range(6)] == [200] * 5 + [429]
 
