@@ -29,10 +29,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, model_repository: Path):
 
 
 def assert_split(gw: GatewayStack, n: int, share_v1: float) -> None:
+    """The split is `share_v1` (the tests tell 70 % from 20 % and 0 %). At p > 1e-3 a right
+    split failed once in CI (152 of 1,000 at 20 %, p = 1e-4); at 1e-6 a weight 7 points
+    off still fails (270 of 1,000: p = 1e-7)."""
     counts = count_versions(gw.port, n)
     assert set(counts) <= {"v1", "v2"}, counts
     p = binomial_p_value(counts["v1"], n, share_v1)
-    assert p > 1e-3, f"{counts} is unlikely for a {share_v1:.0%} share of v1 (p={p:.2g})"
+    assert p > 1e-6, f"{counts} is unlikely for a {share_v1:.0%} share of v1 (p={p:.2g})"
 
 
 def test_weighted_split_from_the_mounted_yaml(gateway: GatewayStack):
