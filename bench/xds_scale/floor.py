@@ -32,6 +32,7 @@ from gateway.processes import free_port
 METHOD = "/floor.Floor/Push"
 RESPONSE_BYTES = 1500  # about one route configuration of the 10-model push
 LOCAL = "127.0.0.1"
+TIMEOUT_S = 120.0  # for all streams to open, and for every answer to a push
 
 
 class Server:
@@ -69,13 +70,13 @@ class Server:
         self.push_started = time.monotonic()
         for stream in self.streams:
             stream.put_nowait(message)
-        await self.all_acked.wait()
+        await asyncio.wait_for(self.all_acked.wait(), TIMEOUT_S)
         return self.ack_times
 
 
 async def _serve(port: int) -> None:
     """The server process: `push N` on stdin pushes once to N streams (waiting until N
-    are open) and prints the ACK times as a JSON line."""
+    are open) and prints the ACK times as a JSON line, or an error (a stream lost)."""
     server = grpc.aio.server(options=GRPC_OPTIONS)  # the control plane's
     floor = Server()
     handler = grpc.stream_stream_rpc_method_handler(
@@ -91,10 +92,14 @@ async def _serve(port: int) -> None:
     print(json.dumps({"event": "listening"}), flush=True)
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         want = int(line.split()[1])
-        while len(floor.streams) < want:
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(floor.streams) < want and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        times = await floor.push(message)
-        print(json.dumps({"event": "pushed", "times": times}), flush=True)
+        try:
+            event = {"event": "pushed", "times": await floor.push(message)}
+        except TimeoutError:
+            event = {"event": "error", "error": f"{len(floor.ack_times)} of {want} answered"}
+        print(json.dumps(event), flush=True)
     await server.stop(0)
 
 
@@ -153,7 +158,10 @@ def run(workdir: Path, clients: int, pushes: int) -> dict[str, Any]:
             def push() -> list[float]:
                 server.stdin.write(f"push {clients}\n")
                 server.stdin.flush()
-                return json.loads(server.stdout.readline())["times"]
+                event = json.loads(server.stdout.readline())
+                if event["event"] != "pushed":
+                    raise RuntimeError(f"grpc floor, {clients} clients: {event['error']}")
+                return event["times"]
 
             push()  # every stream open
             time.sleep(0.5)
